@@ -1,0 +1,15 @@
+//! disendiff: DisenDiff (attention calibration for disentangled text-to-image
+//! personalization, CVPR 2024) on a Stable Diffusion implemented in Rust with candle.
+//!
+//! Layout:
+//! - [`model`]: Stable Diffusion itself (tokenizer, CLIP text encoder, UNet with an attention
+//!   probe, VAE), loaded strictly from diffusers folders.
+//! - [`scheduler`]: DDPM training noise and the DDIM sampler.
+//! - [`pipelines`]: text-to-image generation.
+//! - [`cli`]: the `disendiff` command line.
+
+pub mod cli;
+pub mod model;
+pub mod pipelines;
+pub mod scheduler;
+pub mod util;

@@ -1,0 +1,231 @@
+//! The CLIP text encoder of Stable Diffusion (transformers' `CLIPTextModel`).
+//!
+//! Pre-LayerNorm transformer with a causal mask; the output is the last hidden state after
+//! `final_layer_norm`, which the UNet reads as its cross-attention context. SD1.x uses
+//! `quick_gelu` (ViT-L/14), SD2.x `gelu` (OpenCLIP ViT-H in CLIP layout); both come from
+//! `text_encoder/config.json`.
+//!
+//! For personalization the token table can be extended with new rows ([`ClipTextModel::
+//! set_extra_embeddings`]): frozen vocabulary rows stay plain tensors, the new modifier rows can
+//! be trainable variables, and [`ClipTextModel::embed`] / [`ClipTextModel::encode_embeddings`]
+//! split the forward pass so a trainer can mask gradients between them.
+
+use super::nn::{LayerNorm, Linear};
+use super::ops;
+use super::weights::Vb;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_max_pos() -> usize {
+    77
+}
+fn default_act() -> String {
+    "quick_gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl ClipTextConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        // Some configs nest the text part (full CLIPModel configs): accept both.
+        let v = if v.get("text_config").is_some() && v.get("hidden_size").is_none() { v["text_config"].clone() } else { v };
+        let cfg: Self = serde_json::from_value(v).with_context(|| format!("{}: not a CLIP text config", path.display()))?;
+        if !matches!(cfg.hidden_act.as_str(), "quick_gelu" | "gelu") {
+            bail!("{}: hidden_act {:?} is not supported (quick_gelu or gelu)", path.display(), cfg.hidden_act);
+        }
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            bail!("{}: hidden_size {} is not divisible by num_attention_heads {}", path.display(), cfg.hidden_size, cfg.num_attention_heads);
+        }
+        Ok(cfg)
+    }
+}
+
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl ClipAttention {
+    fn new(vb: Vb, cfg: &ClipTextConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            q_proj: Linear::new(vb.pp("q_proj"), d, d, true)?,
+            k_proj: Linear::new(vb.pp("k_proj"), d, d, true)?,
+            v_proj: Linear::new(vb.pp("v_proj"), d, d, true)?,
+            out_proj: Linear::new(vb.pp("out_proj"), d, d, true)?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let split = |y: Tensor| y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous();
+        let q = split((self.q_proj.forward(x)? * (hd as f64).powf(-0.5))?)?;
+        let k = split(self.k_proj.forward(x)?)?;
+        let v = split(self.v_proj.forward(x)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
+        let probs = ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.out_proj.forward(&y)
+    }
+}
+
+struct ClipEncoderLayer {
+    self_attn: ClipAttention,
+    layer_norm1: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    layer_norm2: LayerNorm,
+    quick_gelu: bool,
+}
+
+impl ClipEncoderLayer {
+    fn new(vb: Vb, cfg: &ClipTextConfig) -> Result<Self> {
+        let (d, m) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
+            fc1: Linear::new(vb.pp("mlp").pp("fc1"), d, m, true)?,
+            fc2: Linear::new(vb.pp("mlp").pp("fc2"), m, d, true)?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
+            quick_gelu: cfg.hidden_act == "quick_gelu",
+        })
+    }
+
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.self_attn.forward(&self.layer_norm1.forward(x)?, causal_mask)?;
+        let x = (x + h)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        let h = if self.quick_gelu { ops::quick_gelu(&h)? } else { h.gelu_erf()? };
+        x + self.fc2.forward(&h)?
+    }
+}
+
+pub struct ClipTextModel {
+    token_embedding: Tensor,
+    /// Rows appended after the vocabulary (new modifier tokens), possibly trainable.
+    extra_embeddings: Option<Tensor>,
+    position_embedding: Tensor,
+    layers: Vec<ClipEncoderLayer>,
+    final_layer_norm: LayerNorm,
+    pub config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// Loads from the `text_model.*` weights of a transformers `CLIPTextModel` file.
+    pub fn new(vb: Vb, cfg: &ClipTextConfig) -> Result<Self> {
+        let vb = vb.pp("text_model");
+        let emb = vb.pp("embeddings");
+        let token_embedding = emb.pp("token_embedding").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let position_embedding =
+            emb.pp("position_embedding").get((cfg.max_position_embeddings, cfg.hidden_size), "weight")?;
+        // Files written by older transformers versions carry the position-id buffer: accept it.
+        if emb.contains("position_ids") {
+            emb.get((1, cfg.max_position_embeddings), "position_ids")?;
+        }
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(vb.pp("encoder").pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::new(vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?;
+        Ok(Self { token_embedding, extra_embeddings: None, position_embedding, layers, final_layer_norm, config: cfg.clone() })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    /// The vocabulary's embedding row of a token id (e.g. to initialise a new token).
+    pub fn token_embedding_row(&self, id: u32) -> candle_core::Result<Tensor> {
+        self.token_embedding.get(id as usize)
+    }
+
+    /// The frozen vocabulary table [vocab, hidden].
+    pub fn token_embedding(&self) -> &Tensor {
+        &self.token_embedding
+    }
+
+    /// Rows for ids `vocab_size..vocab_size+n` (new tokens), [n, hidden].
+    pub fn set_extra_embeddings(&mut self, rows: Option<Tensor>) -> Result<()> {
+        if let Some(r) = &rows {
+            let (_, d) = r.dims2()?;
+            if d != self.config.hidden_size {
+                bail!("new token embeddings have width {d}, the text encoder {}", self.config.hidden_size);
+            }
+        }
+        self.extra_embeddings = rows;
+        Ok(())
+    }
+
+    pub fn extra_embeddings(&self) -> Option<&Tensor> {
+        self.extra_embeddings.as_ref()
+    }
+
+    fn table(&self) -> candle_core::Result<Tensor> {
+        match &self.extra_embeddings {
+            None => Ok(self.token_embedding.clone()),
+            Some(extra) => Tensor::cat(&[&self.token_embedding, &extra.to_dtype(self.token_embedding.dtype())?], 0),
+        }
+    }
+
+    /// Token + position embeddings of `ids` [B, T] -> [B, T, hidden].
+    pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let table = self.table()?;
+        let n = table.dim(0)?;
+        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+        let max_id = flat.max(0)?.to_scalar::<u32>()? as usize;
+        if max_id >= n {
+            candle_core::bail!("token id {max_id} is outside the text encoder's table of {n} rows");
+        }
+        let tok = table.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?;
+        let pos = self.position_embedding.narrow(0, 0, t)?.unsqueeze(0)?;
+        tok.broadcast_add(&pos)
+    }
+
+    /// The transformer on top of [`embed`](Self::embed): last hidden state after the final norm.
+    pub fn encode_embeddings(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        let mask = causal_mask(t, x.dtype(), x.device())?;
+        let mut x = x.clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, &mask)?;
+        }
+        self.final_layer_norm.forward(&x)
+    }
+
+    /// `last_hidden_state` for token ids [B, T].
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.encode_embeddings(&self.embed(ids)?)
+    }
+}
+
+fn causal_mask(t: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?.unsqueeze(0)?.unsqueeze(0)
+}
+

@@ -1,0 +1,11 @@
+//! Stable Diffusion model code. Module paths mirror diffusers weight names, so the safetensors
+//! files of a diffusers folder load without renaming.
+
+pub mod clip;
+pub mod nn;
+pub mod ops;
+pub mod sd;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;

@@ -1,0 +1,128 @@
+//! Layers shared by the text encoder, UNet and VAE, each loaded from its diffusers path.
+//!
+//! All ops here back-propagate (see `ops.rs` for why that is not a given in candle).
+
+use super::ops;
+use super::weights::Vb;
+use anyhow::Result;
+use candle_core::{DType, Module, Tensor};
+
+/// `y = x W^T + b` over the last dimension (torch.nn.Linear).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(vb: Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let w = if self.weight.dtype() != x.dtype() { self.weight.to_dtype(x.dtype())? } else { self.weight.clone() };
+        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+/// 2-D convolution, NCHW (torch.nn.Conv2d with square kernel).
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(vb: Vb, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Result<Self> {
+        let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
+        let bias = Some(vb.get(c_out, "bias")?);
+        Ok(Self { weight, bias, stride, padding })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Group normalisation over NC... tensors (torch.nn.GroupNorm), statistics in f32.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: Vb, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        anyhow::ensure!(
+            channels % groups == 0,
+            "{}: {channels} channels cannot be split into {groups} groups (norm_num_groups)",
+            vb.prefix()
+        );
+        Ok(Self { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, groups, eps })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let dtype = x.dtype();
+        let xg = x.to_dtype(DType::F32)?.reshape((b * self.groups, ()))?;
+        let xn = ops::normalize_last_dim(&xg, self.eps)?.reshape(dims.clone())?.to_dtype(dtype)?;
+        let mut shape = vec![1, c];
+        shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+        xn.broadcast_mul(&self.weight.reshape(shape.clone())?)?.broadcast_add(&self.bias.reshape(shape)?)
+    }
+}
+
+/// Layer normalisation over the last dimension (torch.nn.LayerNorm), statistics in f32.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: Vb, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let xn = ops::normalize_last_dim(&x.to_dtype(DType::F32)?, self.eps)?.to_dtype(dtype)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Exact (erf) GELU, as torch's default.
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.gelu_erf()
+}
+

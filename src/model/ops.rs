@@ -1,0 +1,180 @@
+//! Differentiable building-block ops.
+//!
+//! candle's fused softmax and layer norm record no backward (candle-notes.md, "Silent gradient
+//! traps"): a model built on them trains, but W_K and new token embeddings silently get no
+//! gradient. Here each op takes the fast fused path when its input is not part of an autograd
+//! graph, and otherwise computes the fused result on a detached copy and re-attaches it to the
+//! input through [`Attach`], a custom op whose backward is the exact analytic gradient.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+
+type BwdFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
+
+/// `Attach(x, y)` returns `y` in the forward pass; its backward gives `x` the gradient
+/// `bwd(x, y, grad_y)` and `y` none.
+struct Attach {
+    name: &'static str,
+    bwd: Box<BwdFn>,
+}
+
+fn copy_storage(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    macro_rules! slice {
+        ($v:expr, $variant:ident) => {{
+            match l.contiguous_offsets() {
+                Some((a, b)) => CpuStorage::$variant($v[a..b].to_vec()),
+                None => candle_core::bail!("attach: non-contiguous input"),
+            }
+        }};
+    }
+    Ok(match s {
+        CpuStorage::F32(v) => slice!(v, F32),
+        CpuStorage::F64(v) => slice!(v, F64),
+        CpuStorage::F16(v) => slice!(v, F16),
+        CpuStorage::BF16(v) => slice!(v, BF16),
+        _ => candle_core::bail!("attach: unsupported dtype"),
+    })
+}
+
+impl CustomOp2 for Attach {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((copy_storage(s2, l2)?, l2.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        if !l2.is_contiguous() || l2.start_offset() != 0 {
+            candle_core::bail!("attach: non-contiguous input")
+        }
+        Ok((s2.try_clone(l2)?, l2.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, y: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.bwd)(x, y, g)?), None))
+    }
+}
+
+fn attach(x: &Tensor, y: Tensor, name: &'static str, bwd: Box<BwdFn>) -> Result<Tensor> {
+    x.apply_op2(&y.contiguous()?, Attach { name, bwd })
+}
+
+/// Softmax over the last dimension, differentiable.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(&x);
+    }
+    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    attach(
+        &x,
+        y,
+        "softmax-attach",
+        Box::new(|_x, y, g| {
+            // dL/dx = y * (g - sum(g * y))
+            let s = (g * y)?.sum_keepdim(D::Minus1)?;
+            y * g.broadcast_sub(&s)?
+        }),
+    )
+}
+
+/// Normalises the last dimension to zero mean and unit variance (no affine), differentiable.
+pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let dim = x.dim(D::Minus1)?;
+    let internal = match x.dtype() {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    };
+    let fused = |x: &Tensor| -> Result<Tensor> {
+        let ones = Tensor::ones(dim, internal, x.device())?;
+        let zeros = Tensor::zeros(dim, internal, x.device())?;
+        candle_nn::ops::layer_norm(&x.to_dtype(internal)?, &ones, &zeros, eps as f32)?.to_dtype(x.dtype())
+    };
+    if !x.track_op() {
+        return fused(&x);
+    }
+    let y = fused(&x.detach())?;
+    attach(
+        &x,
+        y,
+        "layer-norm-attach",
+        Box::new(move |x, y, g| {
+            // y = (x - mu) / sigma;  dL/dx = (g - mean(g) - y * mean(g * y)) / sigma
+            let mu = x.mean_keepdim(D::Minus1)?;
+            let xc = x.broadcast_sub(&mu)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            let inv_sigma = (var + eps)?.sqrt()?.recip()?;
+            let gm = g.mean_keepdim(D::Minus1)?;
+            let gym = (g * y)?.mean_keepdim(D::Minus1)?;
+            let inner = g.broadcast_sub(&gm)?.sub(&y.broadcast_mul(&gym)?)?;
+            inner.broadcast_mul(&inv_sigma)
+        }),
+    )
+}
+
+/// `x * sigmoid(1.702 x)`, CLIP's activation.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    let s = (x * -1.702)?.exp()?.affine(1.0, 1.0)?.recip()?;
+    x * s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Gradient of sum(w * op(x)) checked against central finite differences, in f64.
+    fn check_grad(op: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+        let dev = Device::Cpu;
+        let x0 = Tensor::randn(0f64, 1.0, (3, 7), &dev)?;
+        let w = Tensor::randn(0f64, 1.0, (3, 7), &dev)?;
+        let x = Var::from_tensor(&x0)?;
+        let loss = (op(x.as_tensor())? * &w)?.sum_all()?;
+        let grads = loss.backward()?;
+        let g = grads.get(x.as_tensor()).expect("no gradient").to_vec2::<f64>()?;
+        let h = 1e-6;
+        let xv = x0.to_vec2::<f64>()?;
+        for i in 0..3 {
+            for j in 0..7 {
+                let mut p = xv.clone();
+                p[i][j] += h;
+                let mut m = xv.clone();
+                m[i][j] -= h;
+                let f = |v: Vec<Vec<f64>>| -> Result<f64> {
+                    (op(&Tensor::new(v, &dev)?)? * &w)?.sum_all()?.to_scalar::<f64>()
+                };
+                let fd = (f(p)? - f(m)?) / (2.0 * h);
+                assert!((fd - g[i][j]).abs() < 1e-6, "grad mismatch at {i},{j}: fd {fd} vs {}", g[i][j]);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_backward_matches_finite_differences() -> Result<()> {
+        check_grad(softmax_last_dim)
+    }
+
+    #[test]
+    fn normalize_backward_matches_finite_differences() -> Result<()> {
+        check_grad(|x| normalize_last_dim(x, 1e-5))
+    }
+
+    #[test]
+    fn fused_and_attached_forward_agree() -> Result<()> {
+        let x = Tensor::randn(0f32, 3.0, (4, 9), &Device::Cpu)?;
+        let v = Var::from_tensor(&x)?;
+        let a = softmax_last_dim(&x)?;
+        let b = softmax_last_dim(v.as_tensor())?;
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-7);
+        Ok(())
+    }
+}

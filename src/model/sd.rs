@@ -1,0 +1,168 @@
+//! A Stable Diffusion model loaded from a diffusers folder.
+//!
+//! The folder layout is diffusers' (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`,
+//! `vae/`, `scheduler/`). Every component is loaded through the strict [`WeightStore`], so a
+//! missing or unexpected tensor, or a shape that disagrees with the config, is an error that
+//! names the file and key. The same code path serves real SD 1.x / 2.x folders, the test
+//! fixtures and the toy model.
+
+use super::clip::{ClipTextConfig, ClipTextModel};
+use super::tokenizer::ClipTokenizer;
+use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::vae::{AutoencoderKL, VaeConfig};
+use super::weights::{component_weight_files, WeightStore};
+use crate::scheduler::SchedulerConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How to load a model folder.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Compute dtype of the frozen weights (f32 default; f16/bf16 optional).
+    pub dtype: DType,
+    pub device: Device,
+    /// Weight file variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
+    pub variant: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu, variant: None }
+    }
+}
+
+pub struct StableDiffusion {
+    pub root: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub unet_config: UNetConfig,
+    pub vae: AutoencoderKL,
+    pub vae_config: VaeConfig,
+    pub scheduler_config: SchedulerConfig,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Checks `model_index.json` names components this crate implements.
+fn check_model_index(root: &Path) -> Result<()> {
+    let path = root.join("model_index.json");
+    if !path.is_file() {
+        bail!(
+            "{} is not a diffusers model folder (no model_index.json). Point --model at a folder with \
+             model_index.json, tokenizer/, text_encoder/, unet/, vae/ and scheduler/",
+            root.display()
+        );
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let expect = [
+        ("text_encoder", &["CLIPTextModel"][..]),
+        ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"][..]),
+        ("unet", &["UNet2DConditionModel"][..]),
+        ("vae", &["AutoencoderKL"][..]),
+    ];
+    for (component, classes) in expect {
+        let class = v.get(component).and_then(|c| c.as_array()).and_then(|a| a.get(1)).and_then(|c| c.as_str());
+        match class {
+            Some(c) if classes.contains(&c) => {}
+            Some(c) => bail!("{}: component {component} is a {c}; supported: {}", path.display(), classes.join(", ")),
+            None => bail!("{}: no {component} component", path.display()),
+        }
+    }
+    Ok(())
+}
+
+/// Opens the weights of one component (`unet`, `vae`, `text_encoder`) as a strict store.
+pub fn open_component(root: &Path, component: &str, opts: &LoadOptions) -> Result<WeightStore> {
+    let stem = if component == "text_encoder" { "model" } else { "diffusion_pytorch_model" };
+    let dir = root.join(component);
+    let files = component_weight_files(&dir, stem, opts.variant.as_deref())?;
+    WeightStore::open(&files, opts.dtype, &opts.device)
+}
+
+fn config_path(root: &Path, component: &str, file: &str) -> Result<PathBuf> {
+    let p = root.join(component).join(file);
+    if !p.is_file() {
+        bail!("missing {}", p.display());
+    }
+    Ok(p)
+}
+
+impl StableDiffusion {
+    /// Loads every component of a diffusers folder.
+    pub fn load(root: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_with(root, opts, |_| {})
+    }
+
+    /// Like [`load`](Self::load); `configure` may mark weights trainable (see
+    /// [`WeightStore::with_trainable`]) before the UNet is built. It receives the UNet store.
+    pub fn load_with(root: &Path, opts: &LoadOptions, configure: impl FnOnce(&mut WeightStore)) -> Result<Self> {
+        if !root.is_dir() {
+            bail!("model folder {} does not exist", root.display());
+        }
+        check_model_index(root)?;
+        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+
+        let te_cfg = ClipTextConfig::from_file(&config_path(root, "text_encoder", "config.json")?)?;
+        let te_store = Arc::new(open_component(root, "text_encoder", opts)?);
+        let text_encoder = ClipTextModel::new(te_store.root(), &te_cfg)
+            .with_context(|| format!("loading the text encoder from {}", root.join("text_encoder").display()))?;
+        te_store.finish()?;
+        if tokenizer.vocab_size() > te_cfg.vocab_size {
+            bail!(
+                "the tokenizer has {} tokens but the text encoder only {} embeddings: tokenizer and text encoder do not match",
+                tokenizer.vocab_size(),
+                te_cfg.vocab_size
+            );
+        }
+
+        let unet_config = UNetConfig::from_file(&config_path(root, "unet", "config.json")?)?;
+        let mut unet_store = open_component(root, "unet", opts)?;
+        configure(&mut unet_store);
+        let unet_store = Arc::new(unet_store);
+        let unet = UNet2DConditionModel::new(unet_store.root(), &unet_config)
+            .with_context(|| format!("loading the UNet from {}", root.join("unet").display()))?;
+        unet_store.finish()?;
+        if unet_config.cross_attention_dim != te_cfg.hidden_size {
+            bail!(
+                "the UNet's cross_attention_dim is {} but the text encoder's hidden_size is {}",
+                unet_config.cross_attention_dim,
+                te_cfg.hidden_size
+            );
+        }
+
+        let vae_config = VaeConfig::from_file(&config_path(root, "vae", "config.json")?)?;
+        let vae_store = Arc::new(open_component(root, "vae", opts)?);
+        let vae = AutoencoderKL::new(vae_store.root(), &vae_config)
+            .with_context(|| format!("loading the VAE from {}", root.join("vae").display()))?;
+        vae_store.finish()?;
+
+        let scheduler_config = SchedulerConfig::from_file(&config_path(root, "scheduler", "scheduler_config.json")?)?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            unet,
+            unet_config,
+            vae,
+            vae_config,
+            scheduler_config,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+        })
+    }
+
+    /// Pixels per latent pixel (8 for SD).
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << (self.vae_config.block_out_channels.len() - 1)
+    }
+
+    /// Default image side: the UNet's sample size times the VAE factor (512 for SD1.5).
+    pub fn default_size(&self) -> usize {
+        self.unet_config.sample_size * self.vae_scale_factor()
+    }
+}

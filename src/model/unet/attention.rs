@@ -1,0 +1,248 @@
+//! diffusers' `Transformer2DModel` (continuous input), `BasicTransformerBlock` (layer_norm,
+//! self-attention `attn1`, cross-attention `attn2`, GEGLU feed-forward) and `Attention`.
+//!
+//! Cross-attention probabilities can be captured with gradients (the attention probe), and the
+//! key/value rows of the start token can be detached (Custom Diffusion's gradient mask).
+
+use super::{CapturedAttention, ForwardOptions};
+use crate::model::nn::{gelu, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::model::ops;
+use crate::model::weights::Vb;
+use candle_core::{DType, Module, Result, Tensor, D};
+
+/// State threaded through one UNet forward: the options and the captured attention maps.
+pub(crate) struct RunCtx<'a> {
+    pub opts: &'a ForwardOptions,
+    pub captured: Vec<CapturedAttention>,
+}
+
+impl RunCtx<'_> {
+    /// Whether attention on a `h` x `w` query grid is captured (matched by its longer side).
+    fn wants(&self, h: usize, w: usize) -> bool {
+        match &self.opts.probe {
+            None => false,
+            Some(p) => p.resolutions.is_empty() || p.resolutions.contains(&h.max(w)),
+        }
+    }
+}
+
+/// Multi-head attention with `to_q`, `to_k`, `to_v` (no bias) and `to_out.0`.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub scale: f64,
+    pub upcast_attention: bool,
+    /// Cross-attention (`attn2`): keys and values come from the text context.
+    pub is_cross: bool,
+    /// Diffusers module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2`.
+    pub name: String,
+}
+
+impl Attention {
+    pub fn new(
+        vb: Vb,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        head_dim: usize,
+        upcast_attention: bool,
+    ) -> anyhow::Result<Self> {
+        let inner = heads * head_dim;
+        let kv_dim = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: Linear::new(vb.pp("to_q"), query_dim, inner, false)?,
+            to_k: Linear::new(vb.pp("to_k"), kv_dim, inner, false)?,
+            to_v: Linear::new(vb.pp("to_v"), kv_dim, inner, false)?,
+            to_out: Linear::new(vb.pp("to_out").pp(0), inner, query_dim, true)?,
+            heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            upcast_attention,
+            is_cross: context_dim.is_some(),
+            name: vb.prefix().to_string(),
+        })
+    }
+
+    /// [B, N, heads*d] -> [B, heads, N, d]
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        x.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// `x`: [B, H*W, C] on an `hw` grid; `context`: [B, T, D] for cross-attention.
+    pub(crate) fn forward(&self, x: &Tensor, context: Option<&Tensor>, hw: (usize, usize), cx: &mut RunCtx) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let kv_in = if self.is_cross { context.unwrap_or(x) } else { x };
+        let q = self.to_q.forward(x)?;
+        let mut k = self.to_k.forward(kv_in)?;
+        let mut v = self.to_v.forward(kv_in)?;
+        if self.is_cross && cx.opts.detach_start_token_kv {
+            k = detach_first_token(&k)?;
+            v = detach_first_token(&v)?;
+        }
+        let (mut q, mut k, v) = (self.split_heads(&q)?, self.split_heads(&k)?, self.split_heads(&v)?);
+        if self.upcast_attention {
+            q = q.to_dtype(DType::F32)?;
+            k = k.to_dtype(DType::F32)?;
+        }
+        // diffusers: baddbmm(q, k^T, alpha=scale); softmax in f32 (probabilities are kept in f32).
+        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
+        let probs = ops::softmax_last_dim(&scores)?;
+        if self.is_cross && cx.wants(hw.0, hw.1) {
+            cx.captured.push(CapturedAttention { layer: self.name.clone(), height: hw.0, width: hw.1, probs: probs.clone() });
+        }
+        let out = probs.to_dtype(v.dtype())?.matmul(&v)?;
+        let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// Detaches row 0 (the start token) of a [B, T, C] key or value; values are unchanged.
+fn detach_first_token(x: &Tensor) -> Result<Tensor> {
+    let t = x.dim(1)?;
+    let first = x.narrow(1, 0, 1)?.detach();
+    if t == 1 {
+        return Ok(first);
+    }
+    Tensor::cat(&[&first, &x.narrow(1, 1, t - 1)?], 1)
+}
+
+/// `net.0` = GEGLU (`proj`: dim -> 2*inner; hidden * gelu_erf(gate)), `net.2` = Linear(inner, dim).
+#[derive(Clone, Debug)]
+pub struct FeedForward {
+    pub geglu_proj: Linear,
+    pub out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vb: Vb, dim: usize) -> anyhow::Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            geglu_proj: Linear::new(vb.pp("net").pp(0).pp("proj"), dim, inner * 2, true)?,
+            out: Linear::new(vb.pp("net").pp(2), inner, dim, true)?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.geglu_proj.forward(x)?;
+        let inner = h.dim(D::Minus1)? / 2;
+        let hidden = h.narrow(D::Minus1, 0, inner)?;
+        let gate = h.narrow(D::Minus1, inner, inner)?;
+        self.out.forward(&(hidden * gelu(&gate)?)?)
+    }
+}
+
+/// Pre-LayerNorm block: self-attention, cross-attention, feed-forward, each residual.
+#[derive(Clone, Debug)]
+pub struct BasicTransformerBlock {
+    pub norm1: LayerNorm,
+    pub attn1: Attention,
+    pub norm2: LayerNorm,
+    pub attn2: Attention,
+    pub norm3: LayerNorm,
+    pub ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(vb: Vb, dim: usize, heads: usize, head_dim: usize, context_dim: usize, upcast: bool) -> anyhow::Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim, upcast)?,
+            norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, Some(context_dim), heads, head_dim, upcast)?,
+            norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor, hw: (usize, usize), cx: &mut RunCtx) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None, hw, cx)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context), hw, cx)? + x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + x
+    }
+}
+
+/// `proj_in` / `proj_out`: 1x1 convs (SD1) or linear layers (`use_linear_projection`, SD2).
+#[derive(Clone, Debug)]
+pub enum Proj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl Proj {
+    fn new(vb: Vb, c_in: usize, c_out: usize, linear: bool) -> anyhow::Result<Self> {
+        Ok(if linear { Proj::Linear(Linear::new(vb, c_in, c_out, true)?) } else { Proj::Conv(Conv2d::new(vb, c_in, c_out, 1, 1, 0)?) })
+    }
+}
+
+/// Parameters of the transformers of one UNet block.
+#[derive(Clone, Copy, Debug)]
+pub struct TransformerParams {
+    pub heads: usize,
+    pub num_layers: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub use_linear_projection: bool,
+    pub upcast_attention: bool,
+}
+
+/// GroupNorm (eps 1e-6) -> proj_in -> transformer blocks on [B, H*W, C] -> proj_out, + input.
+#[derive(Clone, Debug)]
+pub struct Transformer2DModel {
+    pub norm: GroupNorm,
+    pub proj_in: Proj,
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub proj_out: Proj,
+}
+
+impl Transformer2DModel {
+    pub fn new(vb: Vb, channels: usize, p: TransformerParams) -> anyhow::Result<Self> {
+        anyhow::ensure!(p.heads > 0 && channels >= p.heads, "{}: {channels} channels, {} heads", vb.prefix(), p.heads);
+        let head_dim = channels / p.heads;
+        let inner = p.heads * head_dim;
+        let blocks = (0..p.num_layers)
+            .map(|i| {
+                let vb = vb.pp("transformer_blocks").pp(i);
+                BasicTransformerBlock::new(vb, inner, p.heads, head_dim, p.context_dim, p.upcast_attention)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: GroupNorm::new(vb.pp("norm"), p.groups, channels, 1e-6)?,
+            proj_in: Proj::new(vb.pp("proj_in"), channels, inner, p.use_linear_projection)?,
+            transformer_blocks: blocks,
+            proj_out: Proj::new(vb.pp("proj_out"), inner, channels, p.use_linear_projection)?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor, cx: &mut RunCtx) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let to_seq = |t: &Tensor| -> Result<Tensor> {
+            let c = t.dim(1)?;
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))
+        };
+        let to_grid = |t: &Tensor| -> Result<Tensor> {
+            let c = t.dim(2)?;
+            t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let hn = self.norm.forward(x)?;
+        let mut s = match &self.proj_in {
+            Proj::Conv(c) => to_seq(&c.forward(&hn)?)?,
+            Proj::Linear(l) => l.forward(&to_seq(&hn)?)?,
+        };
+        for blk in &self.transformer_blocks {
+            s = blk.forward(&s, context, (h, w), cx)?;
+        }
+        let out = match &self.proj_out {
+            Proj::Conv(c) => c.forward(&to_grid(&s)?)?,
+            Proj::Linear(l) => to_grid(&l.forward(&s)?)?,
+        };
+        out + x
+    }
+}

@@ -1,0 +1,1 @@
+//! UNet2DConditionModel (placeholder; being written).

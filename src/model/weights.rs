@@ -1,0 +1,231 @@
+//! Strict weight loading from diffusers-style safetensors files.
+//!
+//! Model constructors ask a [`Vb`] ("var builder") for tensors by their diffusers module path
+//! (`down_blocks.0.attentions.0.proj_in.weight`), so files load with no renaming table. Unlike a
+//! permissive loader, the [`WeightStore`] checks every request: a missing key or a wrong shape is
+//! an error naming the file, the key and both shapes, and [`WeightStore::finish`] fails on keys
+//! the model never asked for. Nothing loads half-right in silence (formats.md, "Known pitfalls").
+//!
+//! Weights are memory-mapped and converted to the requested dtype on load. Names matching the
+//! store's trainable predicate come back as [`Var`]s, so gradients reach them; all other weights
+//! are plain tensors that record no gradient.
+
+use anyhow::{bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+type TrainablePredicate = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The tensors of one model component (one or more safetensors files), with bookkeeping of
+/// which keys were used.
+pub struct WeightStore {
+    files: Vec<PathBuf>,
+    st: MmapedSafetensors,
+    /// key -> (shape, index of the file that holds it)
+    index: BTreeMap<String, (Vec<usize>, usize)>,
+    used: Mutex<BTreeSet<String>>,
+    dtype: DType,
+    device: Device,
+    trainable: Option<TrainablePredicate>,
+    vars: Mutex<Vec<(String, Var)>>,
+}
+
+impl WeightStore {
+    /// Memory-maps the given safetensors files. A truncated or corrupt file is an error naming it.
+    pub fn open(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let mut index = BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            if !f.is_file() {
+                bail!("weight file {} does not exist", f.display());
+            }
+            let st = unsafe { MmapedSafetensors::new(f) }.with_context(|| {
+                format!("{} is not a readable safetensors file (truncated or corrupt?)", f.display())
+            })?;
+            for (name, view) in st.tensors() {
+                if let Some((_, other)) = index.insert(name.clone(), (view.shape().to_vec(), i)) {
+                    bail!(
+                        "tensor {name} appears both in {} and {}",
+                        files[other].display(),
+                        f.display()
+                    );
+                }
+            }
+        }
+        let st = unsafe { MmapedSafetensors::multi(files) }?;
+        Ok(Self {
+            files: files.to_vec(),
+            st,
+            index,
+            used: Mutex::new(BTreeSet::new()),
+            dtype,
+            device: device.clone(),
+            trainable: None,
+            vars: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Tensors whose full name satisfies `pred` are loaded as trainable [`Var`]s (in f32).
+    pub fn with_trainable(mut self, pred: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.trainable = Some(Box::new(pred));
+        self
+    }
+
+    /// A path builder rooted at this store.
+    pub fn root(self: &Arc<Self>) -> Vb {
+        Vb { store: self.clone(), prefix: String::new() }
+    }
+
+    pub fn file_names(&self) -> String {
+        self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Shape of a stored tensor, if present.
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.index.get(name).map(|(s, _)| s.as_slice())
+    }
+
+    /// Loads `name`, checking it exists and has `shape`.
+    pub fn get(&self, name: &str, shape: &Shape) -> Result<Tensor> {
+        let Some((stored, file)) = self.index.get(name) else {
+            bail!("weight {name} is missing from {} (expected shape {:?})", self.file_names(), shape.dims());
+        };
+        if stored.as_slice() != shape.dims() {
+            bail!(
+                "weight {name} in {} has shape {:?}, but the model config needs {:?}",
+                self.files[*file].display(),
+                stored,
+                shape.dims()
+            );
+        }
+        self.used.lock().unwrap().insert(name.to_string());
+        let t = self
+            .st
+            .load(name, &self.device)
+            .with_context(|| format!("reading {name} from {}", self.files[*file].display()))?;
+        let trainable = self.trainable.as_ref().is_some_and(|p| p(name));
+        if trainable {
+            let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            self.vars.lock().unwrap().push((name.to_string(), var.clone()));
+            Ok(var.as_tensor().clone())
+        } else {
+            Ok(t.to_dtype(self.dtype)?)
+        }
+    }
+
+    /// The trainable variables created so far, in load order.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.vars.lock().unwrap().clone()
+    }
+
+    /// Fails if the files hold tensors the model never asked for (a sign of a config or
+    /// architecture mismatch that would otherwise load silently).
+    pub fn finish(&self) -> Result<()> {
+        let used = self.used.lock().unwrap();
+        let unused: Vec<&String> = self.index.keys().filter(|k| !used.contains(*k)).collect();
+        if !unused.is_empty() {
+            let shown: Vec<_> = unused.iter().take(8).map(|s| s.as_str()).collect();
+            bail!(
+                "{} holds {} weight(s) this model does not use, e.g. {}: the config does not match the weights",
+                self.file_names(),
+                unused.len(),
+                shown.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// A position in the module tree: `vb.pp("down_blocks").pp(0).get((c, c), "weight")`.
+#[derive(Clone)]
+pub struct Vb {
+    store: Arc<WeightStore>,
+    prefix: String,
+}
+
+impl Vb {
+    /// Push a path component.
+    pub fn pp(&self, part: impl ToString) -> Vb {
+        let part = part.to_string();
+        let prefix = if self.prefix.is_empty() { part } else { format!("{}.{}", self.prefix, part) };
+        Vb { store: self.store.clone(), prefix }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        self.store.get(&self.full(name), &shape.into())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.store.contains(&self.full(name))
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn dtype(&self) -> DType {
+        self.store.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.store.device
+    }
+}
+
+/// Finds the weights file of a diffusers component folder: `<stem>.safetensors`, or
+/// `<stem>.<variant>.safetensors` when a variant (e.g. "fp16") is asked for; also sharded
+/// `<stem>-00001-of-0000N.safetensors` files listed by an index json.
+pub fn component_weight_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let name = match variant {
+        Some(v) => format!("{stem}.{v}.safetensors"),
+        None => format!("{stem}.safetensors"),
+    };
+    let single = dir.join(&name);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(format!("{name}.index.json"));
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v["weight_map"]
+            .as_object()
+            .with_context(|| format!("{} has no weight_map", index.display()))?;
+        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let mut hint = String::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let others: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".safetensors") || n.ends_with(".bin") || n.ends_with(".ckpt"))
+            .collect();
+        if !others.is_empty() {
+            hint = format!(" (found: {}; pick a variant with --variant, or convert .bin/.ckpt files to safetensors)", others.join(", "));
+        }
+    } else {
+        bail!("model component folder {} does not exist", dir.display());
+    }
+    bail!("no weights file {} in {}{hint}", name, dir.display())
+}

@@ -1,0 +1,75 @@
+//! Small utilities: seeded noise, image files, atomic writes.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use std::path::Path;
+
+/// Standard normal noise from a seeded generator (deterministic on every device).
+pub fn randn(rng: &mut rand::rngs::StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+pub fn seeded_rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so
+/// a reader never sees a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Images [N, 3, H, W] with values in [0, 1] -> 8-bit RGB buffers, rounded as diffusers'
+/// `numpy_to_pil` does (`(x * 255).round()`).
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<image::RgbImage>> {
+    let (n, c, h, w) = images.dims4()?;
+    if c != 3 {
+        bail!("expected 3-channel images, got {c}");
+    }
+    let data = images.to_dtype(DType::F32)?.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?.contiguous()?;
+    let data = data.flatten_all()?.to_vec1::<f32>()?;
+    let per = h * w * 3;
+    (0..n)
+        .map(|i| {
+            let px: Vec<u8> = data[i * per..(i + 1) * per].iter().map(|v| (v * 255.0).round() as u8).collect();
+            image::RgbImage::from_raw(w as u32, h as u32, px).context("image buffer size")
+        })
+        .collect()
+}
+
+/// Encodes a PNG and writes it atomically.
+pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut buf, image::ImageFormat::Png)?;
+    write_atomic(path, &buf.into_inner())
+}
+
+/// Reads an image file as RGB, with a clear error for unreadable or non-image files.
+pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
+    if !path.is_file() {
+        bail!("image {} does not exist", path.display());
+    }
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("reading {}", path.display()))?
+        .decode()
+        .with_context(|| format!("{} is not a readable image (PNG or JPEG)", path.display()))?;
+    Ok(img.to_rgb8())
+}
+
+/// RGB image -> tensor [1, 3, H, W] in [-1, 1].
+pub fn rgb_to_tensor(img: &image::RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = img.dimensions();
+    let v: Vec<f32> = img.as_raw().iter().map(|&p| p as f32 / 127.5 - 1.0).collect();
+    Ok(Tensor::from_vec(v, (h as usize, w as usize, 3), device)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
+}
