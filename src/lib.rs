@@ -4,10 +4,12 @@
 //! Layout:
 //! - [`model`]: Stable Diffusion itself (tokenizer, CLIP text encoder, UNet with an attention
 //!   probe, VAE), loaded strictly from diffusers folders.
+//! - [`calibration`]: the paper's contribution, attention maps -> L_bind and L_s&s.
 //! - [`scheduler`]: DDPM training noise and the DDIM sampler.
 //! - [`pipelines`]: text-to-image generation.
 //! - [`cli`]: the `disendiff` command line.
 
+pub mod calibration;
 pub mod cli;
 pub mod model;
 pub mod pipelines;

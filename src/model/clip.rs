@@ -137,9 +137,10 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Loads from the `text_model.*` weights of a transformers `CLIPTextModel` file.
+    /// Loads the weights of a transformers `CLIPTextModel` file: `text_model.*` keys (as SD
+    /// folders ship them) or the same keys without that prefix (as transformers 5 saves them).
     pub fn new(vb: Vb, cfg: &ClipTextConfig) -> Result<Self> {
-        let vb = vb.pp("text_model");
+        let vb = if vb.contains("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let emb = vb.pp("embeddings");
         let token_embedding = emb.pp("token_embedding").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let position_embedding =

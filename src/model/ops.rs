@@ -93,6 +93,12 @@ pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
         d => d,
     };
     let fused = |x: &Tensor| -> Result<Tensor> {
+        if x.dtype() == DType::F64 {
+            // candle's fused kernel has no f64 version; compute it plainly.
+            let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            return xc.broadcast_div(&(var + eps)?.sqrt()?);
+        }
         let ones = Tensor::ones(dim, internal, x.device())?;
         let zeros = Tensor::zeros(dim, internal, x.device())?;
         candle_nn::ops::layer_norm(&x.to_dtype(internal)?, &ones, &zeros, eps as f32)?.to_dtype(x.dtype())

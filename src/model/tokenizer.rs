@@ -129,6 +129,13 @@ impl ClipTokenizer {
             }
         }
         let mut tok = Self::new(encoder, merges, &pad_token, max_length)?;
+        // transformers splits special tokens out of the text: with SD2's pad token "!", every
+        // "!" in a prompt becomes the pad id (0), not "!</w>" (256).
+        if pad_token != START_OF_TEXT && pad_token != END_OF_TEXT {
+            let id = tok.pad_id;
+            tok.added.push((pad_token.clone(), id));
+            tok.added.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        }
         for (content, id) in added_from_json {
             if !tok.encoder.contains_key(&content) {
                 tok.insert_added(&content, id);

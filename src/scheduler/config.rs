@@ -104,9 +104,9 @@ impl SchedulerConfig {
             (None, None | Some("linear")) => BetaSchedule::Linear,
             (None, Some("scaled_linear")) => BetaSchedule::ScaledLinear,
             (None, Some("squaredcos_cap_v2")) => BetaSchedule::SquaredcosCapV2,
-            (None, Some(o)) => bail!(
-                "beta_schedule \"{o}\" is not supported (linear, scaled_linear, squaredcos_cap_v2)"
-            ),
+            (None, Some(o)) => {
+                bail!("beta_schedule \"{o}\" is not supported (linear, scaled_linear, squaredcos_cap_v2)")
+            }
         };
         let prediction_type = match raw.prediction_type.as_deref() {
             None | Some("epsilon") => PredictionType::Epsilon,
@@ -152,12 +152,10 @@ impl SchedulerConfig {
         let n = self.num_train_timesteps;
         let betas: Vec<f32> = match &self.beta_schedule {
             BetaSchedule::Linear => linspace_f32(self.beta_start as f32, self.beta_end as f32, n),
-            BetaSchedule::ScaledLinear => {
-                linspace_f32(self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32, n)
-                    .into_iter()
-                    .map(|b| b * b)
-                    .collect()
-            }
+            BetaSchedule::ScaledLinear => linspace_f32(self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32, n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
             BetaSchedule::SquaredcosCapV2 => {
                 let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
                 (0..n)
@@ -190,9 +188,7 @@ fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     }
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
-    (0..n)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (n - i - 1) as f32 })
-        .collect()
+    (0..n).map(|i| if i < half { start + step * i as f32 } else { end - step * (n - i - 1) as f32 }).collect()
 }
 
 fn cumprod_f32(x: &[f32]) -> Vec<f32> {

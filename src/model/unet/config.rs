@@ -50,8 +50,11 @@ fn d_one() -> PerBlock<usize> {
 fn d_head_dim() -> Option<PerBlock<usize>> {
     Some(PerBlock::One(8))
 }
-fn d_cross() -> PerBlock<usize> {
-    PerBlock::One(1280)
+fn d_cross() -> usize {
+    1280
+}
+fn d_64() -> usize {
+    64
 }
 fn d_only_cross() -> PerBlock<bool> {
     PerBlock::One(false)
@@ -101,8 +104,9 @@ pub struct UNetConfig {
     pub attention_head_dim: Option<PerBlock<usize>>,
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock<usize>>,
+    /// Width of the text context (one value for all blocks).
     #[serde(default = "d_cross")]
-    pub cross_attention_dim: PerBlock<usize>,
+    pub cross_attention_dim: usize,
     #[serde(default)]
     pub use_linear_projection: bool,
     #[serde(default)]
@@ -129,8 +133,9 @@ pub struct UNetConfig {
     pub dropout: f64,
     #[serde(default)]
     pub time_embedding_dim: Option<usize>,
-    #[serde(default)]
-    pub sample_size: Option<Value>,
+    /// Latent side the model was trained at (64 for SD1.5 at 512).
+    #[serde(default = "d_64")]
+    pub sample_size: usize,
     /// Every other field of the JSON file.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -186,6 +191,9 @@ impl UNetConfig {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).with_context(|| format!("reading UNet config {}", path.display()))?;
         let cfg = Self::from_json_str(&text).with_context(|| format!("UNet config {}", path.display()))?;
+        if cfg.dropout != 0.0 {
+            eprintln!("warning: {}: dropout = {} is ignored (this UNet applies no dropout)", path.display(), cfg.dropout);
+        }
         let unknown = cfg.unknown_fields();
         if !unknown.is_empty() {
             eprintln!(
@@ -264,9 +272,6 @@ impl UNetConfig {
         if self.only_cross_attention.expand(n, "only_cross_attention")?.iter().any(|b| *b) {
             bail!("unet config: only_cross_attention = {:?} is not supported (only false)", self.only_cross_attention);
         }
-        if self.dropout != 0.0 {
-            bail!("unet config: dropout = {} is not supported (only 0)", self.dropout);
-        }
         let r = self.resolved()?;
         if r.heads.contains(&0) || r.layers.contains(&0) {
             bail!("unet config: attention heads {:?} and layers_per_block {:?} must be positive", r.heads, r.layers);
@@ -287,7 +292,6 @@ impl UNetConfig {
             layers: self.layers_per_block.expand(n, "layers_per_block")?,
             transformer_layers: self.transformer_layers_per_block.expand(n, "transformer_layers_per_block")?,
             heads,
-            cross_attention_dim: self.cross_attention_dim.expand(n, "cross_attention_dim")?,
         })
     }
 
@@ -303,5 +307,4 @@ pub struct Resolved {
     pub layers: Vec<usize>,
     pub transformer_layers: Vec<usize>,
     pub heads: Vec<usize>,
-    pub cross_attention_dim: Vec<usize>,
 }
