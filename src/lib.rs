@@ -7,6 +7,7 @@
 //! - [`calibration`]: the paper's contribution, attention maps -> L_bind and L_s&s.
 //! - [`scheduler`]: DDPM training noise and the DDIM sampler.
 //! - [`pipelines`]: text-to-image generation.
+//! - [`toyworld`]: synthetic scenes with known ground truth, for a measurable benchmark.
 //! - [`cli`]: the `disendiff` command line.
 
 pub mod calibration;
@@ -14,4 +15,5 @@ pub mod cli;
 pub mod model;
 pub mod pipelines;
 pub mod scheduler;
+pub mod toyworld;
 pub mod util;

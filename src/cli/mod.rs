@@ -1,6 +1,7 @@
 //! The `disendiff` command line: one subcommand per file.
 
 mod generate;
+mod toy;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Generate images from a text prompt (DDIM with classifier-free guidance).
     Generate(generate::Args),
+    /// The synthetic toy world: scenes, the toy base model, the benchmark.
+    Toy(toy::Args),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -32,6 +35,7 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Toy(args) => toy::run(args),
     }
 }
 

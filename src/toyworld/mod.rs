@@ -1,0 +1,1 @@
+//! The synthetic toy world (being written).
