@@ -143,12 +143,9 @@ impl CalibrationConfig {
         suppress(&self.modifier_map(normalized)?, self.suppression_power)
     }
 
-    /// L_bind and L_s&s of one sample. `maps` [T, H, W] are that sample's averaged attention
-    /// maps (any token set), indexed by the positions in `concepts`.
-    pub fn sample_losses(&self, maps: &Tensor, concepts: &[ConceptPositions]) -> Result<(Tensor, Tensor)> {
-        if concepts.is_empty() {
-            bail!("no concepts to calibrate");
-        }
+    /// The processed maps of one sample: for each concept, M_i = G(Â_modifier) and
+    /// C_i = f_m(G(Â_class)), from that sample's averaged maps `maps` [T, H, W].
+    pub fn processed_maps(&self, maps: &Tensor, concepts: &[ConceptPositions]) -> Result<Vec<(Tensor, Tensor)>> {
         let mut positions: Vec<u32> = Vec::new();
         for c in concepts {
             positions.push(c.modifier as u32);
@@ -156,17 +153,19 @@ impl CalibrationConfig {
         }
         let idx = Tensor::new(positions.as_slice(), maps.device())?;
         let picked = min_max_normalize(&maps.index_select(&idx, 0)?)?;
-        let device = maps.device();
-        let zero = Tensor::zeros((), DType::F32, device)?.to_dtype(maps.dtype())?;
+        (0..concepts.len())
+            .map(|i| Ok((self.modifier_map(&picked.narrow(0, 2 * i, 1)?)?, self.class_map(&picked.narrow(0, 2 * i + 1, 1)?)?)))
+            .collect()
+    }
 
-        let mut modifiers = Vec::new();
-        let mut classes = Vec::new();
-        for i in 0..concepts.len() {
-            let m = self.modifier_map(&picked.narrow(0, 2 * i, 1)?)?;
-            let c = self.class_map(&picked.narrow(0, 2 * i + 1, 1)?)?;
-            modifiers.push(m);
-            classes.push(c);
+    /// L_bind and L_s&s of one sample. `maps` [T, H, W] are that sample's averaged attention
+    /// maps (any token set), indexed by the positions in `concepts`.
+    pub fn sample_losses(&self, maps: &Tensor, concepts: &[ConceptPositions]) -> Result<(Tensor, Tensor)> {
+        if concepts.is_empty() {
+            bail!("no concepts to calibrate");
         }
+        let zero = Tensor::zeros((), DType::F32, maps.device())?.to_dtype(maps.dtype())?;
+        let (modifiers, classes): (Vec<Tensor>, Vec<Tensor>) = self.processed_maps(maps, concepts)?.into_iter().unzip();
 
         // Eq. 3: each modifier map bound to its class map; the class map is a fixed target.
         let mut l_bind = zero.clone();
@@ -196,44 +195,57 @@ impl CalibrationConfig {
         Ok((l_bind, l_ss))
     }
 
-    /// The losses of a batch: `maps[b]` [T, H, W] for each target sample `b` (samples without
-    /// modifier tokens, e.g. regularisation images, are left out by the caller), averaged.
-    pub fn losses(&self, maps: &[Tensor], concepts: &[ConceptPositions]) -> Result<AttentionLosses> {
-        if maps.is_empty() {
+    /// The losses of a batch: for each target sample, its averaged maps [T, H, W] and its
+    /// concepts' token positions (they differ between captions: "a far away photo of ...").
+    /// Samples without modifier tokens (regularisation images) are left out by the caller.
+    /// Each term is averaged over the target samples.
+    pub fn losses(&self, samples: &[(Tensor, Vec<ConceptPositions>)]) -> Result<AttentionLosses> {
+        if samples.is_empty() {
             bail!("no target samples to calibrate");
         }
         let mut bind = Vec::new();
         let mut ss = Vec::new();
-        for m in maps {
-            let (b, s) = self.sample_losses(m, concepts)?;
+        for (maps, concepts) in samples {
+            let (b, s) = self.sample_losses(maps, concepts)?;
             bind.push(b);
             ss.push(s);
         }
-        let n = maps.len() as f64;
+        let n = samples.len() as f64;
         Ok(AttentionLosses { l_bind: (Tensor::stack(&bind, 0)?.sum_all()? / n)?, l_ss: (Tensor::stack(&ss, 0)?.sum_all()? / n)? })
     }
 }
 
-/// Averages captured attention probabilities into per-token maps.
+/// Averages captured attention probabilities into per-token maps on a `side` x `side` grid.
 ///
-/// `probs` holds, per selected layer, a tensor [B, heads, H*W, T] of the same grid size. The
-/// result is, per sample, the plain mean over all heads and all layers, as [T, H, W].
-pub fn average_maps(probs: &[Tensor], height: usize, width: usize) -> Result<Vec<Tensor>> {
+/// Each element of `probs` is one layer's [B, heads, h*w, T] with its grid (h, w). The result
+/// is, per sample, the plain mean over all heads and all given layers, as [T, side, side]
+/// (method.md §5.1). Layers of another grid size (the "all scales" ablation) are first brought
+/// to `side`: average pooling for larger grids, nearest upsampling for smaller ones.
+pub fn average_maps(probs: &[(Tensor, usize, usize)], side: usize) -> Result<Vec<Tensor>> {
     if probs.is_empty() {
-        bail!("no cross-attention layer was captured at {height}x{width}");
+        bail!("no cross-attention layer was captured for the attention losses");
     }
     let mut per_layer = Vec::new();
-    for p in probs {
-        let (_, _, q, _) = p.dims4()?;
-        if q != height * width {
-            bail!("captured attention has {q} queries, expected {height}x{width}");
+    for (p, h, w) in probs {
+        let (b, _, q, t) = p.dims4()?;
+        if q != h * w {
+            bail!("captured attention has {q} queries, expected {h}x{w}");
         }
-        per_layer.push(p.mean(1)?); // [B, HW, T]
+        let m = p.mean(1)?.transpose(1, 2)?.reshape((b, t, *h, *w))?; // [B, T, h, w]
+        let m = if *h == side && *w == side {
+            m
+        } else if h % side == 0 && w % side == 0 {
+            m.avg_pool2d((h / side, w / side))?
+        } else if side % h == 0 && side % w == 0 {
+            m.upsample_nearest2d(side, side)?
+        } else {
+            bail!("cannot bring a {h}x{w} attention map to {side}x{side}");
+        };
+        per_layer.push(m);
     }
-    let mean = (Tensor::stack(&per_layer, 0)?.sum(0)? / per_layer.len() as f64)?; // [B, HW, T]
-    let (b, _, t) = mean.dims3()?;
-    let maps = mean.transpose(1, 2)?.reshape((b, t, height, width))?;
-    Ok((0..b).map(|i| maps.get(i)).collect::<candle_core::Result<Vec<_>>>()?)
+    let mean = (Tensor::stack(&per_layer, 0)?.sum(0)? / per_layer.len() as f64)?; // [B, T, s, s]
+    let b = mean.dim(0)?;
+    Ok((0..b).map(|i| mean.get(i)).collect::<candle_core::Result<Vec<_>>>()?)
 }
 
 #[cfg(test)]
@@ -324,14 +336,14 @@ mod tests {
         let maps = Var::from_tensor(&Tensor::rand(0f32, 1.0, (4, 4, 4), &Device::Cpu).unwrap()).unwrap();
         let concepts = [ConceptPositions { modifier: 0, class: 1 }, ConceptPositions { modifier: 2, class: 3 }];
         let only_bind = CalibrationConfig { separate: false, ..Default::default() };
-        let l = only_bind.losses(&[maps.as_tensor().clone()], &concepts).unwrap();
+        let l = only_bind.losses(&[(maps.as_tensor().clone(), concepts.to_vec())]).unwrap();
         let g = l.total().unwrap().backward().unwrap();
         let g = g.get(maps.as_tensor()).unwrap();
         let norm = |i: usize| g.get(i).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(norm(0) > 0.0 && norm(2) > 0.0, "modifier maps need a gradient");
         assert_eq!(norm(1), 0.0, "L_bind must not move the class map");
         assert_eq!(norm(3), 0.0);
-        let l = CalibrationConfig::default().losses(&[maps.as_tensor().clone()], &concepts).unwrap();
+        let l = CalibrationConfig::default().losses(&[(maps.as_tensor().clone(), concepts.to_vec())]).unwrap();
         let g = l.total().unwrap().backward().unwrap();
         let g = g.get(maps.as_tensor()).unwrap();
         assert!(g.get(1).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
@@ -342,7 +354,7 @@ mod tests {
         let dev = Device::Cpu;
         let a = Tensor::rand(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
         let b = Tensor::rand(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
-        let maps = average_maps(&[a.clone(), b.clone()], 2, 2).unwrap();
+        let maps = average_maps(&[(a.clone(), 2, 2), (b.clone(), 2, 2)], 2).unwrap();
         assert_eq!(maps[0].dims(), &[5, 2, 2]);
         // sample 1, token 4, pixel (1, 0) = query 2
         let want: f32 = (0..3)

@@ -16,4 +16,5 @@ pub mod model;
 pub mod pipelines;
 pub mod scheduler;
 pub mod toyworld;
+pub mod training;
 pub mod util;

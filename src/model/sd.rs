@@ -13,7 +13,7 @@ use super::vae::{AutoencoderKL, VaeConfig};
 use super::weights::{component_weight_files, WeightStore};
 use crate::scheduler::SchedulerConfig;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Var};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -39,6 +39,8 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub unet_config: UNetConfig,
+    /// UNet weights loaded as variables (trainable, or replaceable by a concept file).
+    pub unet_vars: Vec<(String, Var)>,
     pub vae: AutoencoderKL,
     pub vae_config: VaeConfig,
     pub scheduler_config: SchedulerConfig,
@@ -95,12 +97,12 @@ fn config_path(root: &Path, component: &str, file: &str) -> Result<PathBuf> {
 impl StableDiffusion {
     /// Loads every component of a diffusers folder.
     pub fn load(root: &Path, opts: &LoadOptions) -> Result<Self> {
-        Self::load_with(root, opts, |_| {})
+        Self::load_with(root, opts, |_| false)
     }
 
-    /// Like [`load`](Self::load); `configure` may mark weights trainable (see
-    /// [`WeightStore::with_trainable`]) before the UNet is built. It receives the UNet store.
-    pub fn load_with(root: &Path, opts: &LoadOptions, configure: impl FnOnce(&mut WeightStore)) -> Result<Self> {
+    /// Like [`load`](Self::load), with the UNet weights whose diffusers name satisfies
+    /// `unet_trainable` loaded as variables (listed in [`unet_vars`](Self::unet_vars)).
+    pub fn load_with(root: &Path, opts: &LoadOptions, unet_trainable: impl Fn(&str) -> bool + Send + Sync + 'static) -> Result<Self> {
         if !root.is_dir() {
             bail!("model folder {} does not exist", root.display());
         }
@@ -121,12 +123,11 @@ impl StableDiffusion {
         }
 
         let unet_config = UNetConfig::from_file(&config_path(root, "unet", "config.json")?)?;
-        let mut unet_store = open_component(root, "unet", opts)?;
-        configure(&mut unet_store);
-        let unet_store = Arc::new(unet_store);
+        let unet_store = Arc::new(open_component(root, "unet", opts)?.with_trainable(unet_trainable));
         let unet = UNet2DConditionModel::new(unet_store.root(), &unet_config)
             .with_context(|| format!("loading the UNet from {}", root.join("unet").display()))?;
         unet_store.finish()?;
+        let unet_vars = unet_store.vars();
         if unet_config.cross_attention_dim != te_cfg.hidden_size {
             bail!(
                 "the UNet's cross_attention_dim is {} but the text encoder's hidden_size is {}",
@@ -148,6 +149,7 @@ impl StableDiffusion {
             text_encoder,
             unet,
             unet_config,
+            unet_vars,
             vae,
             vae_config,
             scheduler_config,

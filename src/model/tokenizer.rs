@@ -321,29 +321,33 @@ impl ClipTokenizer {
         out
     }
 
-    /// Token ids of the text, without start/end tokens, with the word each came from.
-    pub fn tokenize(&self, text: &str) -> Vec<(u32, String)> {
+    /// Token ids of the text (no start/end tokens), grouped by the word they came from: an added
+    /// token is a word of its own; a word the BPE splits gives several ids.
+    pub fn tokenize_words(&self, text: &str) -> Vec<(String, Vec<u32>)> {
         let text = Self::normalize(text);
-        let mut ids = Vec::new();
+        let mut words = Vec::new();
         for (piece, added) in self.split_added(&text) {
             if let Some(id) = added {
-                ids.push((id, piece.to_string()));
+                words.push((piece.to_string(), vec![id]));
                 continue;
             }
             for m in self.word_pattern.find_iter(piece) {
                 let word = m.as_str();
                 if let Some(&id) = self.encoder.get(word).filter(|_| word == START_OF_TEXT || word == END_OF_TEXT) {
-                    ids.push((id, word.to_string()));
+                    words.push((word.to_string(), vec![id]));
                     continue;
                 }
                 let encoded: String = word.bytes().map(|b| self.byte_encoder[b as usize]).collect();
-                for sub in self.bpe(&encoded) {
-                    let id = self.encoder.get(&sub).copied().unwrap_or(self.eos_id);
-                    ids.push((id, word.to_string()));
-                }
+                let ids = self.bpe(&encoded).iter().map(|sub| self.encoder.get(sub).copied().unwrap_or(self.eos_id)).collect();
+                words.push((word.to_string(), ids));
             }
         }
-        ids
+        words
+    }
+
+    /// Token ids of the text, without start/end tokens, with the word each came from.
+    pub fn tokenize(&self, text: &str) -> Vec<(u32, String)> {
+        self.tokenize_words(text).into_iter().flat_map(|(w, ids)| ids.into_iter().map(move |id| (id, w.clone()))).collect()
     }
 
     /// `<|startoftext|>` + tokens + `<|endoftext|>`, truncated and padded to `max_length`.

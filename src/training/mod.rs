@@ -1,0 +1,8 @@
+//! DisenDiff training: concepts and prompts, data augmentation, the loss of one micro-batch,
+//! AdamW, and the training loop with checkpoints.
+
+pub mod adamw;
+pub mod concepts;
+pub mod data;
+pub mod model;
+pub mod step;

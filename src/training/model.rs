@@ -1,0 +1,107 @@
+//! A base model prepared for personalization: new modifier tokens with trainable embedding
+//! rows, and the trainable UNet weights (method.md §2) as variables; everything else frozen.
+
+use super::concepts::Concept;
+use crate::model::sd::{LoadOptions, StableDiffusion};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use std::path::Path;
+
+/// Which UNet weights train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UNetTrainable {
+    /// None (Textual Inversion).
+    Nothing,
+    /// `attn2.to_k` and `attn2.to_v` of every cross-attention (Custom Diffusion, DisenDiff).
+    CrossAttnKV,
+    /// Also `attn2.to_q` (the paper's ablation "training Q as well").
+    CrossAttnQKV,
+}
+
+impl UNetTrainable {
+    pub fn matches(self, name: &str) -> bool {
+        let kv = name.ends_with("attn2.to_k.weight") || name.ends_with("attn2.to_v.weight");
+        match self {
+            Self::Nothing => false,
+            Self::CrossAttnKV => kv,
+            Self::CrossAttnQKV => kv || name.ends_with("attn2.to_q.weight"),
+        }
+    }
+}
+
+pub struct Personalized {
+    pub sd: StableDiffusion,
+    pub concepts: Vec<Concept>,
+    /// Token ids of the modifiers, in concept order.
+    pub modifier_ids: Vec<u32>,
+    /// The modifier rows [n, hidden], trainable.
+    pub embeddings: Var,
+    /// Trainable UNet weights with their diffusers names (sorted by name).
+    pub unet_vars: Vec<(String, Var)>,
+}
+
+/// Looks up an initialiser token: the exact vocabulary entry (`pll`, `ucd</w>`) or, failing
+/// that, the whole word (`pll</w>`).
+pub fn initializer_id(sd: &StableDiffusion, token: &str) -> Result<u32> {
+    let tok = &sd.tokenizer;
+    if let Some(id) = tok.token_id(token).or_else(|| tok.token_id(&format!("{token}</w>"))) {
+        return Ok(id);
+    }
+    let ids = tok.tokenize(token);
+    match ids.as_slice() {
+        [(id, _)] => Ok(*id),
+        _ => bail!("initialiser token {token:?} is not a single vocabulary token (it splits into {} pieces)", ids.len()),
+    }
+}
+
+impl Personalized {
+    /// Loads the base model, adds the modifier tokens and marks the trainable weights.
+    pub fn load(root: &Path, opts: &LoadOptions, concepts: &[Concept], unet_trainable: UNetTrainable) -> Result<Self> {
+        let sd = StableDiffusion::load_with(root, opts, move |n| unet_trainable.matches(n))?;
+        Self::from_model(sd, concepts, None)
+    }
+
+    /// Adds the concepts' tokens to a loaded model. `rows` gives their embeddings (from a
+    /// concept file); otherwise they copy the initialisers' rows.
+    pub fn from_model(mut sd: StableDiffusion, concepts: &[Concept], rows: Option<Tensor>) -> Result<Self> {
+        let mut modifier_ids = Vec::new();
+        let mut init_rows = Vec::new();
+        for c in concepts {
+            let init = initializer_id(&sd, &c.initializer)?;
+            init_rows.push(sd.text_encoder.token_embedding_row(init)?);
+        }
+        for c in concepts {
+            let id = sd.tokenizer.add_token(&c.modifier)?;
+            modifier_ids.push(id);
+        }
+        let base = sd.text_encoder.config.vocab_size as u32;
+        if modifier_ids.first().is_some_and(|&id| id != base) {
+            bail!("the tokenizer's new ids start at {}, but the text encoder table has {base} rows", modifier_ids[0]);
+        }
+        let rows = match rows {
+            Some(r) => r,
+            None => Tensor::stack(&init_rows, 0)?,
+        };
+        let embeddings = Var::from_tensor(&rows.to_dtype(DType::F32)?.to_device(&sd.device)?)?;
+        sd.text_encoder.set_extra_embeddings(Some(embeddings.as_tensor().clone()))?;
+        let mut unet_vars = sd.unet_vars.clone();
+        unet_vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self { sd, concepts: concepts.to_vec(), modifier_ids, embeddings, unet_vars })
+    }
+
+    /// All trainable variables: the UNet's (by diffusers name), then `token_embedding.<token>`
+    /// rows as one `token_embeddings` variable.
+    pub fn trainable(&self, train_embeddings: bool) -> Vec<(String, Var)> {
+        let mut v = self.unet_vars.clone();
+        if train_embeddings {
+            v.push(("token_embeddings".to_string(), self.embeddings.clone()));
+        }
+        v
+    }
+
+    /// The embedding row of concept `i`.
+    pub fn embedding_row(&self, i: usize) -> Result<Tensor> {
+        self.embeddings.as_tensor().get(i).context("embedding row")
+    }
+}
+
