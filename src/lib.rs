@@ -8,10 +8,12 @@
 //! - [`scheduler`]: DDPM training noise and the DDIM sampler.
 //! - [`pipelines`]: text-to-image generation.
 //! - [`toyworld`]: synthetic scenes with known ground truth, for a measurable benchmark.
+//! - [`formats`]: concept files.
 //! - [`cli`]: the `disendiff` command line.
 
 pub mod calibration;
 pub mod cli;
+pub mod formats;
 pub mod model;
 pub mod pipelines;
 pub mod scheduler;

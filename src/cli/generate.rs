@@ -3,6 +3,7 @@
 use super::ModelArgs;
 use crate::model::sd::StableDiffusion;
 use crate::pipelines::text2img::{self, Text2ImageParams};
+use crate::training::model::Personalized;
 use crate::util;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -42,9 +43,29 @@ pub struct Args {
     /// (as diffusers' `latents=` argument), to compare with other implementations.
     #[arg(long, value_name = "FILE")]
     pub latents: Option<PathBuf>,
+    /// A concept file from `disendiff train` (its modifier tokens can then be used in the prompt).
+    #[arg(long, value_name = "FILE")]
+    pub concepts: Option<PathBuf>,
     /// Output folder.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+}
+
+/// Loads the base model, with a concept file applied when one is given.
+pub fn load_model(model: &ModelArgs, concepts: Option<&PathBuf>) -> Result<StableDiffusion> {
+    let opts = model.load_options()?;
+    eprintln!("loading {}", model.model.display());
+    Ok(match concepts {
+        Some(file) => {
+            let p = Personalized::with_concept_file(&model.model, &opts, file)?;
+            eprintln!(
+                "concepts: {}",
+                p.concepts.iter().map(|c| format!("{} {}", c.modifier, c.class_word)).collect::<Vec<_>>().join(", ")
+            );
+            p.sd
+        }
+        None => StableDiffusion::load(&model.model, &opts)?,
+    })
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -63,8 +84,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         None => None,
     };
-    eprintln!("loading {}", a.model.model.display());
-    let sd = StableDiffusion::load(&a.model.model, &opts)?;
+    let sd = load_model(&a.model, a.concepts.as_ref())?;
     let mut p = Text2ImageParams::new(&sd, &a.prompt);
     p.negative_prompt = a.negative_prompt.clone();
     p.steps = a.steps;

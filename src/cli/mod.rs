@@ -1,7 +1,9 @@
 //! The `disendiff` command line: one subcommand per file.
 
+mod attention;
 mod generate;
 mod toy;
+mod train;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -26,6 +28,10 @@ struct Cli {
 enum Command {
     /// Generate images from a text prompt (DDIM with classifier-free guidance).
     Generate(generate::Args),
+    /// Learn the concepts of one image (DisenDiff, Custom Diffusion or Textual Inversion).
+    Train(train::Args),
+    /// Heatmaps of each prompt token's cross-attention (the paper's Fig. 4 view).
+    Attention(attention::Args),
     /// The synthetic toy world: scenes, the toy base model, the benchmark.
     Toy(toy::Args),
 }
@@ -36,6 +42,8 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Toy(args) => toy::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Attention(args) => attention::run(args),
     }
 }
 

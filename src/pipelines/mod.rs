@@ -1,3 +1,4 @@
 //! Generation pipelines built on the model and the schedulers.
 
+pub mod attention_maps;
 pub mod text2img;

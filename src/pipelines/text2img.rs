@@ -8,6 +8,7 @@
 //! 4. decode `latents / scaling_factor (+ shift)` with the VAE to an image in [0, 1].
 
 use crate::model::sd::StableDiffusion;
+use crate::model::unet::{AttentionProbe, CapturedAttention, ForwardOptions};
 use crate::scheduler::DdimScheduler;
 use crate::util;
 use anyhow::{bail, Result};
@@ -68,7 +69,19 @@ pub fn latent_shape(sd: &StableDiffusion, p: &Text2ImageParams) -> Result<[usize
 
 /// Runs the sampler and returns the final latents (scaled, as the UNet sees them).
 /// `on_step(i, total)` is called after each step.
-pub fn sample_latents(sd: &StableDiffusion, p: &Text2ImageParams, mut on_step: impl FnMut(usize, usize)) -> Result<Tensor> {
+pub fn sample_latents(sd: &StableDiffusion, p: &Text2ImageParams, on_step: impl FnMut(usize, usize)) -> Result<Tensor> {
+    sample_latents_observed(sd, p, None, |_| Ok(()), on_step)
+}
+
+/// [`sample_latents`] with the UNet's attention probe on: `observe` sees each step's captured
+/// cross-attention of the conditional branch ([N, heads, HW, T] per layer).
+pub fn sample_latents_observed(
+    sd: &StableDiffusion,
+    p: &Text2ImageParams,
+    probe: Option<AttentionProbe>,
+    mut observe: impl FnMut(&[CapturedAttention]) -> Result<()>,
+    mut on_step: impl FnMut(usize, usize),
+) -> Result<Tensor> {
     if p.num_images == 0 {
         bail!("num_images must be at least 1");
     }
@@ -102,7 +115,20 @@ pub fn sample_latents(sd: &StableDiffusion, p: &Text2ImageParams, mut on_step: i
     for (i, &t) in scheduler.timesteps().iter().enumerate() {
         let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let ts = Tensor::new(vec![t as f32; input.dim(0)?], &sd.device)?;
-        let out = sd.unet.forward(&input.to_dtype(sd.dtype)?, &ts, &context)?.to_dtype(DType::F32)?;
+        let opts = ForwardOptions { probe: probe.clone(), detach_start_token_kv: false };
+        let result = sd.unet.forward_with(&input.to_dtype(sd.dtype)?, &ts, &context, &opts)?;
+        if probe.is_some() {
+            let cond: Vec<CapturedAttention> = result
+                .attention
+                .iter()
+                .map(|a| {
+                    let probs = if guided { a.probs.narrow(0, n, n)? } else { a.probs.clone() };
+                    Ok(CapturedAttention { probs, ..a.clone() })
+                })
+                .collect::<Result<_>>()?;
+            observe(&cond)?;
+        }
+        let out = result.sample.to_dtype(DType::F32)?;
         let eps = if guided {
             let (u, c) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
             (&u + ((c - &u)? * p.guidance_scale)?)?

@@ -6,3 +6,4 @@ pub mod concepts;
 pub mod data;
 pub mod model;
 pub mod step;
+pub mod trainer;

@@ -105,3 +105,43 @@ impl Personalized {
     }
 }
 
+
+impl Personalized {
+    /// Loads a base model with a concept file applied: its UNet weights replace the base ones,
+    /// its tokens are added with their learned rows. A file made for another base model is
+    /// refused, naming the model it was made for.
+    pub fn with_concept_file(root: &Path, opts: &LoadOptions, file: &Path) -> Result<Self> {
+        let cf = crate::formats::concept_file::load(file)?;
+        let names: Vec<String> = cf.unet_weights.keys().cloned().collect();
+        let wanted = names.clone();
+        let sd = StableDiffusion::load_with(root, opts, move |n| wanted.iter().any(|w| w == n))?;
+        let have: Vec<&String> = sd.unet_vars.iter().map(|(n, _)| n).collect();
+        if let Some(missing) = names.iter().find(|n| !have.contains(n)) {
+            bail!(
+                "{} holds {missing}, which the UNet of {} does not have: the file was made for {}",
+                file.display(),
+                root.display(),
+                cf.meta.base_model.path
+            );
+        }
+        let fp = crate::formats::concept_file::fingerprint(&sd, &names)?;
+        if fp != cf.meta.base_model.fingerprint {
+            bail!(
+                "{} was trained on the base model {} (fingerprint {}), but {} is a different model (fingerprint {fp})",
+                file.display(),
+                cf.meta.base_model.path,
+                cf.meta.base_model.fingerprint,
+                root.display()
+            );
+        }
+        for (name, var) in &sd.unet_vars {
+            let w = &cf.unet_weights[name];
+            if w.dims() != var.dims() {
+                bail!("{}: {name} has shape {:?}, the model {:?}", file.display(), w.dims(), var.dims());
+            }
+            var.set(&w.to_device(var.device())?.to_dtype(var.dtype())?)?;
+        }
+        let concepts: Vec<Concept> = cf.meta.concept.iter().map(|c| c.to_concept()).collect();
+        Self::from_model(sd, &concepts, Some(cf.embeddings))
+    }
+}

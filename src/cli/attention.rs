@@ -1,0 +1,71 @@
+//! `disendiff attention`: heatmaps of each prompt token's cross-attention map (the paper's
+//! Fig. 4 view), as one PNG per token, an overview grid and an index.html that labels them.
+
+use super::generate::load_model;
+use super::ModelArgs;
+use crate::pipelines::attention_maps::{grid, overlay, token_maps};
+use crate::pipelines::text2img::{latent_shape, Text2ImageParams};
+use crate::util;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A concept file from `disendiff train`.
+    #[arg(long, value_name = "FILE")]
+    pub concepts: Option<PathBuf>,
+    /// The prompt whose tokens to show (a training caption or any prompt).
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Query-grid side of the maps (default: latent side / 4, 16 for SD at 512x512).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Output folder.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+fn file_safe(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let sd = load_model(&a.model, a.concepts.as_ref())?;
+    let mut p = Text2ImageParams::new(&sd, &a.prompt);
+    p.steps = a.steps;
+    p.guidance_scale = a.guidance_scale;
+    p.seed = a.seed;
+    let [_, _, lh, _] = latent_shape(&sd, &p)?;
+    let side = a.resolution.unwrap_or(lh / 4);
+    let maps = token_maps(&sd, &p, side)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let image = util::to_rgb8(&maps.images)?.remove(0);
+    util::save_png(&image, &a.out.join("image.png"))?;
+    let mut tiles = vec![image.clone()];
+    let mut html = format!(
+        "<html><body><h3>{}</h3><p>cross-attention at {side}x{side}, mean over {} steps, heads and layers</p>\
+         <table><tr><td><img src=\"image.png\" width=256><br>image</td>",
+        a.prompt, a.steps
+    );
+    for (i, (pos, label)) in maps.tokens.iter().enumerate() {
+        let tile = overlay(&maps.maps.get(*pos)?, &image)?;
+        let name = format!("{:02}_{}.png", i + 1, file_safe(label));
+        util::save_png(&tile, &a.out.join(&name))?;
+        html.push_str(&format!("<td><img src=\"{name}\" width=256><br>{}</td>", label.replace('<', "&lt;").replace('>', "&gt;")));
+        tiles.push(tile);
+    }
+    html.push_str("</tr></table></body></html>\n");
+    util::write_atomic(&a.out.join("index.html"), html.as_bytes())?;
+    let overview = a.out.join("overview.png");
+    util::save_png(&grid(&tiles, tiles.len()), &overview)?;
+    println!("{}", overview.display());
+    Ok(())
+}

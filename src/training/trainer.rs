@@ -1,0 +1,295 @@
+//! The training loop: micro-batches drawn deterministically per (step, micro-batch), gradient
+//! accumulation, AdamW, a JSON-lines log, atomic checkpoints and resumption.
+//!
+//! Every random draw of step k comes from a generator seeded by (seed, k, micro-batch), so a
+//! run resumed from a checkpoint after step k continues exactly as the uninterrupted run.
+
+use super::adamw::{AdamW, AdamWConfig};
+use super::concepts::{concept_positions, Concept};
+use super::data::{self, RegImage};
+use super::model::Personalized;
+use super::step::{forward_losses, LossConfig, MicroBatch};
+use crate::formats::concept_file::{self, BaseModelId, ConceptEntry, ConceptMeta};
+use crate::scheduler::NoiseSchedule;
+use crate::util;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+use rand::Rng;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Everything a run needs besides the model.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub method: String,
+    /// The user's caption, e.g. `<new1> cat and <new2> dog`.
+    pub caption: String,
+    /// Template around it, `{}` marking the caption (official: `photo of a {}`).
+    pub template: String,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub adamw: AdamWConfig,
+    pub loss: LossConfig,
+    pub train_embeddings: bool,
+    /// Image side used for training (the model's native size by default).
+    pub resolution: usize,
+    /// Custom Diffusion's scale/crop augmentation of the target image.
+    pub augment: bool,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+}
+
+impl TrainConfig {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "method": self.method, "caption": self.caption, "template": self.template,
+            "steps": self.steps, "batch_size": self.batch_size, "gradient_accumulation_steps": self.grad_accum,
+            "learning_rate": self.adamw.lr, "adam_beta1": self.adamw.beta1, "adam_beta2": self.adamw.beta2,
+            "adam_epsilon": self.adamw.eps, "adam_weight_decay": self.adamw.weight_decay,
+            "attn_weight": self.loss.attn_weight, "attn_resolution": self.loss.attn_resolution,
+            "all_scales": self.loss.all_scales, "bind": self.loss.calibration.bind,
+            "separate": self.loss.calibration.separate,
+            "separation": format!("{:?}", self.loss.calibration.separation),
+            "suppression_power": self.loss.calibration.suppression_power,
+            "gaussian": self.loss.calibration.gaussian, "train_embeddings": self.train_embeddings,
+            "resolution": self.resolution, "augment": self.augment, "seed": self.seed,
+        })
+    }
+}
+
+/// Per-step numbers for the progress bar and the log.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepRecord {
+    pub step: usize,
+    pub loss: f64,
+    pub diffusion: f64,
+    pub l_bind: f64,
+    pub l_ss: f64,
+    pub seconds: f64,
+}
+
+pub struct Trainer {
+    pub model: Personalized,
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    target: RgbImage,
+    reg: Vec<(RgbImage, String)>,
+    schedule: NoiseSchedule,
+    opt: AdamW,
+    base: BaseModelId,
+}
+
+fn mix(seed: u64, a: u64, b: u64) -> u64 {
+    // SplitMix64 over the three numbers: independent streams per (step, micro-batch).
+    let mut z = seed ^ a.wrapping_mul(0x9E3779B97F4A7C15) ^ b.wrapping_mul(0xC2B2AE3D27D4EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^ (z >> 31)
+}
+
+impl Trainer {
+    pub fn new(model: Personalized, config: TrainConfig, target_image: &Path, reg: Vec<RegImage>, out: &Path, base_path: &str) -> Result<Self> {
+        if config.steps == 0 || config.batch_size == 0 || config.grad_accum == 0 {
+            bail!("steps, batch size and gradient accumulation must all be at least 1");
+        }
+        let f = model.sd.vae_scale_factor();
+        if config.resolution % f != 0 || config.resolution < 2 * f {
+            bail!("the training resolution {} must be a multiple of {f}", config.resolution);
+        }
+        let target = data::load_target(target_image)?;
+        let mut reg_images = Vec::new();
+        for r in reg {
+            let img = data::center_crop_square(&util::load_rgb(&r.path)?);
+            reg_images.push((img, r.caption));
+        }
+        let names: Vec<String> = model.unet_vars.iter().map(|(n, _)| n.clone()).collect();
+        let base = BaseModelId { path: base_path.to_string(), fingerprint: concept_file::fingerprint(&model.sd, &names)? };
+        let schedule = NoiseSchedule::new(model.sd.scheduler_config.clone());
+        let opt = AdamW::new(model.trainable(config.train_embeddings), config.adamw)?;
+        if opt.params().is_empty() {
+            bail!("nothing to train: the method trains neither UNet weights nor embeddings");
+        }
+        Ok(Self { model, config, out: out.to_path_buf(), target, reg: reg_images, schedule, opt, base })
+    }
+
+    /// The training prompt of the target image.
+    pub fn target_prompt(&self, prefix: &str) -> String {
+        format!("{prefix}{}", self.config.template.replace("{}", &self.config.caption))
+    }
+
+    fn concepts(&self) -> &[Concept] {
+        &self.model.concepts
+    }
+
+    /// Draws micro-batch `micro` of step `step`.
+    pub fn micro_batch(&self, step: usize, micro: usize) -> Result<MicroBatch> {
+        let mut rng = util::seeded_rng(mix(self.config.seed, step as u64, micro as u64));
+        let sd = &self.model.sd;
+        let dev = &sd.device;
+        let (size, f) = (self.config.resolution, sd.vae_scale_factor());
+        let n = self.config.batch_size;
+        // Half of every batch from the regularisation set when there is one (method.md §4).
+        let n_reg = if self.reg.is_empty() { 0 } else { n / 2 };
+        let mut pixels = Vec::new();
+        let mut masks = Vec::new();
+        let mut prompts = Vec::new();
+        let mut targets = Vec::new();
+        for i in 0..n {
+            if i < n - n_reg {
+                let v = data::augment(&self.target, size, f, self.config.augment, &mut rng, dev)?;
+                let prompt = self.target_prompt(v.prefix);
+                let pos = concept_positions(&sd.tokenizer, &prompt, self.concepts())?;
+                if pos.iter().any(|p| p.is_none()) {
+                    bail!("the training prompt {prompt:?} lost a concept (too long?)");
+                }
+                targets.push(Some(pos.into_iter().flatten().collect()));
+                pixels.push(v.pixels);
+                masks.push(v.mask);
+                prompts.push(prompt);
+            } else {
+                let k = rng.random_range(0..self.reg.len());
+                let (img, caption) = &self.reg[k];
+                let v = data::reg_view(img, size, f, &mut rng, dev)?;
+                targets.push(None);
+                pixels.push(v.pixels);
+                masks.push(v.mask);
+                prompts.push(caption.clone());
+            }
+        }
+        let ids: Vec<u32> = prompts.iter().flat_map(|p| sd.tokenizer.encode_warn(p)).collect();
+        let ids = Tensor::from_vec(ids, (n, sd.tokenizer.max_length), dev)?;
+        let pixels = Tensor::stack(&pixels, 0)?.to_dtype(sd.dtype)?;
+        let posterior = sd.vae.encode(&pixels)?;
+        let eps = util::randn(&mut rng, posterior.mean.dims(), dev)?;
+        let z = posterior.sample(&eps.to_dtype(posterior.mean.dtype())?)?.to_dtype(DType::F32)?;
+        let x0 = ((z - sd.vae.shift_factor())? * sd.vae.scaling_factor())?.detach();
+        let noise = util::randn(&mut rng, x0.dims(), dev)?;
+        let t_max = self.schedule.num_train_timesteps() as u32;
+        let ts: Vec<u32> = (0..n).map(|_| rng.random_range(0..t_max)).collect();
+        let timesteps = Tensor::new(ts, dev)?;
+        let mask = Tensor::stack(&masks, 0)?;
+        Ok(MicroBatch { ids, x0, noise, timesteps, mask, targets })
+    }
+
+    /// One optimiser step (all micro-batches); returns the mean losses.
+    pub fn train_step(&mut self, step: usize) -> Result<StepRecord> {
+        let start = std::time::Instant::now();
+        let accum = self.config.grad_accum;
+        let params: Vec<_> = self.opt.params().to_vec();
+        let mut sums: Vec<Option<Tensor>> = vec![None; params.len()];
+        let (mut loss, mut diff, mut bind, mut ss) = (0.0, 0.0, 0.0, 0.0);
+        for micro in 0..accum {
+            let batch = self.micro_batch(step, micro)?;
+            let l = forward_losses(&self.model, &self.schedule, &batch, &self.config.loss)?;
+            let grads = (&l.total / accum as f64)?.backward()?;
+            for (i, (name, var)) in params.iter().enumerate() {
+                let Some(g) = grads.get(var.as_tensor()) else {
+                    bail!("{name} received no gradient: it does not influence the loss");
+                };
+                sums[i] = Some(match sums[i].take() {
+                    None => g.clone(),
+                    Some(s) => (s + g)?,
+                });
+            }
+            loss += l.total.to_scalar::<f32>()? as f64 / accum as f64;
+            diff += l.diffusion.to_scalar::<f32>()? as f64 / accum as f64;
+            bind += l.l_bind.to_scalar::<f32>()? as f64 / accum as f64;
+            ss += l.l_ss.to_scalar::<f32>()? as f64 / accum as f64;
+        }
+        let grads: Vec<Tensor> = sums.into_iter().map(|g| g.expect("accumulated")).collect();
+        self.opt.step(&grads)?;
+        Ok(StepRecord { step: step + 1, loss, diffusion: diff, l_bind: bind, l_ss: ss, seconds: start.elapsed().as_secs_f64() })
+    }
+
+    fn meta(&self) -> ConceptMeta {
+        ConceptMeta {
+            concept: self.model.concepts.iter().map(ConceptEntry::from).collect(),
+            method: self.config.method.clone(),
+            hyperparameters: self.config.to_json(),
+            base_model: self.base.clone(),
+        }
+    }
+
+    fn unet_weights(&self) -> Vec<(String, Tensor)> {
+        self.model.unet_vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+    }
+
+    /// Writes the concept file of the current weights.
+    pub fn save_concepts(&self, path: &Path) -> Result<()> {
+        concept_file::save(path, &self.meta(), &self.unet_weights(), self.model.embeddings.as_tensor())
+    }
+
+    /// `OUT/checkpoints/step-NNNNNN.safetensors`: weights, embeddings, AdamW state, step.
+    pub fn save_checkpoint(&self, step: usize) -> Result<PathBuf> {
+        let dir = self.out.join("checkpoints");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("step-{step:06}.safetensors"));
+        let mut tensors: HashMap<String, Tensor> = self.opt.state_tensors();
+        for (name, var) in self.opt.params() {
+            tensors.insert(format!("param.{name}"), var.as_tensor().clone());
+        }
+        let mut info = HashMap::new();
+        info.insert("step".to_string(), step.to_string());
+        info.insert("config".to_string(), self.config.to_json().to_string());
+        let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(info))?;
+        util::write_atomic(&path, &bytes)?;
+        Ok(path)
+    }
+
+    /// Restores the newest checkpoint under `OUT/checkpoints`; returns its step (0 if none).
+    pub fn resume(&mut self) -> Result<usize> {
+        let dir = self.out.join("checkpoints");
+        let mut found: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect(),
+            Err(_) => return Ok(0),
+        };
+        found.sort();
+        let Some(path) = found.pop() else { return Ok(0) };
+        let bytes = std::fs::read(&path)?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{} is not a readable checkpoint", path.display()))?;
+        let info = header.metadata().clone().unwrap_or_default();
+        let step: usize = info.get("step").and_then(|s| s.parse().ok()).context("checkpoint without step")?;
+        let saved: serde_json::Value = serde_json::from_str(info.get("config").context("checkpoint without config")?)?;
+        let mut now = self.config.to_json();
+        let mut then = saved.clone();
+        // The step count may be raised on resume; everything else must match.
+        now["steps"] = serde_json::Value::Null;
+        then["steps"] = serde_json::Value::Null;
+        if now != then {
+            bail!("{} was written by a run with other settings; resume with the same settings or use another --out", path.display());
+        }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &self.model.sd.device)?;
+        for (name, var) in self.opt.params() {
+            let t = tensors.get(&format!("param.{name}")).with_context(|| format!("checkpoint has no {name}"))?;
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        self.opt.load_state(&tensors, step)?;
+        Ok(step)
+    }
+
+    /// Runs from `start` to the configured number of steps, reporting each step (with the
+    /// model as it is after that step, e.g. for validation images).
+    pub fn run(&mut self, start: usize, mut on_step: impl FnMut(&StepRecord, &Personalized) -> Result<()>) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.out).with_context(|| format!("creating {}", self.out.display()))?;
+        let log_path = self.out.join("train_log.jsonl");
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        for step in start..self.config.steps {
+            let rec = self.train_step(step)?;
+            if !rec.loss.is_finite() {
+                bail!("the loss became {} at step {}: lower the learning rate", rec.loss, rec.step);
+            }
+            writeln!(log, "{}", serde_json::to_string(&rec)?)?;
+            on_step(&rec, &self.model)?;
+            if self.config.checkpoint_every > 0 && rec.step % self.config.checkpoint_every == 0 && rec.step < self.config.steps {
+                self.save_checkpoint(rec.step)?;
+            }
+        }
+        let path = self.out.join("concepts.safetensors");
+        self.save_concepts(&path)?;
+        Ok(path)
+    }
+}
