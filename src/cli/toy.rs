@@ -1,6 +1,8 @@
-//! `disendiff toy ...`: the synthetic world (being written).
+//! `disendiff toy ...`: the synthetic world.
 
-use anyhow::Result;
+use crate::toyworld::{write_scenes, WorldSpec, WriteOptions};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -9,8 +11,65 @@ pub struct Args {
 }
 
 #[derive(clap::Subcommand)]
-pub enum ToyCommand {}
+pub enum ToyCommand {
+    /// Write synthetic scenes: NNNNN.png, NNNNN.txt (caption), NNNNN.mask.png (object index
+    /// map: 0 background, k object k) and scenes.jsonl (one structured description per line).
+    Scenes(ScenesArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ScenesArgs {
+    /// Number of scenes.
+    #[arg(long, value_name = "N")]
+    pub n: usize,
+    /// Seed; scene i depends only on (seed, i).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder (created if needed; existing scene files are overwritten).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Personalization scenes: two objects with unnamed appearances; the .txt files hold
+    /// "<new1> ball and <new2> box" captions.
+    #[arg(long)]
+    pub personalization: bool,
+    /// Image side in pixels (the 64x64 world rescaled).
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
+    /// Fewest objects per training scene (1-3).
+    #[arg(long, default_value_t = 1)]
+    pub min_objects: usize,
+    /// Most objects per training scene (1-3).
+    #[arg(long, default_value_t = 3)]
+    pub max_objects: usize,
+}
 
 pub fn run(a: Args) -> Result<()> {
-    match a.command {}
+    match a.command {
+        ToyCommand::Scenes(s) => scenes(s),
+    }
+}
+
+fn scenes(a: ScenesArgs) -> Result<()> {
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    if !(8..=1024).contains(&a.size) {
+        bail!("--size must be between 8 and 1024 (got {})", a.size);
+    }
+    if !(1..=3).contains(&a.min_objects) || !(a.min_objects..=3).contains(&a.max_objects) {
+        bail!("need 1 <= --min-objects ({}) <= --max-objects ({}) <= 3", a.min_objects, a.max_objects);
+    }
+    let spec = WorldSpec { min_objects: a.min_objects, max_objects: a.max_objects, ..WorldSpec::default() };
+    let opts = WriteOptions { n: a.n, seed: a.seed, personalization: a.personalization, image_size: a.size, spec };
+    let pb = (a.n >= 100).then(|| super::progress_bar(a.n as u64, "scenes"));
+    write_scenes(&a.out, &opts, |done| {
+        if let Some(pb) = &pb {
+            pb.set_position(done as u64);
+        }
+    })?;
+    if let Some(pb) = pb {
+        pb.finish();
+    }
+    eprintln!("wrote {} scenes to {}", a.n, a.out.display());
+    Ok(())
 }
