@@ -28,11 +28,7 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let w = if self.weight.dtype() != x.dtype() { self.weight.to_dtype(x.dtype())? } else { self.weight.clone() };
-        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let y = ops::linear(&x.reshape((rows, in_dim))?, &w, self.bias.as_ref())?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.weight.dim(0)?;
         y.reshape(out)
@@ -58,11 +54,7 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
-        }
+        ops::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
     }
 }
 
@@ -95,7 +87,7 @@ impl Module for GroupNorm {
         let xn = ops::normalize_last_dim(&xg, self.eps)?.reshape(dims.clone())?.to_dtype(dtype)?;
         let mut shape = vec![1, c];
         shape.extend(std::iter::repeat_n(1, dims.len() - 2));
-        xn.broadcast_mul(&self.weight.reshape(shape.clone())?)?.broadcast_add(&self.bias.reshape(shape)?)
+        ops::affine(&xn, &self.weight, &self.bias, &shape)
     }
 }
 
@@ -117,7 +109,8 @@ impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let xn = ops::normalize_last_dim(&x.to_dtype(DType::F32)?, self.eps)?.to_dtype(dtype)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        let n = self.weight.dim(0)?;
+        ops::affine(&xn, &self.weight, &self.bias, &[n])
     }
 }
 

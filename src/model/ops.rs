@@ -125,6 +125,79 @@ pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
     )
 }
 
+/// `x W^T (+ b)` for x [N, in] and a weight [out, in]. When the weight is frozen (not part of
+/// the autograd graph) only `x` gets a gradient: candle's matmul backward would also compute a
+/// weight-sized gradient (2x the forward FLOPs) for every frozen weight.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let plain = |x: &Tensor| -> Result<Tensor> {
+        let y = x.matmul(&w.t()?)?;
+        match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    };
+    if !x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op()) {
+        return plain(x);
+    }
+    let y = plain(&x.detach())?;
+    let w = w.clone();
+    attach(x, y, "linear-frozen-weight", Box::new(move |_x, _y, g| g.matmul(&w)))
+}
+
+/// 2-D convolution; with a frozen weight only the input gets a gradient (see [`linear`]). The
+/// input gradient is a convolution with the flipped, transposed kernel for stride 1 (about
+/// 2.7x faster than candle's transposed convolution on the CPU), a transposed convolution
+/// otherwise.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    let plain = |x: &Tensor| -> Result<Tensor> {
+        let y = x.conv2d(w, padding, stride, 1, 1)?;
+        match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    };
+    if !x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op()) {
+        return plain(x);
+    }
+    let y = plain(&x.detach())?;
+    let w = w.clone();
+    attach(
+        x,
+        y,
+        "conv2d-frozen-weight",
+        Box::new(move |x, _y, g| {
+            let (_, _, h, wd) = x.dims4()?;
+            let k = w.dim(2)?;
+            if stride == 1 && k > padding {
+                let rev: Vec<u32> = (0..k as u32).rev().collect();
+                let rev = Tensor::new(rev, w.device())?;
+                let wf = w.index_select(&rev, 2)?.index_select(&rev, 3)?.transpose(0, 1)?.contiguous()?;
+                g.conv2d(&wf, k - 1 - padding, 1, 1, 1)
+            } else {
+                let (gh, gw) = (g.dim(2)?, g.dim(3)?);
+                let op_h = h as isize - (((gh - 1) * stride + k) as isize - 2 * padding as isize);
+                let op_w = wd as isize - (((gw - 1) * stride + k) as isize - 2 * padding as isize);
+                if op_h != op_w || op_h < 0 {
+                    candle_core::bail!("conv2d backward: unsupported output padding {op_h}x{op_w}");
+                }
+                g.conv_transpose2d(&w, padding, op_h as usize, stride, 1)
+            }
+        }),
+    )
+}
+
+/// `xn * w + b` with w, b broadcast from `shape` (a norm's affine part). With frozen w and b
+/// only `xn` gets a gradient.
+pub fn affine(xn: &Tensor, w: &Tensor, b: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    let (w, b) = (w.reshape(shape)?, b.reshape(shape)?);
+    let plain = |x: &Tensor| x.broadcast_mul(&w)?.broadcast_add(&b);
+    if !xn.track_op() || w.track_op() || b.track_op() {
+        return plain(xn);
+    }
+    let y = plain(&xn.detach())?;
+    attach(xn, y, "affine-frozen", Box::new(move |_x, _y, g| g.broadcast_mul(&w)))
+}
+
 /// `x * sigmoid(1.702 x)`, CLIP's activation.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     let s = (x * -1.702)?.exp()?.affine(1.0, 1.0)?.recip()?;
@@ -171,6 +244,44 @@ mod tests {
     #[test]
     fn normalize_backward_matches_finite_differences() -> Result<()> {
         check_grad(|x| normalize_last_dim(x, 1e-5))
+    }
+
+    /// The frozen-weight ops give the input the same gradient as candle's own ops, and the
+    /// weight none.
+    #[test]
+    fn frozen_weight_ops_match_plain_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let cases: Vec<(Vec<usize>, Box<dyn Fn(&Tensor, &Tensor, bool) -> Result<Tensor>>)> = vec![
+            (vec![2, 3, 8, 8], Box::new(|x, w, frozen| if frozen { conv2d(x, w, None, 1, 1) } else { x.conv2d(w, 1, 1, 1, 1) })),
+            (vec![2, 3, 8, 8], Box::new(|x, w, frozen| if frozen { conv2d(x, w, None, 1, 2) } else { x.conv2d(w, 1, 2, 1, 1) })),
+            (vec![2, 3, 7, 7], Box::new(|x, w, frozen| if frozen { conv2d(x, w, None, 1, 2) } else { x.conv2d(w, 1, 2, 1, 1) })),
+        ];
+        for (shape, op) in cases {
+            let x0 = Tensor::randn(0f64, 1.0, shape.as_slice(), &dev)?;
+            let w = Tensor::randn(0f64, 1.0, (4, 3, 3, 3), &dev)?;
+            let x = Var::from_tensor(&x0)?;
+            let wv = Var::from_tensor(&w)?;
+            let a = op(x.as_tensor(), wv.as_tensor(), false)?;
+            let r = Tensor::randn(0f64, 1.0, a.dims(), &dev)?;
+            let ga = (a * &r)?.sum_all()?.backward()?;
+            let x2 = Var::from_tensor(&x0)?;
+            let b = op(x2.as_tensor(), &w, true)?;
+            let gb = (b * &r)?.sum_all()?.backward()?;
+            assert!(gb.get(&w).is_none(), "frozen weight got a gradient");
+            let d = (ga.get(x.as_tensor()).unwrap() - gb.get(x2.as_tensor()).unwrap())?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(d < 1e-10, "input gradient differs by {d}");
+        }
+        let x0 = Tensor::randn(0f64, 1.0, (5, 6), &dev)?;
+        let w = Tensor::randn(0f64, 1.0, (4, 6), &dev)?;
+        let x = Var::from_tensor(&x0)?;
+        let r = Tensor::randn(0f64, 1.0, (5, 4), &dev)?;
+        let ga = (x.as_tensor().matmul(&w.t()?)? * &r)?.sum_all()?.backward()?;
+        let x2 = Var::from_tensor(&x0)?;
+        let gb = (linear(x2.as_tensor(), &w, None)? * &r)?.sum_all()?.backward()?;
+        assert!(gb.get(&w).is_none());
+        let d = (ga.get(x.as_tensor()).unwrap() - gb.get(x2.as_tensor()).unwrap())?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(d < 1e-12);
+        Ok(())
     }
 
     #[test]

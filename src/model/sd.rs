@@ -44,6 +44,8 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub vae_config: VaeConfig,
     pub scheduler_config: SchedulerConfig,
+    /// The weight stores of text_encoder, unet and vae (their frozen tensors can be listed).
+    pub weight_stores: Vec<(String, Arc<WeightStore>)>,
     pub dtype: DType,
     pub device: Device,
 }
@@ -153,6 +155,7 @@ impl StableDiffusion {
             vae,
             vae_config,
             scheduler_config,
+            weight_stores: vec![("text_encoder".into(), te_store), ("unet".into(), unet_store), ("vae".into(), vae_store)],
             dtype: opts.dtype,
             device: opts.device.clone(),
         })

@@ -31,6 +31,7 @@ pub struct WeightStore {
     device: Device,
     trainable: Option<TrainablePredicate>,
     vars: Mutex<Vec<(String, Var)>>,
+    frozen: Mutex<Vec<(String, Tensor)>>,
 }
 
 impl WeightStore {
@@ -64,6 +65,7 @@ impl WeightStore {
             device: device.clone(),
             trainable: None,
             vars: Mutex::new(Vec::new()),
+            frozen: Mutex::new(Vec::new()),
         })
     }
 
@@ -115,8 +117,16 @@ impl WeightStore {
             self.vars.lock().unwrap().push((name.to_string(), var.clone()));
             Ok(var.as_tensor().clone())
         } else {
-            Ok(t.to_dtype(self.dtype)?)
+            let t = t.to_dtype(self.dtype)?;
+            self.frozen.lock().unwrap().push((name.to_string(), t.clone()));
+            Ok(t)
         }
+    }
+
+    /// The frozen (non-variable) tensors handed out so far, e.g. to check that none of them
+    /// receives a gradient.
+    pub fn frozen(&self) -> Vec<(String, Tensor)> {
+        self.frozen.lock().unwrap().clone()
     }
 
     /// The trainable variables created so far, in load order.

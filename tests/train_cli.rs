@@ -1,0 +1,163 @@
+//! `disendiff train` end to end on the tiny fixture model: what it writes, resumption that
+//! matches an uninterrupted run, concept files on the right and the wrong base model, and
+//! clear errors (with nothing written) for bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn disendiff(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_disendiff")).args(args).output().expect("run disendiff");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "disendiff panicked:\n{stderr}");
+    (out.status.success(), stderr)
+}
+
+fn model() -> String {
+    common::fixture("sd1-tiny").to_str().unwrap().to_string()
+}
+
+fn image() -> String {
+    common::fixture("golden/sd1-pipe-00000.png").to_str().unwrap().to_string()
+}
+
+/// A small, fast run: 64 px, batch 1, one micro-batch per step, 8x8 attention maps.
+fn train(out: &Path, extra: &[&str]) -> (bool, String) {
+    let m = model();
+    let img = image();
+    let mut args = vec![
+        "train", "--model", &m, "--image", &img, "--caption", "<new1> cat and <new2> dog",
+        "--out", out.to_str().unwrap(), "--resolution", "64", "--attn-resolution", "8",
+        "--train-batch-size", "1", "--gradient-accumulation-steps", "1",
+    ];
+    args.extend_from_slice(extra);
+    disendiff(&args)
+}
+
+fn tensors(path: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn trains_kv_and_embeddings_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let (ok, err) = train(&a, &["--max-train-steps", "3", "--checkpointing-steps", "2"]);
+    assert!(ok, "{err}");
+    let concepts = a.join("concepts.safetensors");
+    let t = tensors(&concepts);
+    // 11 cross-attention layers x (to_k, to_v) + two embeddings, nothing else.
+    assert_eq!(t.len(), 24);
+    assert!(t.keys().all(|k| k.ends_with("attn2.to_k.weight") || k.ends_with("attn2.to_v.weight") || k.starts_with("<new")));
+    assert_eq!(t["<new1>"].dims(), &[32]);
+    let log = std::fs::read_to_string(a.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3);
+    assert!(a.join("checkpoints/step-000002.safetensors").is_file());
+
+    // The weights moved away from the base model.
+    let base = candle_core::safetensors::load(common::fixture("sd1-tiny/unet/diffusion_pytorch_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let k = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight";
+    assert!(max_abs_diff(&t[k], &base[k]) > 0.0);
+
+    // A run "killed" after its step-2 checkpoint and resumed ends exactly where `a` ended.
+    let b = tmp.path().join("b");
+    std::fs::create_dir_all(b.join("checkpoints")).unwrap();
+    std::fs::copy(a.join("checkpoints/step-000002.safetensors"), b.join("checkpoints/step-000002.safetensors")).unwrap();
+    let (ok, err) = train(&b, &["--max-train-steps", "3", "--checkpointing-steps", "2", "--resume"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming at step 2"), "{err}");
+    let tb = tensors(&b.join("concepts.safetensors"));
+    for (name, ta) in &t {
+        assert_eq!(max_abs_diff(ta, &tb[name]), 0.0, "{name} differs after resume");
+    }
+
+    // Generation with the concept file, and the attention maps of the caption.
+    let out = tmp.path().join("gen");
+    let (ok, err) = disendiff(&[
+        "generate", "--model", &model(), "--concepts", concepts.to_str().unwrap(),
+        "--prompt", "a <new1> cat on a beach", "--steps", "2", "--height", "64", "--width", "64",
+        "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.join("00000.png").is_file());
+    let att = tmp.path().join("att");
+    let (ok, err) = disendiff(&[
+        "attention", "--model", &model(), "--concepts", concepts.to_str().unwrap(),
+        "--prompt", "photo of a <new1> cat and <new2> dog", "--steps", "2", "--resolution", "16",
+        "--out", att.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    for f in ["image.png", "overview.png", "index.html", "04__new1_.png", "05_cat.png"] {
+        assert!(att.join(f).is_file(), "attention output lacks {f}");
+    }
+
+    // The same file on a model with other weights is refused, naming the model it was made for.
+    let other = tmp.path().join("other");
+    copy_dir(&common::fixture("sd1-tiny"), &other);
+    let unet = other.join("unet/diffusion_pytorch_model.safetensors");
+    let mut w = tensors(&unet);
+    let v = (&w[k] * 1.5).unwrap();
+    w.insert(k.to_string(), v);
+    candle_core::safetensors::save(&w, &unet).unwrap();
+    let (ok, err) = disendiff(&[
+        "generate", "--model", other.to_str().unwrap(), "--concepts", concepts.to_str().unwrap(),
+        "--prompt", "a <new1> cat", "--steps", "1", "--out", tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("was trained on the base model") && err.contains("sd1-tiny"), "{err}");
+}
+
+#[test]
+fn textual_inversion_trains_embeddings_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, err) = train(tmp.path(), &["--method", "textual-inversion", "--max-train-steps", "1"]);
+    assert!(ok, "{err}");
+    let t = tensors(&tmp.path().join("concepts.safetensors"));
+    let mut keys: Vec<_> = t.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, vec!["<new1>", "<new2>"]);
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to: PathBuf = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_nothing_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let not_image = tmp.path().join("photo.png");
+    std::fs::write(&not_image, b"this is not a png").unwrap();
+    let m = model();
+    let img = image();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--image", not_image.to_str().unwrap(), "--caption", "<new1> cat"], "not a readable image"),
+        (vec!["--image", "/nonexistent/cat.jpg", "--caption", "<new1> cat"], "does not exist"),
+        (vec!["--image", &img, "--caption", "a cat and a dog"], "no modifier tokens"),
+        (vec!["--image", &img, "--caption", "a cat and <new1>"], "must be followed by its class word"),
+        (vec!["--image", &img, "--caption", "cat dog", "--modifier-tokens", "cat"], "already in the vocabulary"),
+        (vec!["--image", &img, "--caption", "<new1> cat and <new2> dog", "--initializer-tokens", "pll"], "initialiser"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["train", "--model", &m, "--out", out.to_str().unwrap()];
+        args.extend_from_slice(&extra);
+        let (ok, err) = disendiff(&args);
+        assert!(!ok, "{extra:?} was accepted");
+        assert!(err.contains(want), "{extra:?}: expected {want:?} in:\n{err}");
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+    }
+}
