@@ -161,3 +161,27 @@ fn bad_input_is_refused_with_nothing_written() {
         assert!(!out.exists(), "{extra:?} wrote {}", out.display());
     }
 }
+
+#[test]
+fn three_concepts_and_generated_class_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model();
+    let img = image();
+    let out = tmp.path().join("out");
+    let (ok, err) = disendiff(&[
+        "train", "--model", &m, "--image", &img, "--caption", "<new1> cat, <new2> dog and <new3> cow",
+        "--out", out.to_str().unwrap(), "--resolution", "64", "--attn-resolution", "8",
+        "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--max-train-steps", "1",
+        "--num-class-images", "2", "--class-prompt", "a cat, a dog and a cow",
+    ]);
+    assert!(ok, "{err}");
+    let t = tensors(&out.join("concepts.safetensors"));
+    for tok in ["<new1>", "<new2>", "<new3>"] {
+        assert!(t.contains_key(tok), "no embedding for {tok}");
+    }
+    for f in ["00000.png", "00000.txt", "00001.png"] {
+        assert!(out.join("class_images").join(f).is_file(), "class image {f} missing");
+    }
+    let caption = std::fs::read_to_string(out.join("class_images/00001.txt")).unwrap();
+    assert_eq!(caption, "a cat, a dog and a cow");
+}
