@@ -113,6 +113,7 @@ fn one_step_matches_pytorch() {
             frozen += 1;
         }
     }
+    println!("{frozen} frozen tensors checked");
     assert!(frozen > 100, "only {frozen} frozen tensors checked");
     assert!(grads.get(model.sd.text_encoder.token_embedding()).is_none());
 
