@@ -11,6 +11,7 @@
 //! - [`formats`]: concept files.
 //! - [`cli`]: the `disendiff` command line.
 
+pub mod bench;
 pub mod calibration;
 pub mod cli;
 pub mod formats;

@@ -1,6 +1,7 @@
 //! The `disendiff` command line: one subcommand per file.
 
 mod attention;
+mod bench;
 mod generate;
 mod toy;
 mod train;
@@ -32,6 +33,8 @@ enum Command {
     Train(train::Args),
     /// Heatmaps of each prompt token's cross-attention (the paper's Fig. 4 view).
     Attention(attention::Args),
+    /// Time and memory of fixed cases (compare with tools/reference/bench_torch.py).
+    Bench(bench::Args),
     /// The synthetic toy world: scenes, the toy base model, the benchmark.
     Toy(toy::Args),
 }
@@ -44,6 +47,7 @@ pub fn run() -> Result<()> {
         Command::Toy(args) => toy::run(args),
         Command::Train(args) => train::run(args),
         Command::Attention(args) => attention::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

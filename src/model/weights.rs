@@ -32,6 +32,8 @@ pub struct WeightStore {
     trainable: Option<TrainablePredicate>,
     vars: Mutex<Vec<(String, Var)>>,
     frozen: Mutex<Vec<(String, Tensor)>>,
+    /// Benchmark mode: every requested tensor is made up (see [`WeightStore::random`]).
+    random: Option<Mutex<rand::rngs::StdRng>>,
 }
 
 impl WeightStore {
@@ -66,7 +68,41 @@ impl WeightStore {
             trainable: None,
             vars: Mutex::new(Vec::new()),
             frozen: Mutex::new(Vec::new()),
+            random: None,
         })
+    }
+
+    /// A store with no files that makes up every tensor it is asked for: 1-D `weight`s are
+    /// ones (norm scales), biases zeros, other weights normal with std 1/sqrt(fan_in). For
+    /// benchmarks and tests of shapes, never for real use.
+    pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
+        use rand::SeedableRng;
+        Self {
+            files: Vec::new(),
+            st: unsafe { MmapedSafetensors::multi::<PathBuf>(&[]) }.expect("empty store"),
+            index: BTreeMap::new(),
+            used: Mutex::new(BTreeSet::new()),
+            dtype,
+            device: device.clone(),
+            trainable: None,
+            vars: Mutex::new(Vec::new()),
+            frozen: Mutex::new(Vec::new()),
+            random: Some(Mutex::new(rand::rngs::StdRng::seed_from_u64(seed))),
+        }
+    }
+
+    fn made_up(&self, name: &str, shape: &Shape) -> Result<Tensor> {
+        let dims = shape.dims();
+        let t = if name.ends_with("bias") {
+            Tensor::zeros(shape, DType::F32, &self.device)?
+        } else if dims.len() == 1 {
+            Tensor::ones(shape, DType::F32, &self.device)?
+        } else {
+            let fan_in: usize = dims[1..].iter().product();
+            let mut rng = self.random.as_ref().unwrap().lock().unwrap();
+            crate::util::randn(&mut rng, dims, &self.device)?.affine(1.0 / (fan_in as f64).sqrt(), 0.0)?
+        };
+        Ok(t)
     }
 
     /// Tensors whose full name satisfies `pred` are loaded as trainable [`Var`]s (in f32).
@@ -95,6 +131,10 @@ impl WeightStore {
 
     /// Loads `name`, checking it exists and has `shape`.
     pub fn get(&self, name: &str, shape: &Shape) -> Result<Tensor> {
+        if self.random.is_some() {
+            let t = self.made_up(name, shape)?;
+            return self.hand_out(name, t);
+        }
         let Some((stored, file)) = self.index.get(name) else {
             bail!("weight {name} is missing from {} (expected shape {:?})", self.file_names(), shape.dims());
         };
@@ -111,6 +151,11 @@ impl WeightStore {
             .st
             .load(name, &self.device)
             .with_context(|| format!("reading {name} from {}", self.files[*file].display()))?;
+        self.hand_out(name, t)
+    }
+
+    /// Wraps a loaded tensor as a variable or a frozen tensor of the store's dtype.
+    fn hand_out(&self, name: &str, t: Tensor) -> Result<Tensor> {
         let trainable = self.trainable.as_ref().is_some_and(|p| p(name));
         if trainable {
             let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
