@@ -2,6 +2,7 @@
 
 mod attention;
 mod bench;
+mod demo;
 mod generate;
 mod toy;
 mod train;
@@ -27,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole method on the bundled toy model: train on a toy scene, generate, report.
+    Demo(demo::Args),
     /// Generate images from a text prompt (DDIM with classifier-free guidance).
     Generate(generate::Args),
     /// Learn the concepts of one image (DisenDiff, Custom Diffusion or Textual Inversion).
@@ -43,6 +46,7 @@ enum Command {
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Toy(args) => toy::run(args),
         Command::Train(args) => train::run(args),

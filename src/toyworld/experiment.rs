@@ -1,0 +1,182 @@
+//! Personalization runs on the toy model, shared by `disendiff demo` and `disendiff toy bench`:
+//! train a method on a [`Task`], then generate images for prompts.
+
+use super::task::Task;
+use super::{random_scene, render, scene_seed, Class, WorldSpec};
+use crate::calibration::CalibrationConfig;
+use crate::model::sd::LoadOptions;
+use crate::pipelines::text2img::{self, Text2ImageParams};
+use crate::training::adamw::AdamWConfig;
+use crate::training::concepts::Concept;
+use crate::training::data::RegImage;
+use crate::training::model::{Personalized, UNetTrainable};
+use crate::training::step::LossConfig;
+use crate::training::trainer::{StepRecord, TrainConfig, Trainer};
+use crate::util;
+use anyhow::{bail, Result};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+
+/// Where the committed toy model lives, relative to the repository.
+pub fn default_toy_model() -> PathBuf {
+    let here = PathBuf::from("assets/toy-model");
+    if here.join("model_index.json").is_file() {
+        return here;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/toy-model")
+}
+
+pub fn check_toy_model(dir: &Path) -> Result<()> {
+    if !dir.join("model_index.json").is_file() {
+        bail!(
+            "the toy model is not at {} (it ships with the repository under assets/toy-model; \
+             pass --model DIR to use another)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The methods compared on the toy world.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToyMethod {
+    DisenDiff,
+    CustomDiffusion,
+    TextualInversion,
+}
+
+impl ToyMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DisenDiff => "disendiff",
+            Self::CustomDiffusion => "custom-diffusion",
+            Self::TextualInversion => "textual-inversion",
+        }
+    }
+}
+
+/// Settings of a toy personalization run.
+#[derive(Clone, Debug)]
+pub struct ToyTrainOptions {
+    pub method: ToyMethod,
+    pub steps: usize,
+    pub learning_rate: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub attn_weight: f64,
+    pub calibration: CalibrationConfig,
+    pub seed: u64,
+    pub augment: bool,
+    /// Regularisation scenes of the training world (real images with captions, as the
+    /// official run's retrieved LAION images); 0 = none.
+    pub reg_images: usize,
+}
+
+impl ToyTrainOptions {
+    pub fn new(method: ToyMethod) -> Self {
+        Self {
+            method,
+            steps: 150,
+            learning_rate: if method == ToyMethod::TextualInversion { 5e-3 } else { 1e-3 },
+            batch_size: 2,
+            grad_accum: 2,
+            attn_weight: 0.01,
+            calibration: CalibrationConfig::default(),
+            seed: 0,
+            augment: false,
+            reg_images: 16,
+        }
+    }
+}
+
+/// Writes `n` training-world scenes that contain the task's classes, with captions.
+pub fn write_reg_scenes(task: &Task, n: usize, dir: &Path) -> Result<Vec<RegImage>> {
+    std::fs::create_dir_all(dir)?;
+    let classes: Vec<Class> = task.concepts.iter().map(|(_, c)| *c).collect();
+    let spec = WorldSpec { classes: classes.clone(), min_objects: 2, max_objects: 2, ..WorldSpec::default() };
+    let mut out = Vec::new();
+    for i in 0..n as u64 {
+        let mut rng = util::seeded_rng(scene_seed(task.seed ^ 0x5eed, i));
+        let scene = random_scene(&mut rng, &spec);
+        let path = dir.join(format!("{i:05}.png"));
+        util::save_png(&render(&scene).image, &path)?;
+        let caption = super::caption(&scene);
+        util::write_atomic(&path.with_extension("txt"), caption.as_bytes())?;
+        out.push(RegImage { path, caption });
+    }
+    Ok(out)
+}
+
+/// Trains `opts.method` on `task`; files (scene, reg images, log, concepts) go under `out`.
+pub fn train(model_dir: &Path, task: &Task, opts: &ToyTrainOptions, out: &Path, on_step: impl FnMut(&StepRecord)) -> Result<(Personalized, f64)> {
+    check_toy_model(model_dir)?;
+    std::fs::create_dir_all(out)?;
+    let image_path = out.join("scene.png");
+    util::save_png(&task.image, &image_path)?;
+    let concepts: Vec<Concept> = task
+        .concepts
+        .iter()
+        .enumerate()
+        .map(|(k, (token, class))| Concept {
+            modifier: token.clone(),
+            class_word: class.word().to_string(),
+            initializer: match opts.method {
+                ToyMethod::TextualInversion => class.word().to_string(),
+                _ => ["pll", "ktn"][k % 2].to_string(),
+            },
+        })
+        .collect();
+    let trainable = if opts.method == ToyMethod::TextualInversion { UNetTrainable::Nothing } else { UNetTrainable::CrossAttnKV };
+    let model = Personalized::load(model_dir, &LoadOptions::default(), &concepts, trainable)?;
+    let resolution = model.sd.default_size();
+    let latent = resolution / model.sd.vae_scale_factor();
+    let reg = if opts.reg_images > 0 && opts.method != ToyMethod::TextualInversion {
+        write_reg_scenes(task, opts.reg_images, &out.join("reg"))?
+    } else {
+        Vec::new()
+    };
+    let config = TrainConfig {
+        method: opts.method.name().to_string(),
+        caption: task.caption(),
+        template: "{}".into(),
+        steps: opts.steps,
+        batch_size: opts.batch_size,
+        grad_accum: opts.grad_accum,
+        adamw: AdamWConfig { lr: opts.learning_rate, ..Default::default() },
+        loss: LossConfig {
+            attn_weight: if opts.method == ToyMethod::DisenDiff { opts.attn_weight } else { 0.0 },
+            calibration: opts.calibration.clone(),
+            attn_resolution: latent,
+            all_scales: false,
+        },
+        train_embeddings: true,
+        resolution,
+        augment: opts.augment,
+        seed: opts.seed,
+        checkpoint_every: 0,
+    };
+    let mut trainer = Trainer::new(model, config, &image_path, reg, out, &model_dir.display().to_string())?;
+    let start = std::time::Instant::now();
+    let mut on_step = on_step;
+    trainer.run(0, |r, _| {
+        on_step(r);
+        Ok(())
+    })?;
+    Ok((trainer.model, start.elapsed().as_secs_f64()))
+}
+
+/// `n` images of `prompt` (DDIM, guidance), seeds `seed..seed+n` in one batch.
+pub fn generate(model: &Personalized, prompt: &str, n: usize, seed: u64, steps: usize, guidance: f64) -> Result<Vec<RgbImage>> {
+    let mut p = Text2ImageParams::new(&model.sd, prompt);
+    p.num_images = n;
+    p.seed = seed;
+    p.steps = steps;
+    p.guidance_scale = guidance;
+    let images = text2img::generate(&model.sd, &p, |_, _| {})?;
+    util::to_rgb8(&images)
+}
+
+/// Nearest-neighbour enlargement for viewing 64x64 images.
+pub fn enlarge(img: &RgbImage, factor: u32) -> RgbImage {
+    image::imageops::resize(img, img.width() * factor, img.height() * factor, image::imageops::FilterType::Nearest)
+}
