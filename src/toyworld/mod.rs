@@ -40,12 +40,18 @@
 //! **Files** ([`write_scenes`], `disendiff toy scenes`): `NNNNN.png`, `NNNNN.txt` (caption, or
 //! the personalization caption), `NNNNN.mask.png` (8-bit index map: 0 background, k object k),
 //! and `scenes.jsonl` ([`SceneRecord`] per line).
+//!
+//! **Oracle** ([`oracle`]): finds, classifies and describes the objects of any image of this world
+//! (generated ones included), for the benchmark's fidelity and leakage scores.
 
 mod caption;
 mod files;
 mod render;
 mod scene;
 mod vocab;
+pub mod experiment;
+pub mod task;
+pub mod oracle;
 
 pub use caption::{
     caption, class_caption, object_phrase, parse_caption, personalization_caption, personalization_token,

@@ -1,0 +1,587 @@
+//! Background estimation and object segmentation.
+
+use super::shape::{fit_set, ShapeFit};
+use image::{GrayImage, RgbImage};
+
+/// One detected object region.
+#[derive(Clone, Debug)]
+pub struct Blob {
+    /// Size of the image the blob was found in.
+    pub width: u32,
+    pub height: u32,
+    /// Row-major pixel indices (`y * width + x`), ascending.
+    pub pixels: Vec<usize>,
+    /// The image's RGB colour at each pixel of `pixels`, 0-255.
+    pub colors: Vec<[f32; 3]>,
+    /// Each pixel's Euclidean distance (px) to the nearest pixel outside the blob: 1 on its
+    /// edge, larger inside.
+    pub depth: Vec<f32>,
+    /// `[x0, y0, x1, y1]`, x1 and y1 exclusive.
+    pub bbox: [u32; 4],
+    /// Centroid in image coordinates (pixel centres at `x + 0.5`).
+    pub centroid: [f32; 2],
+}
+
+impl Blob {
+    /// A blob from a set of pixels of `img` (duplicates and order do not matter). `None` when
+    /// the set is empty.
+    pub fn from_pixels(img: &RgbImage, pixels: &[usize]) -> Option<Blob> {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let mut mask = vec![false; w * h];
+        for &p in pixels {
+            mask[p] = true;
+        }
+        let pixels: Vec<usize> = (0..w * h).filter(|&p| mask[p]).collect();
+        if pixels.is_empty() {
+            return None;
+        }
+        let dist = edt(&mask, w, h);
+        let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+        let (mut cx, mut cy) = (0f32, 0f32);
+        let raw = img.as_raw();
+        let mut colors = Vec::with_capacity(pixels.len());
+        for &p in &pixels {
+            let (x, y) = (p % w, p / w);
+            x0 = x0.min(x);
+            y0 = y0.min(y);
+            x1 = x1.max(x + 1);
+            y1 = y1.max(y + 1);
+            cx += x as f32 + 0.5;
+            cy += y as f32 + 0.5;
+            colors.push([raw[3 * p] as f32, raw[3 * p + 1] as f32, raw[3 * p + 2] as f32]);
+        }
+        let n = pixels.len() as f32;
+        Some(Blob {
+            width: w as u32,
+            height: h as u32,
+            depth: pixels.iter().map(|&p| dist[p]).collect(),
+            colors,
+            pixels,
+            bbox: [x0 as u32, y0 as u32, x1 as u32, y1 as u32],
+            centroid: [cx / n, cy / n],
+        })
+    }
+
+    /// A blob from a mask image (nonzero = inside), e.g. a ground-truth mask of
+    /// [`render`](crate::toyworld::render).
+    pub fn from_mask(img: &RgbImage, mask: &GrayImage) -> Option<Blob> {
+        assert_eq!(img.dimensions(), mask.dimensions(), "image and mask sizes differ");
+        let pixels: Vec<usize> = mask.as_raw().iter().enumerate().filter(|(_, &m)| m > 0).map(|(i, _)| i).collect();
+        Blob::from_pixels(img, &pixels)
+    }
+
+    pub fn area(&self) -> usize {
+        self.pixels.len()
+    }
+
+    /// The blob as a full-image boolean mask.
+    pub fn mask(&self) -> Vec<bool> {
+        let mut m = vec![false; (self.width * self.height) as usize];
+        for &p in &self.pixels {
+            m[p] = true;
+        }
+        m
+    }
+
+    /// The blob as a mask image (255 inside).
+    pub fn mask_image(&self) -> GrayImage {
+        let mut g = GrayImage::new(self.width, self.height);
+        for &p in &self.pixels {
+            g.as_mut()[p] = 255;
+        }
+        g
+    }
+
+    /// Shape fit against every class.
+    pub fn shape_fit(&self) -> ShapeFit {
+        fit_set(self.width as usize, self.height as usize, &self.pixels)
+    }
+
+    /// Indices (into `pixels`) of the blob's core: pixels off its anti-aliased edge
+    /// (depth > 1.5), or all pixels when the core would hold fewer than 12.
+    pub fn core(&self) -> Vec<usize> {
+        let core: Vec<usize> = (0..self.pixels.len()).filter(|&i| self.depth[i] > 1.5).collect();
+        if core.len() >= 12 {
+            core
+        } else {
+            (0..self.pixels.len()).collect()
+        }
+    }
+}
+
+/// Segmentation settings; [`Default`] is what [`segment`] uses.
+#[derive(Clone, Debug)]
+pub struct SegmentOptions {
+    /// RGB distance from the background above which a pixel is foreground; `None`: adaptive,
+    /// `max(40, 2 * the 90th percentile of the border pixels' distance)`, at most 70.
+    pub threshold: Option<f32>,
+    /// Smallest blob kept, as a fraction of the image area (default 0.004: 16 px at 64x64).
+    pub min_area_fraction: f32,
+    /// Split touching objects at narrow necks of the distance transform.
+    pub split: bool,
+    /// Merge nearby fragments when the union fits a shape better.
+    pub merge: bool,
+}
+
+impl Default for SegmentOptions {
+    fn default() -> Self {
+        SegmentOptions { threshold: None, min_area_fraction: 0.004, split: true, merge: true }
+    }
+}
+
+/// The width of the border band whose pixels estimate the background.
+const BORDER: u32 = 2;
+
+fn border_pixels(img: &RgbImage) -> Vec<[u8; 3]> {
+    let (w, h) = img.dimensions();
+    let b = BORDER.min(w / 2).min(h / 2).max(1);
+    let mut v = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            if x < b || y < b || x >= w - b || y >= h - b {
+                v.push(img.get_pixel(x, y).0);
+            }
+        }
+    }
+    v
+}
+
+fn median(v: &mut [f32]) -> f32 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// The image's own background colour: the per-channel median of its border pixels (the
+/// outer 2-pixel band), RGB 0-255. Robust to objects touching the border on less than half
+/// of it.
+pub fn estimate_background(img: &RgbImage) -> [f32; 3] {
+    let px = border_pixels(img);
+    [0, 1, 2].map(|c| median(&mut px.iter().map(|p| p[c] as f32).collect::<Vec<_>>()))
+}
+
+fn dist3(a: [f32; 3], b: [f32; 3]) -> f32 {
+    ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
+}
+
+/// The adaptive foreground threshold (see [`SegmentOptions::threshold`]).
+pub fn foreground_threshold(img: &RgbImage, bg: [f32; 3]) -> f32 {
+    let mut d: Vec<f32> = border_pixels(img).iter().map(|p| dist3(p.map(|c| c as f32), bg)).collect();
+    d.sort_by(|a, b| a.total_cmp(b));
+    let q90 = d[(d.len() * 9 / 10).min(d.len() - 1)];
+    (2.0 * q90).clamp(40.0, 70.0)
+}
+
+/// Exact Euclidean distance transform: for each `true` pixel, the distance to the nearest
+/// `false` pixel, the outside of the image counting as `false` (so edge pixels get 1).
+pub(super) fn edt(mask: &[bool], w: usize, h: usize) -> Vec<f32> {
+    let (pw, ph) = (w + 2, h + 2);
+    const INF: f64 = 1e12;
+    let mut f = vec![0f64; pw * ph];
+    for y in 0..h {
+        for x in 0..w {
+            if mask[y * w + x] {
+                f[(y + 1) * pw + x + 1] = INF;
+            }
+        }
+    }
+    let mut col = vec![0f64; pw.max(ph)];
+    let mut out = vec![0f64; pw.max(ph)];
+    for x in 0..pw {
+        for y in 0..ph {
+            col[y] = f[y * pw + x];
+        }
+        dt1d(&col[..ph], &mut out[..ph]);
+        for y in 0..ph {
+            f[y * pw + x] = out[y];
+        }
+    }
+    for y in 0..ph {
+        col[..pw].copy_from_slice(&f[y * pw..(y + 1) * pw]);
+        dt1d(&col[..pw], &mut out[..pw]);
+        f[y * pw..(y + 1) * pw].copy_from_slice(&out[..pw]);
+    }
+    let mut d = vec![0f32; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            d[y * w + x] = f[(y + 1) * pw + x + 1].sqrt() as f32;
+        }
+    }
+    d
+}
+
+/// Felzenszwalb-Huttenlocher 1-D squared distance transform.
+fn dt1d(f: &[f64], d: &mut [f64]) {
+    let n = f.len();
+    let mut v = vec![0usize; n];
+    let mut z = vec![0f64; n + 1];
+    let mut k = 0usize;
+    z[0] = f64::NEG_INFINITY;
+    z[1] = f64::INFINITY;
+    for q in 1..n {
+        loop {
+            let p = v[k];
+            let s = ((f[q] + (q * q) as f64) - (f[p] + (p * p) as f64)) / (2.0 * q as f64 - 2.0 * p as f64);
+            if s <= z[k] && k > 0 {
+                k -= 1;
+                continue;
+            }
+            if s <= z[k] {
+                // k == 0: replace the first parabola.
+                v[0] = q;
+                z[1] = f64::INFINITY;
+                break;
+            }
+            k += 1;
+            v[k] = q;
+            z[k] = s;
+            z[k + 1] = f64::INFINITY;
+            break;
+        }
+    }
+    k = 0;
+    for q in 0..n {
+        while z[k + 1] < q as f64 {
+            k += 1;
+        }
+        let p = v[k];
+        d[q] = ((q as f64 - p as f64).powi(2)) + f[p];
+    }
+}
+
+/// Connected components (8-connectivity) of `mask`, each a sorted list of pixel indices.
+pub(super) fn components(mask: &[bool], w: usize, h: usize) -> Vec<Vec<usize>> {
+    let mut seen = vec![false; w * h];
+    let mut out = Vec::new();
+    for start in 0..w * h {
+        if !mask[start] || seen[start] {
+            continue;
+        }
+        let mut comp = Vec::new();
+        let mut stack = vec![start];
+        seen[start] = true;
+        while let Some(p) = stack.pop() {
+            comp.push(p);
+            let (x, y) = ((p % w) as i64, (p / w) as i64);
+            for dy in -1..=1 {
+                for dx in -1..=1 {
+                    let (nx, ny) = (x + dx, y + dy);
+                    if nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
+                        continue;
+                    }
+                    let q = ny as usize * w + nx as usize;
+                    if mask[q] && !seen[q] {
+                        seen[q] = true;
+                        stack.push(q);
+                    }
+                }
+            }
+        }
+        comp.sort_unstable();
+        out.push(comp);
+    }
+    out
+}
+
+/// Fills background holes of a component that are smaller than `max_hole` pixels (noise);
+/// large holes (a ring's) stay. Returns the filled pixel set.
+fn fill_small_holes(comp: &[usize], w: usize, h: usize, max_hole: usize) -> Vec<usize> {
+    let mut inside = vec![false; w * h];
+    for &p in comp {
+        inside[p] = true;
+    }
+    let outside: Vec<bool> = inside.iter().map(|&b| !b).collect();
+    // 4-connected background regions not touching the image border are holes.
+    let mut seen = vec![false; w * h];
+    let mut filled = comp.to_vec();
+    for start in 0..w * h {
+        if !outside[start] || seen[start] {
+            continue;
+        }
+        let mut region = Vec::new();
+        let mut touches_border = false;
+        let mut stack = vec![start];
+        seen[start] = true;
+        while let Some(p) = stack.pop() {
+            region.push(p);
+            let (x, y) = (p % w, p / w);
+            if x == 0 || y == 0 || x == w - 1 || y == h - 1 {
+                touches_border = true;
+            }
+            let nbrs = [
+                (x > 0).then(|| p - 1),
+                (x + 1 < w).then(|| p + 1),
+                (y > 0).then(|| p - w),
+                (y + 1 < h).then(|| p + w),
+            ];
+            for q in nbrs.into_iter().flatten() {
+                if outside[q] && !seen[q] {
+                    seen[q] = true;
+                    stack.push(q);
+                }
+            }
+        }
+        if !touches_border && region.len() < max_hole {
+            filled.extend(region);
+        }
+    }
+    filled.sort_unstable();
+    filled
+}
+
+/// A region of the over-segmentation of a component.
+struct Region {
+    pixels: Vec<usize>,
+    peak: f32,
+}
+
+/// Over-segments a component into the basins of the maxima of its distance transform that
+/// are separated by a saddle lower than `ratio` times the lower peak (peaks of at least
+/// `min_peak` px); returns the regions and, for each adjacent pair, the saddle height.
+fn basins(comp: &[usize], w: usize, h: usize, ratio: f32, min_peak: f32) -> (Vec<Region>, Vec<(usize, usize, f32)>) {
+    let mut mask = vec![false; w * h];
+    for &p in comp {
+        mask[p] = true;
+    }
+    let d = edt(&mask, w, h);
+    let mut order: Vec<usize> = comp.to_vec();
+    order.sort_by(|&a, &b| d[b].total_cmp(&d[a]).then(a.cmp(&b)));
+    // Union-find over pixel labels.
+    let mut parent: Vec<usize> = (0..w * h).collect();
+    let mut peak = vec![0f32; w * h];
+    let mut done = vec![false; w * h];
+    fn find(parent: &mut [usize], mut x: usize) -> usize {
+        while parent[x] != x {
+            parent[x] = parent[parent[x]];
+            x = parent[x];
+        }
+        x
+    }
+    // Pairs of roots kept apart, with their saddle (the highest pixel where they met).
+    let mut apart: Vec<(usize, usize, f32)> = Vec::new();
+    for &p in &order {
+        let level = d[p];
+        let (x, y) = ((p % w) as i64, (p / w) as i64);
+        let mut roots: Vec<usize> = Vec::new();
+        for dy in -1..=1 {
+            for dx in -1..=1 {
+                let (nx, ny) = (x + dx, y + dy);
+                if (dx, dy) == (0, 0) || nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 {
+                    continue;
+                }
+                let q = ny as usize * w + nx as usize;
+                if done[q] {
+                    let r = find(&mut parent, q);
+                    if !roots.contains(&r) {
+                        roots.push(r);
+                    }
+                }
+            }
+        }
+        done[p] = true;
+        if roots.is_empty() {
+            peak[p] = level;
+            continue;
+        }
+        // Highest peak first; merge the others into it when their separation is shallow.
+        roots.sort_by(|&a, &b| peak[b].total_cmp(&peak[a]));
+        let main = roots[0];
+        parent[p] = main;
+        for &r in &roots[1..] {
+            let low = peak[r].min(peak[main]);
+            let shallow = low < min_peak || level >= ratio * low;
+            let (ra, rb) = (find(&mut parent, main), find(&mut parent, r));
+            if ra == rb {
+                continue;
+            }
+            if shallow {
+                parent[rb] = ra;
+                peak[ra] = peak[ra].max(peak[rb]);
+            } else {
+                apart.push((ra, rb, level));
+            }
+        }
+    }
+    // Collect regions.
+    let mut index = std::collections::HashMap::new();
+    let mut regions: Vec<Region> = Vec::new();
+    for &p in comp {
+        let r = find(&mut parent, p);
+        let k = *index.entry(r).or_insert_with(|| {
+            regions.push(Region { pixels: Vec::new(), peak: peak[r] });
+            regions.len() - 1
+        });
+        regions[k].pixels.push(p);
+    }
+    let mut pairs: Vec<(usize, usize, f32)> = Vec::new();
+    for (a, b, level) in apart {
+        let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+        if ra == rb {
+            continue;
+        }
+        let (ia, ib) = (index[&ra], index[&rb]);
+        let key = (ia.min(ib), ia.max(ib));
+        match pairs.iter_mut().find(|q| (q.0, q.1) == key) {
+            Some(q) => q.2 = q.2.max(level),
+            None => pairs.push((key.0, key.1, level)),
+        }
+    }
+    (regions, pairs)
+}
+
+/// Area-weighted best IoU of a set of parts.
+fn parts_fit(w: usize, h: usize, parts: &[&[usize]]) -> f32 {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    parts.iter().map(|p| fit_set(w, h, p).best().1 * p.len() as f32).sum::<f32>() / total.max(1) as f32
+}
+
+/// Splits a component into objects: basins separated by a deep saddle (below 0.5 of the lower
+/// peak) are always separate; shallower ones (below 0.85) only when the parts fit shapes
+/// better than their union.
+fn split_component(comp: &[usize], w: usize, h: usize) -> Vec<Vec<usize>> {
+    let (regions, mut pairs) = basins(comp, w, h, 0.85, 2.5);
+    if regions.len() == 1 {
+        return vec![comp.to_vec()];
+    }
+    let mut groups: Vec<Option<Vec<usize>>> = regions.iter().map(|r| Some(r.pixels.clone())).collect();
+    let mut peaks: Vec<f32> = regions.iter().map(|r| r.peak).collect();
+    // Most shallow separations first.
+    loop {
+        pairs.retain(|&(a, b, _)| a != b);
+        let best = pairs
+            .iter()
+            .enumerate()
+            .map(|(k, &(a, b, s))| (k, s / peaks[a].min(peaks[b])))
+            .filter(|&(_, r)| r >= 0.5)
+            .max_by(|x, y| x.1.total_cmp(&y.1));
+        let Some((k, _)) = best else { break };
+        let (a, b, _) = pairs[k];
+        let (ga, gb) = (groups[a].as_ref().unwrap(), groups[b].as_ref().unwrap());
+        let mut union: Vec<usize> = ga.iter().chain(gb.iter()).copied().collect();
+        union.sort_unstable();
+        let whole = fit_set(w, h, &union).best().1;
+        let parts = parts_fit(w, h, &[ga, gb]);
+        if whole + 0.02 >= parts {
+            // Merge b into a; redirect b's pairs.
+            groups[a] = Some(union);
+            groups[b] = None;
+            peaks[a] = peaks[a].max(peaks[b]);
+            for q in pairs.iter_mut() {
+                if q.0 == b {
+                    q.0 = a;
+                }
+                if q.1 == b {
+                    q.1 = a;
+                }
+            }
+            // Keep the highest saddle per remaining pair.
+            let mut merged: Vec<(usize, usize, f32)> = Vec::new();
+            for &(x, y, s) in pairs.iter() {
+                let key = (x.min(y), x.max(y));
+                match merged.iter_mut().find(|m| (m.0, m.1) == key) {
+                    Some(m) => m.2 = m.2.max(s),
+                    None => merged.push((key.0, key.1, s)),
+                }
+            }
+            pairs = merged;
+        } else {
+            pairs.remove(k);
+        }
+    }
+    groups.into_iter().flatten().collect()
+}
+
+/// Finds the objects of an image with [`SegmentOptions::default`]: see [`segment_with`].
+pub fn segment(img: &RgbImage) -> Vec<Blob> {
+    segment_with(img, &SegmentOptions::default())
+}
+
+/// Finds the objects of an image: pixels farther than a threshold from the image's own
+/// background ([`estimate_background`]) are foreground; its 8-connected components, with
+/// small holes filled, are split at narrow necks of their distance transform (touching
+/// objects), nearby fragments are merged when their union fits a shape better, and blobs
+/// smaller than [`SegmentOptions::min_area_fraction`] are dropped. Blobs come in reading order
+/// of their centroids (top to bottom, then left to right, by rows of 8 px).
+pub fn segment_with(img: &RgbImage, opts: &SegmentOptions) -> Vec<Blob> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let bg = estimate_background(img);
+    let t = opts.threshold.unwrap_or_else(|| foreground_threshold(img, bg));
+    let raw = img.as_raw();
+    let fg: Vec<bool> = (0..w * h)
+        .map(|p| dist3([raw[3 * p] as f32, raw[3 * p + 1] as f32, raw[3 * p + 2] as f32], bg) > t)
+        .collect();
+    let min_area = ((opts.min_area_fraction * (w * h) as f32).round() as usize).max(1);
+    let mut parts: Vec<Vec<usize>> = Vec::new();
+    for comp in components(&fg, w, h) {
+        if comp.len() < min_area / 2 {
+            continue;
+        }
+        let filled = fill_small_holes(&comp, w, h, (comp.len() / 25).max(4));
+        if opts.split {
+            parts.extend(split_component(&filled, w, h));
+        } else {
+            parts.push(filled);
+        }
+    }
+    if opts.merge {
+        parts = merge_fragments(parts, w, h, min_area);
+    }
+    let mut blobs: Vec<Blob> =
+        parts.into_iter().filter(|p| p.len() >= min_area).filter_map(|p| Blob::from_pixels(img, &p)).collect();
+    blobs.sort_by(|a, b| {
+        let ka = ((a.centroid[1] / 8.0).floor(), a.centroid[0]);
+        let kb = ((b.centroid[1] / 8.0).floor(), b.centroid[0]);
+        ka.partial_cmp(&kb).unwrap()
+    });
+    blobs
+}
+
+/// Smallest distance (px) between two pixel sets.
+fn gap(a: &[usize], b: &[usize], w: usize) -> f32 {
+    let mut best = f32::MAX;
+    for &p in a {
+        let (px, py) = ((p % w) as f32, (p / w) as f32);
+        for &q in b {
+            let (qx, qy) = ((q % w) as f32, (q / w) as f32);
+            best = best.min((px - qx).powi(2) + (py - qy).powi(2));
+        }
+    }
+    best.sqrt()
+}
+
+/// Merges fragments: a part smaller than `min_area` joins its nearest neighbour within 3 px;
+/// two parts within 3 px of each other merge when their union fits a shape better than they
+/// do apart.
+fn merge_fragments(mut parts: Vec<Vec<usize>>, w: usize, h: usize, min_area: usize) -> Vec<Vec<usize>> {
+    loop {
+        let mut best: Option<(usize, usize, f32)> = None;
+        for i in 0..parts.len() {
+            for j in i + 1..parts.len() {
+                let g = gap(&parts[i], &parts[j], w);
+                if g > 3.0 {
+                    continue;
+                }
+                let small = parts[i].len().min(parts[j].len()) < min_area;
+                let mut union: Vec<usize> = parts[i].iter().chain(parts[j].iter()).copied().collect();
+                union.sort_unstable();
+                let whole = fit_set(w, h, &union).best().1;
+                let apart = parts_fit(w, h, &[&parts[i], &parts[j]]);
+                let gain = whole - apart;
+                if (small || gain > 0.03) && best.is_none_or(|b| gain > b.2) {
+                    best = Some((i, j, gain));
+                }
+            }
+        }
+        let Some((i, j, _)) = best else { break };
+        let b = parts.remove(j);
+        parts[i].extend(b);
+        parts[i].sort_unstable();
+    }
+    parts
+}
