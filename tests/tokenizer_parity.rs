@@ -59,3 +59,36 @@ fn long_prompts_are_truncated_to_77_with_end_token() {
     let short = tok.encode("a cat");
     assert_eq!(short.ids[4], 0, "SD2 pads with '!' (id 0)");
 }
+
+/// The same golden cases through a `tokenizer.json`-only folder (as some SD repositories and
+/// transformers 5 ship), built here from the fixture's vocab.json + merges.txt.
+#[test]
+fn tokenizer_json_folder_gives_the_same_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::fixture("sd2-tiny/tokenizer");
+    let vocab: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("vocab.json")).unwrap()).unwrap();
+    let merges: Vec<String> = std::fs::read_to_string(src.join("merges.txt"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    let json = serde_json::json!({
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges},
+        "added_tokens": [{"id": 49406, "content": "<|startoftext|>"}, {"id": 49407, "content": "<|endoftext|>"}],
+    });
+    std::fs::write(tmp.path().join("tokenizer.json"), json.to_string()).unwrap();
+    std::fs::copy(src.join("tokenizer_config.json"), tmp.path().join("tokenizer_config.json")).unwrap();
+    std::fs::copy(src.join("special_tokens_map.json"), tmp.path().join("special_tokens_map.json")).unwrap();
+    let from_json = ClipTokenizer::from_dir(tmp.path()).unwrap();
+    let text = std::fs::read_to_string(common::fixture("golden/tokenizer.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let mut n = 0;
+    for case in cases.iter().filter(|c| c["pad_token"] == "!" && c["added_tokens"].as_array().is_none_or(|a| a.is_empty())) {
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(from_json.encode(case["prompt"].as_str().unwrap()).ids, want, "{}", case["prompt"]);
+        n += 1;
+    }
+    assert!(n >= 10, "only {n} cases");
+}
