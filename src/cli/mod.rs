@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod generate;
 mod toy;
+mod toy_bench;
 mod train;
 
 use anyhow::{bail, Result};

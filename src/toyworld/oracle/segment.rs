@@ -1,5 +1,6 @@
 //! Background estimation and object segmentation.
 
+use super::appearance::srgb_to_lab;
 use super::shape::{fit_set, ShapeFit};
 use image::{GrayImage, RgbImage};
 
@@ -442,59 +443,284 @@ fn parts_fit(w: usize, h: usize, parts: &[&[usize]]) -> f32 {
 }
 
 /// Splits a component into objects: basins separated by a deep saddle (below 0.5 of the lower
-/// peak) are always separate; shallower ones (below 0.85) only when the parts fit shapes
-/// better than their union.
-fn split_component(comp: &[usize], w: usize, h: usize) -> Vec<Vec<usize>> {
+/// peak) are separate; shallower ones (below 0.85) only when both parts fit a shape well
+/// (IoU >= 0.75) and better than their union (by 0.05).
+fn split_geometric(comp: &[usize], w: usize, h: usize, min_area: usize) -> Vec<Vec<usize>> {
     let (regions, mut pairs) = basins(comp, w, h, 0.85, 2.5);
     if regions.len() == 1 {
         return vec![comp.to_vec()];
     }
     let mut groups: Vec<Option<Vec<usize>>> = regions.iter().map(|r| Some(r.pixels.clone())).collect();
     let mut peaks: Vec<f32> = regions.iter().map(|r| r.peak).collect();
-    // Most shallow separations first.
+    // Shallowest separations first.
+    let mut kept_apart: Vec<(usize, usize)> = Vec::new();
     loop {
-        pairs.retain(|&(a, b, _)| a != b);
         let best = pairs
             .iter()
             .enumerate()
+            .filter(|(_, &(a, b, _))| a != b && !kept_apart.contains(&(a.min(b), a.max(b))))
             .map(|(k, &(a, b, s))| (k, s / peaks[a].min(peaks[b])))
-            .filter(|&(_, r)| r >= 0.5)
             .max_by(|x, y| x.1.total_cmp(&y.1));
-        let Some((k, _)) = best else { break };
+        let Some((k, ratio)) = best else { break };
         let (a, b, _) = pairs[k];
         let (ga, gb) = (groups[a].as_ref().unwrap(), groups[b].as_ref().unwrap());
         let mut union: Vec<usize> = ga.iter().chain(gb.iter()).copied().collect();
         union.sort_unstable();
-        let whole = fit_set(w, h, &union).best().1;
-        let parts = parts_fit(w, h, &[ga, gb]);
-        if whole + 0.02 >= parts {
-            // Merge b into a; redirect b's pairs.
-            groups[a] = Some(union);
-            groups[b] = None;
-            peaks[a] = peaks[a].max(peaks[b]);
-            for q in pairs.iter_mut() {
-                if q.0 == b {
-                    q.0 = a;
-                }
-                if q.1 == b {
-                    q.1 = a;
-                }
-            }
-            // Keep the highest saddle per remaining pair.
-            let mut merged: Vec<(usize, usize, f32)> = Vec::new();
-            for &(x, y, s) in pairs.iter() {
-                let key = (x.min(y), x.max(y));
-                match merged.iter_mut().find(|m| (m.0, m.1) == key) {
-                    Some(m) => m.2 = m.2.max(s),
-                    None => merged.push((key.0, key.1, s)),
-                }
-            }
-            pairs = merged;
-        } else {
-            pairs.remove(k);
+        let big_enough = ga.len() >= min_area && gb.len() >= min_area;
+        let separate = big_enough
+            && (ratio < 0.5 || {
+                let whole = fit_set(w, h, &union).best().1;
+                let (fa, fb) = (fit_set(w, h, ga).best().1, fit_set(w, h, gb).best().1);
+                let parts = (fa * ga.len() as f32 + fb * gb.len() as f32) / union.len() as f32;
+                fa >= 0.75 && fb >= 0.75 && parts >= whole + 0.05
+            });
+        if separate {
+            kept_apart.push((a.min(b), a.max(b)));
+            continue;
         }
+        groups[a] = Some(union);
+        groups[b] = None;
+        peaks[a] = peaks[a].max(peaks[b]);
+        for q in pairs.iter_mut() {
+            if q.0 == b {
+                q.0 = a;
+            }
+            if q.1 == b {
+                q.1 = a;
+            }
+        }
+        // Keep the highest saddle per pair.
+        let mut merged: Vec<(usize, usize, f32)> = Vec::new();
+        for &(x, y, s) in pairs.iter().filter(|q| q.0 != q.1) {
+            let key = (x.min(y), x.max(y));
+            match merged.iter_mut().find(|m| (m.0, m.1) == key) {
+                Some(m) => m.2 = m.2.max(s),
+                None => merged.push((key.0, key.1, s)),
+            }
+        }
+        pairs = merged;
+        kept_apart.retain(|&(x, y)| x != b && y != b);
     }
     groups.into_iter().flatten().collect()
+}
+
+/// Clusters Lab colours: k-means seeded by farthest points (up to 6 centres at least 20 apart),
+/// then centres closer than 12 are merged and clusters with under 3% of the points dissolved.
+/// Returns the centres.
+fn tone_centres(points: &[[f32; 3]]) -> Vec<[f32; 3]> {
+    let d = |a: [f32; 3], b: [f32; 3]| ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt();
+    let n = points.len();
+    let mean = [0, 1, 2].map(|c| points.iter().map(|p| p[c]).sum::<f32>() / n as f32);
+    let mut centres: Vec<[f32; 3]> = Vec::new();
+    let mut near: Vec<f32> = points.iter().map(|&p| d(p, mean) * 0.5).collect();
+    while centres.len() < 6 {
+        let (k, &far) = near.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+        if far < 20.0 && !centres.is_empty() {
+            break;
+        }
+        let c = points[k];
+        centres.push(c);
+        for (m, &p) in near.iter_mut().zip(points) {
+            *m = m.min(d(p, c));
+        }
+        if centres.len() == 1 {
+            near = points.iter().map(|&p| d(p, c)).collect();
+        }
+    }
+    let min_count = ((0.03 * n as f32) as usize).max(4);
+    for round in 0..16 {
+        let labels: Vec<usize> = points
+            .iter()
+            .map(|&p| (0..centres.len()).min_by(|&a, &b| d(p, centres[a]).total_cmp(&d(p, centres[b]))).unwrap())
+            .collect();
+        let mut sums = vec![[0f32; 3]; centres.len()];
+        let mut counts = vec![0usize; centres.len()];
+        for (&l, p) in labels.iter().zip(points) {
+            counts[l] += 1;
+            for c in 0..3 {
+                sums[l][c] += p[c];
+            }
+        }
+        let mut next: Vec<[f32; 3]> = Vec::new();
+        let mut next_counts: Vec<usize> = Vec::new();
+        for k in 0..centres.len() {
+            if counts[k] == 0 || (round >= 4 && counts[k] < min_count) {
+                continue;
+            }
+            let c = sums[k].map(|s| s / counts[k] as f32);
+            match next.iter().position(|&o| round >= 4 && d(o, c) < 12.0) {
+                Some(j) => {
+                    let (a, b) = (next_counts[j] as f32, counts[k] as f32);
+                    next[j] = [0, 1, 2].map(|i| (next[j][i] * a + c[i] * b) / (a + b));
+                    next_counts[j] += counts[k];
+                }
+                None => {
+                    next.push(c);
+                    next_counts.push(counts[k]);
+                }
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        centres = next;
+    }
+    centres
+}
+
+/// Splits a component by colour: its core pixels (off the anti-aliased edge) are clustered
+/// into tones; tones that touch along a large share of the smaller one's perimeter (at least
+/// 20%: the two tones of one patterned object) form one group; each group's connected pieces
+/// are candidate objects (edge pixels join the group of the nearest core pixel). Adjacent
+/// candidates whose union fits a shape clearly better (by 0.05) are merged back.
+fn split_by_colour(comp: &[usize], lab: &[[f32; 3]], w: usize, h: usize, min_area: usize) -> Vec<Vec<usize>> {
+    let mut inside = vec![false; w * h];
+    for &p in comp {
+        inside[p] = true;
+    }
+    let depth = edt(&inside, w, h);
+    let core: Vec<usize> = comp.iter().copied().filter(|&p| depth[p] > 1.5).collect();
+    if core.len() < 40 {
+        return vec![comp.to_vec()];
+    }
+    let points: Vec<[f32; 3]> = core.iter().map(|&p| lab[p]).collect();
+    let centres = tone_centres(&points);
+    if centres.len() < 2 {
+        return vec![comp.to_vec()];
+    }
+    let d = |a: [f32; 3], b: [f32; 3]| ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt();
+    const NONE: usize = usize::MAX;
+    let mut tone = vec![NONE; w * h];
+    for &p in &core {
+        tone[p] = (0..centres.len()).min_by(|&a, &b| d(lab[p], centres[a]).total_cmp(&d(lab[p], centres[b]))).unwrap();
+    }
+    let k = centres.len();
+    // Agglomerative: repeatedly merge the two tone groups that touch along the largest share of
+    // the smaller one's perimeter, while that share is at least 20% (noise splitting one tone
+    // into interleaved clusters is merged first, then the tones of one pattern).
+    let mut group: Vec<usize> = (0..k).collect();
+    loop {
+        let mut contact = vec![vec![0usize; k]; k];
+        let mut perimeter = vec![0usize; k];
+        for &p in &core {
+            let gp = group[tone[p]];
+            let (x, y) = (p % w, p / w);
+            let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
+            for q in nbrs {
+                let gq = q.map(|q| tone[q]).map(|t| if t == NONE { NONE } else { group[t] }).unwrap_or(NONE);
+                if gq != gp {
+                    perimeter[gp] += 1;
+                    if gq != NONE {
+                        contact[gp][gq] += 1;
+                    }
+                }
+            }
+        }
+        let mut best: Option<(usize, usize, f32)> = None;
+        for i in 0..k {
+            for j in i + 1..k {
+                let c = contact[i][j];
+                if c == 0 {
+                    continue;
+                }
+                let ratio = c as f32 / perimeter[i].min(perimeter[j]).max(1) as f32;
+                if ratio >= 0.2 && best.is_none_or(|b| ratio > b.2) {
+                    best = Some((i, j, ratio));
+                }
+            }
+        }
+        let Some((i, j, _)) = best else { break };
+        for g in group.iter_mut() {
+            if *g == j {
+                *g = i;
+            }
+        }
+    }
+    let groups = group;
+    if groups.iter().all(|&g| g == groups[0]) {
+        return vec![comp.to_vec()];
+    }
+    // Group label of every pixel: core by colour, the rest from the nearest core pixel (BFS).
+    let mut label = vec![NONE; w * h];
+    let mut queue = std::collections::VecDeque::new();
+    for &p in &core {
+        label[p] = groups[tone[p]];
+        queue.push_back(p);
+    }
+    while let Some(p) = queue.pop_front() {
+        let (x, y) = (p % w, p / w);
+        let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
+        for q in nbrs.into_iter().flatten() {
+            if inside[q] && label[q] == NONE {
+                label[q] = label[p];
+                queue.push_back(q);
+            }
+        }
+    }
+    // Pieces: connected components of each group.
+    let mut parts: Vec<Vec<usize>> = Vec::new();
+    let mut gids: Vec<usize> = groups.clone();
+    gids.sort_unstable();
+    gids.dedup();
+    for g in gids {
+        let m: Vec<bool> = (0..w * h).map(|p| inside[p] && label[p] == g).collect();
+        parts.extend(components(&m, w, h));
+    }
+    merge_adjacent(parts, w, h, min_area)
+}
+
+/// Merges adjacent parts: a part under `min_area` joins the neighbour it touches most; two
+/// parts merge when their union fits a shape better than they do apart by 0.05.
+fn merge_adjacent(mut parts: Vec<Vec<usize>>, w: usize, h: usize, min_area: usize) -> Vec<Vec<usize>> {
+    loop {
+        let mut owner = vec![usize::MAX; w * h];
+        for (k, part) in parts.iter().enumerate() {
+            for &p in part {
+                owner[p] = k;
+            }
+        }
+        let n = parts.len();
+        let mut touch = vec![vec![0usize; n]; n];
+        for (k, part) in parts.iter().enumerate() {
+            for &p in part {
+                let (x, y) = (p % w, p / w);
+                let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
+                for q in nbrs.into_iter().flatten() {
+                    let o = owner[q];
+                    if o != usize::MAX && o != k {
+                        touch[k][o] += 1;
+                    }
+                }
+            }
+        }
+        // Smallest part under min_area first.
+        let small = (0..n).filter(|&k| parts[k].len() < min_area).min_by_key(|&k| parts[k].len());
+        let pair = if let Some(k) = small {
+            (0..n).filter(|&o| touch[k][o] > 0).max_by_key(|&o| touch[k][o]).map(|o| (o, k))
+        } else {
+            let mut best: Option<(usize, usize, f32)> = None;
+            for a in 0..n {
+                for b in a + 1..n {
+                    if touch[a][b] == 0 {
+                        continue;
+                    }
+                    let mut union: Vec<usize> = parts[a].iter().chain(parts[b].iter()).copied().collect();
+                    union.sort_unstable();
+                    let gain = fit_set(w, h, &union).best().1 - parts_fit(w, h, &[&parts[a], &parts[b]]);
+                    if gain > 0.05 && best.is_none_or(|x| gain > x.2) {
+                        best = Some((a, b, gain));
+                    }
+                }
+            }
+            best.map(|(a, b, _)| (a, b))
+        };
+        let Some((a, b)) = pair else { break };
+        let (a, b) = (a.min(b), a.max(b));
+        let pb = parts.remove(b);
+        parts[a].extend(pb);
+        parts[a].sort_unstable();
+    }
+    parts
 }
 
 /// Finds the objects of an image with [`SegmentOptions::default`]: see [`segment_with`].
@@ -516,6 +742,9 @@ pub fn segment_with(img: &RgbImage, opts: &SegmentOptions) -> Vec<Blob> {
     let fg: Vec<bool> = (0..w * h)
         .map(|p| dist3([raw[3 * p] as f32, raw[3 * p + 1] as f32, raw[3 * p + 2] as f32], bg) > t)
         .collect();
+    let lab: Vec<[f32; 3]> = (0..w * h)
+        .map(|p| if fg[p] { srgb_to_lab([raw[3 * p] as f32, raw[3 * p + 1] as f32, raw[3 * p + 2] as f32]) } else { [0.0; 3] })
+        .collect();
     let min_area = ((opts.min_area_fraction * (w * h) as f32).round() as usize).max(1);
     let mut parts: Vec<Vec<usize>> = Vec::new();
     for comp in components(&fg, w, h) {
@@ -524,7 +753,9 @@ pub fn segment_with(img: &RgbImage, opts: &SegmentOptions) -> Vec<Blob> {
         }
         let filled = fill_small_holes(&comp, w, h, (comp.len() / 25).max(4));
         if opts.split {
-            parts.extend(split_component(&filled, w, h));
+            for piece in split_by_colour(&filled, &lab, w, h, min_area) {
+                parts.extend(split_geometric(&piece, w, h, min_area));
+            }
         } else {
             parts.push(filled);
         }
