@@ -19,6 +19,41 @@ pub enum ToyCommand {
     /// paper's ablations) on personalization scenes; score identity, leakage and prompt
     /// fidelity with the oracle; write report.md and report.json.
     Bench(super::toy_bench::BenchArgs),
+    /// Check a toy base model: prompt following on unseen prompts (oracle-scored) and how well
+    /// class tokens' cross-attention maps cover their objects.
+    CheckModel(CheckArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// The toy base model (default: the bundled assets/toy-model).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Prompts of each kind and attention scenes.
+    #[arg(long, default_value_t = 50)]
+    pub n: usize,
+    /// The training set whose captions count as seen: `toy scenes --seed S --n N`.
+    #[arg(long, default_value_t = 1)]
+    pub train_seed: u64,
+    #[arg(long, default_value_t = 20000)]
+    pub train_n: usize,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance_scale: f64,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+fn check_model(a: CheckArgs) -> Result<()> {
+    let dir = a.model.clone().unwrap_or_else(crate::toyworld::experiment::default_toy_model);
+    crate::toyworld::experiment::check_toy_model(&dir)?;
+    let sd = crate::model::sd::StableDiffusion::load(&dir, &Default::default())?;
+    let seen = crate::toyworld::model_check::training_captions(a.train_seed, a.train_n);
+    eprintln!("{} distinct training captions", seen.len());
+    let r = crate::toyworld::model_check::check(&sd, &seen, a.n, a.steps, a.guidance_scale, a.seed)?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -51,6 +86,7 @@ pub fn run(a: Args) -> Result<()> {
     match a.command {
         ToyCommand::Scenes(s) => scenes(s),
         ToyCommand::Bench(b) => super::toy_bench::run(b),
+        ToyCommand::CheckModel(c) => check_model(c),
     }
 }
 

@@ -50,6 +50,7 @@ mod render;
 mod scene;
 mod vocab;
 pub mod experiment;
+pub mod model_check;
 pub mod score;
 pub mod task;
 pub mod oracle;

@@ -1,0 +1,186 @@
+//! Does a toy base model follow prompts and localise words? (The premise of the method.)
+//!
+//! - Single-object prompts "a {colour} {pattern} {class} on a {bg} background" (the training
+//!   set covers nearly all of them; the unseen count is reported): the largest object the
+//!   oracle finds must have the class and the colour.
+//! - Two-object prompts that are not training captions: both objects present (class and
+//!   colour each).
+//! - Attention: on unseen rendered scenes, noised at t = 300, the class token's cross-attention
+//!   map at the finest grid (mean over heads and layers, min-max normalised) against the
+//!   object's true mask (down-sampled), soft IoU, as toyworld-notes.md measured it; a uniform
+//!   map is the baseline.
+
+use super::oracle::analyze;
+use super::{caption, random_scene, render, scene_seed, Appearance, Class, NamedColor, Object, Pattern, Scene, WorldSpec};
+use crate::calibration::{average_maps, min_max_normalize, soft_iou};
+use crate::model::sd::StableDiffusion;
+use crate::model::unet::{AttentionProbe, ForwardOptions};
+use crate::pipelines::text2img::{self, Text2ImageParams};
+use crate::scheduler::NoiseSchedule;
+use crate::util;
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use rand::seq::IndexedRandom;
+use serde::Serialize;
+use std::collections::HashSet;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ModelCheck {
+    pub single_prompts: usize,
+    /// How many of the single-object prompts are not training captions.
+    pub single_unseen: usize,
+    /// Share of single-object images whose largest object has the prompted class and colour.
+    pub single_class_and_color: f64,
+    pub single_class: f64,
+    pub single_color: f64,
+    pub double_prompts: usize,
+    /// Share of two-object images showing both prompted objects.
+    pub double_both: f64,
+    pub attention_scenes: usize,
+    /// Mean soft IoU of class-token maps with the true masks, and of a uniform map.
+    pub attention_iou: f64,
+    pub attention_iou_uniform: f64,
+}
+
+/// The captions of the training set (`n` scenes of `seed`), to keep test prompts unseen.
+pub fn training_captions(seed: u64, n: usize) -> HashSet<String> {
+    let spec = WorldSpec::default();
+    (0..n as u64).map(|i| caption(&random_scene(&mut util::seeded_rng(scene_seed(seed, i)), &spec))).collect()
+}
+
+fn object(class: Class, color: NamedColor, pattern: Pattern) -> Object {
+    Object { class, appearance: Appearance::named(color, pattern), cx: 32.0, cy: 32.0, size: 16.0, rotation: 0.0 }
+}
+
+/// One- or two-object scenes (only their captions matter for prompts), unseen in training when
+/// `seen` is given.
+fn test_scenes(seen: Option<&HashSet<String>>, n: usize, objects: usize, seed: u64) -> Vec<Scene> {
+    let mut rng = util::seeded_rng(seed);
+    let mut out = Vec::new();
+    let mut tries = 0;
+    while out.len() < n && tries < 100_000 {
+        tries += 1;
+        let bg = *NamedColor::BACKGROUND.choose(&mut rng).unwrap();
+        let mut objs = Vec::new();
+        for _ in 0..objects {
+            let class = *Class::ALL.choose(&mut rng).unwrap();
+            let color = *NamedColor::OBJECT.choose(&mut rng).unwrap();
+            let pattern = *Pattern::ALL.choose(&mut rng).unwrap();
+            objs.push(object(class, color, pattern));
+        }
+        let distinct = objs.windows(2).all(|w| w[0].class != w[1].class);
+        if !distinct || !objs.iter().all(|o| o.appearance.contrasts_with(bg)) {
+            continue;
+        }
+        let scene = Scene { background: bg, objects: objs };
+        if seen.is_none_or(|s| !s.contains(&caption(&scene))) {
+            out.push(scene);
+        }
+    }
+    out
+}
+
+fn named(o: &Object) -> (NamedColor, Class) {
+    match &o.appearance {
+        Appearance::Named { color, .. } => (*color, o.class),
+        Appearance::Unnamed(_) => unreachable!("test scenes are named"),
+    }
+}
+
+/// Runs the check with `n` prompts of each kind and `n` attention scenes.
+pub fn check(sd: &StableDiffusion, seen: &HashSet<String>, n: usize, steps: usize, guidance: f64, seed: u64) -> Result<ModelCheck> {
+    let mut r = ModelCheck::default();
+    let (mut both, mut class_ok, mut color_ok) = (0, 0, 0);
+    // The training set covers nearly every one-object caption, so single-object prompts are
+    // drawn from all captions; how many of them were unseen is reported.
+    let singles = test_scenes(None, n, 1, seed);
+    r.single_unseen = singles.iter().filter(|s| !seen.contains(&caption(s))).count();
+    for (i, s) in singles.iter().enumerate() {
+        let mut p = Text2ImageParams::new(sd, &caption(s));
+        p.steps = steps;
+        p.guidance_scale = guidance;
+        p.seed = seed + i as u64;
+        let img = util::to_rgb8(&text2img::generate(sd, &p, |_, _| {})?)?.remove(0);
+        let a = analyze(&img);
+        let (color, class) = named(&s.objects[0]);
+        if let Some(o) = a.objects.iter().max_by_key(|o| o.area) {
+            class_ok += (o.class == class) as usize;
+            color_ok += (o.color == color) as usize;
+            both += (o.class == class && o.color == color) as usize;
+        }
+    }
+    r.single_prompts = singles.len();
+    let m = singles.len().max(1) as f64;
+    (r.single_class_and_color, r.single_class, r.single_color) = (both as f64 / m, class_ok as f64 / m, color_ok as f64 / m);
+
+    let doubles = test_scenes(Some(seen), n, 2, seed + 1);
+    let mut ok = 0;
+    for (i, s) in doubles.iter().enumerate() {
+        let mut p = Text2ImageParams::new(sd, &caption(s));
+        p.steps = steps;
+        p.guidance_scale = guidance;
+        p.seed = seed + 10_000 + i as u64;
+        let img = util::to_rgb8(&text2img::generate(sd, &p, |_, _| {})?)?.remove(0);
+        let a = analyze(&img);
+        let found = s.objects.iter().all(|o| {
+            let (color, class) = named(o);
+            a.objects.iter().any(|d| d.class == class && d.color == color)
+        });
+        ok += found as usize;
+    }
+    r.double_prompts = doubles.len();
+    r.double_both = ok as f64 / doubles.len().max(1) as f64;
+
+    // Attention of class tokens on unseen rendered scenes.
+    let schedule = NoiseSchedule::new(sd.scheduler_config.clone());
+    let spec = WorldSpec { min_objects: 1, max_objects: 2, ..WorldSpec::default() };
+    let side = sd.default_size() / sd.vae_scale_factor();
+    let (mut iou, mut iou_u, mut count) = (0.0, 0.0, 0usize);
+    let mut rng = util::seeded_rng(seed + 2);
+    let mut k = 0u64;
+    while r.attention_scenes < n && k < 100 * n as u64 {
+        let scene = random_scene(&mut util::seeded_rng(scene_seed(seed ^ 0xa77e, k)), &spec);
+        k += 1;
+        let text = caption(&scene);
+        if seen.contains(&text) {
+            continue;
+        }
+        r.attention_scenes += 1;
+        let rendered = render(&scene);
+        let x = util::rgb_to_tensor(&rendered.image, &sd.device)?;
+        let post = sd.vae.encode(&x.to_dtype(sd.dtype)?)?;
+        let x0 = ((post.mean.to_dtype(DType::F32)? - sd.vae.shift_factor())? * sd.vae.scaling_factor())?;
+        let noise = util::randn(&mut rng, x0.dims(), &sd.device)?;
+        let t = Tensor::new(&[300u32], &sd.device)?;
+        let noisy = schedule.add_noise(&x0, &noise, &t)?;
+        let words = sd.tokenizer.tokenize_words(&text);
+        let ids = Tensor::new(sd.tokenizer.encode(&text).ids, &sd.device)?.unsqueeze(0)?;
+        let ctx = sd.text_encoder.forward(&ids)?;
+        let opts = ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![side] }), detach_start_token_kv: false };
+        let out = sd.unet.forward_with(&noisy.to_dtype(sd.dtype)?, &t, &ctx, &opts)?;
+        let layers: Vec<_> = out.attention.iter().map(|a| (a.probs.clone(), a.height, a.width)).collect();
+        let maps = average_maps(&layers, side)?.remove(0);
+        // Token position of each object's class word: the word list is "a ... class and a ... class on ...".
+        let mut pos = 1;
+        let mut class_pos = Vec::new();
+        for (w, ids) in &words {
+            if Class::from_word(w).is_some() {
+                class_pos.push(pos + ids.len() - 1);
+            }
+            pos += ids.len();
+        }
+        for (obj_i, &p) in class_pos.iter().enumerate().take(scene.objects.len()) {
+            let map = min_max_normalize(&maps.narrow(0, p, 1)?)?;
+            let mask = image::imageops::resize(&rendered.masks[obj_i], side as u32, side as u32, image::imageops::FilterType::Triangle);
+            let mask: Vec<f32> = mask.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+            let mask = Tensor::from_vec(mask, (1, side, side), &sd.device)?;
+            iou += soft_iou(&map, &mask)?.to_scalar::<f32>()? as f64;
+            let uniform = Tensor::ones((1, side, side), DType::F32, &sd.device)?;
+            iou_u += soft_iou(&uniform, &mask)?.to_scalar::<f32>()? as f64;
+            count += 1;
+        }
+    }
+    r.attention_iou = iou / count.max(1) as f64;
+    r.attention_iou_uniform = iou_u / count.max(1) as f64;
+    Ok(r)
+}
