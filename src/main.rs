@@ -1,6 +1,19 @@
 //! The `disendiff` command line; see `disendiff --help`.
 
+/// Keeps freed memory in the process instead of returning every large tensor's pages to the
+/// kernel: with glibc's defaults each large allocation is a fresh mmap whose pages the kernel
+/// zeroes on first touch, which cost ~18% of a training step (perf) on the CPU.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
 fn main() {
+    tune_allocator();
     if let Err(e) = disendiff::cli::run() {
         eprintln!("error: {e}");
         for cause in e.chain().skip(1) {
