@@ -1,0 +1,50 @@
+//! Smoke tests of the toy-world commands on the bundled toy model (the full runs are by hand;
+//! their results are in the README): `disendiff demo` and a reduced `disendiff toy bench`.
+
+use std::process::Command;
+
+fn disendiff(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_disendiff"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .expect("run disendiff");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "disendiff panicked:\n{stderr}");
+    (out.status.success(), stderr)
+}
+
+#[test]
+fn reduced_toy_bench_writes_the_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bench");
+    let (ok, err) = disendiff(&[
+        "toy", "bench", "--scenes", "1", "--steps", "2", "--num-images", "1", "--sample-steps", "2",
+        "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for method in ["disendiff", "custom-diffusion", "textual-inversion"] {
+        let m = &report["methods"][method];
+        for key in ["combined", "concept1", "concept2", "mean"] {
+            let f = m["fidelity"][key].as_f64().unwrap_or_else(|| panic!("{method} lacks fidelity.{key}"));
+            assert!((0.0..=1.0).contains(&f), "{method} fidelity.{key} = {f}");
+        }
+        for key in ["leakage", "prompt_fidelity", "train_seconds"] {
+            assert!(m[key].as_f64().is_some(), "{method} lacks {key}");
+        }
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| disendiff |"));
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let (ok, err) = disendiff(&["demo", "--steps", "2", "--num-images", "1", "--sample-steps", "2", "--out", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for f in ["report.md", "scene.png", "attention.png", "prompt-01.png", "run/concepts.safetensors"] {
+        assert!(out.join(f).is_file(), "demo did not write {f}");
+    }
+}
