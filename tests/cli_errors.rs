@@ -4,32 +4,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn disendiff(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_disendiff")).args(args).output().expect("run disendiff");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!stderr.contains("panicked"), "disendiff panicked:\n{stderr}");
-    (out.status.success(), stderr)
-}
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
 
 /// A private copy of the sd1 fixture model that a test may damage.
 fn model_copy(tmp: &Path) -> PathBuf {
     let m = tmp.join("model");
-    copy_dir(&common::fixture("sd1-tiny"), &m);
+    common::copy_dir(&common::fixture("sd1-tiny"), &m);
     m
 }
 
@@ -37,7 +18,7 @@ fn generate(model: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
     let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a red ball", "--steps", "2"];
     args.extend_from_slice(&["--out", out.to_str().unwrap()]);
     args.extend_from_slice(extra);
-    disendiff(&args)
+    common::disendiff(&args)
 }
 
 #[test]
@@ -153,7 +134,7 @@ fn latents_file_matches_the_golden_pipeline_through_the_cli() {
     let guidance = pipe["guidance_scale"].to_string();
     let h = pipe["height"].to_string();
     let w = pipe["width"].to_string();
-    let (ok, err) = disendiff(&[
+    let (ok, err) = common::disendiff(&[
         "generate", "--model", common::fixture("sd1-tiny").to_str().unwrap(),
         "--prompt", pipe["prompt"].as_str().unwrap(),
         "--negative-prompt", pipe["negative_prompt"].as_str().unwrap(),

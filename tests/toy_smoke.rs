@@ -1,24 +1,15 @@
 //! Smoke tests of the toy-world commands on the bundled toy model (the full runs are by hand;
 //! their results are in the README): `disendiff demo` and a reduced `disendiff toy bench`.
 
-use std::process::Command;
+mod common;
 
-fn disendiff(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_disendiff"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .expect("run disendiff");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!stderr.contains("panicked"), "disendiff panicked:\n{stderr}");
-    (out.status.success(), stderr)
-}
+
 
 #[test]
 fn reduced_toy_bench_writes_the_report() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("bench");
-    let (ok, err) = disendiff(&[
+    let (ok, err) = common::disendiff(&[
         "toy", "bench", "--scenes", "1", "--steps", "2", "--num-images", "1", "--sample-steps", "2",
         "--out", out.to_str().unwrap(),
     ]);
@@ -42,7 +33,7 @@ fn reduced_toy_bench_writes_the_report() {
 fn demo_runs_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("demo");
-    let (ok, err) = disendiff(&["demo", "--steps", "2", "--num-images", "1", "--sample-steps", "2", "--out", out.to_str().unwrap()]);
+    let (ok, err) = common::disendiff(&["demo", "--steps", "2", "--num-images", "1", "--sample-steps", "2", "--out", out.to_str().unwrap()]);
     assert!(ok, "{err}");
     for f in ["report.md", "scene.png", "attention.png", "prompt-01.png", "run/concepts.safetensors"] {
         assert!(out.join(f).is_file(), "demo did not write {f}");

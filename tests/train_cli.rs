@@ -4,15 +4,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn disendiff(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_disendiff")).args(args).output().expect("run disendiff");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!stderr.contains("panicked"), "disendiff panicked:\n{stderr}");
-    (out.status.success(), stderr)
-}
 
 fn model() -> String {
     common::fixture("sd1-tiny").to_str().unwrap().to_string()
@@ -32,7 +25,7 @@ fn train(out: &Path, extra: &[&str]) -> (bool, String) {
         "--train-batch-size", "1", "--gradient-accumulation-steps", "1",
     ];
     args.extend_from_slice(extra);
-    disendiff(&args)
+    common::disendiff(&args)
 }
 
 fn tensors(path: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
@@ -78,7 +71,7 @@ fn trains_kv_and_embeddings_and_resumes_exactly() {
 
     // Generation with the concept file, and the attention maps of the caption.
     let out = tmp.path().join("gen");
-    let (ok, err) = disendiff(&[
+    let (ok, err) = common::disendiff(&[
         "generate", "--model", &model(), "--concepts", concepts.to_str().unwrap(),
         "--prompt", "a <new1> cat on a beach", "--steps", "2", "--height", "64", "--width", "64",
         "--out", out.to_str().unwrap(),
@@ -86,7 +79,7 @@ fn trains_kv_and_embeddings_and_resumes_exactly() {
     assert!(ok, "{err}");
     assert!(out.join("00000.png").is_file());
     let att = tmp.path().join("att");
-    let (ok, err) = disendiff(&[
+    let (ok, err) = common::disendiff(&[
         "attention", "--model", &model(), "--concepts", concepts.to_str().unwrap(),
         "--prompt", "photo of a <new1> cat and <new2> dog", "--steps", "2", "--resolution", "16",
         "--out", att.to_str().unwrap(),
@@ -98,13 +91,13 @@ fn trains_kv_and_embeddings_and_resumes_exactly() {
 
     // The same file on a model with other weights is refused, naming the model it was made for.
     let other = tmp.path().join("other");
-    copy_dir(&common::fixture("sd1-tiny"), &other);
+    common::copy_dir(&common::fixture("sd1-tiny"), &other);
     let unet = other.join("unet/diffusion_pytorch_model.safetensors");
     let mut w = tensors(&unet);
     let v = (&w[k] * 1.5).unwrap();
     w.insert(k.to_string(), v);
     candle_core::safetensors::save(&w, &unet).unwrap();
-    let (ok, err) = disendiff(&[
+    let (ok, err) = common::disendiff(&[
         "generate", "--model", other.to_str().unwrap(), "--concepts", concepts.to_str().unwrap(),
         "--prompt", "a <new1> cat", "--steps", "1", "--out", tmp.path().join("x").to_str().unwrap(),
     ]);
@@ -123,18 +116,6 @@ fn textual_inversion_trains_embeddings_only() {
     assert_eq!(keys, vec!["<new1>", "<new2>"]);
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to: PathBuf = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
 
 #[test]
 fn bad_input_is_refused_with_nothing_written() {
@@ -155,7 +136,7 @@ fn bad_input_is_refused_with_nothing_written() {
     for (extra, want) in cases {
         let mut args = vec!["train", "--model", &m, "--out", out.to_str().unwrap()];
         args.extend_from_slice(&extra);
-        let (ok, err) = disendiff(&args);
+        let (ok, err) = common::disendiff(&args);
         assert!(!ok, "{extra:?} was accepted");
         assert!(err.contains(want), "{extra:?}: expected {want:?} in:\n{err}");
         assert!(!out.exists(), "{extra:?} wrote {}", out.display());
@@ -168,7 +149,7 @@ fn three_concepts_and_generated_class_images() {
     let m = model();
     let img = image();
     let out = tmp.path().join("out");
-    let (ok, err) = disendiff(&[
+    let (ok, err) = common::disendiff(&[
         "train", "--model", &m, "--image", &img, "--caption", "<new1> cat, <new2> dog and <new3> cow",
         "--out", out.to_str().unwrap(), "--resolution", "64", "--attn-resolution", "8",
         "--train-batch-size", "2", "--gradient-accumulation-steps", "1", "--max-train-steps", "1",

@@ -58,8 +58,19 @@ impl WeightStore {
             }
         }
         let st = unsafe { MmapedSafetensors::multi(files) }?;
-        Ok(Self {
-            files: files.to_vec(),
+        Ok(Self::with_parts(files.to_vec(), st, index, dtype, device, None))
+    }
+
+    fn with_parts(
+        files: Vec<PathBuf>,
+        st: MmapedSafetensors,
+        index: BTreeMap<String, (Vec<usize>, usize)>,
+        dtype: DType,
+        device: &Device,
+        random: Option<Mutex<rand::rngs::StdRng>>,
+    ) -> Self {
+        Self {
+            files,
             st,
             index,
             used: Mutex::new(BTreeSet::new()),
@@ -68,8 +79,8 @@ impl WeightStore {
             trainable: None,
             vars: Mutex::new(Vec::new()),
             frozen: Mutex::new(Vec::new()),
-            random: None,
-        })
+            random,
+        }
     }
 
     /// A store with no files that makes up every tensor it is asked for: 1-D `weight`s are
@@ -77,18 +88,9 @@ impl WeightStore {
     /// benchmarks and tests of shapes, never for real use.
     pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
         use rand::SeedableRng;
-        Self {
-            files: Vec::new(),
-            st: unsafe { MmapedSafetensors::multi::<PathBuf>(&[]) }.expect("empty store"),
-            index: BTreeMap::new(),
-            used: Mutex::new(BTreeSet::new()),
-            dtype,
-            device: device.clone(),
-            trainable: None,
-            vars: Mutex::new(Vec::new()),
-            frozen: Mutex::new(Vec::new()),
-            random: Some(Mutex::new(rand::rngs::StdRng::seed_from_u64(seed))),
-        }
+        let st = unsafe { MmapedSafetensors::multi::<PathBuf>(&[]) }.expect("empty store");
+        let rng = rand::rngs::StdRng::seed_from_u64(seed);
+        Self::with_parts(Vec::new(), st, BTreeMap::new(), dtype, device, Some(Mutex::new(rng)))
     }
 
     fn made_up(&self, name: &str, shape: &Shape) -> Result<Tensor> {

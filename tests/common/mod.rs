@@ -26,3 +26,30 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
     num / den.max(1e-30)
 }
+
+/// Runs the `disendiff` binary in the repository root; returns (success, stderr) and fails the
+/// test on a panic (bad input must give an error, never a panic).
+pub fn disendiff(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_disendiff"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .expect("run disendiff");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "disendiff panicked:\n{stderr}");
+    (out.status.success(), stderr)
+}
+
+/// Copies a folder tree (e.g. a fixture model that a test will damage).
+pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
