@@ -14,9 +14,9 @@ use super::NamedColor;
 use image::RgbImage;
 use serde::Serialize;
 
-/// Appearance similarity from which two objects count as the same look (the oracle's decision
-/// threshold between same and different unnamed appearances).
-pub const SAME_APPEARANCE: f32 = 0.6;
+/// Appearance similarity from which two objects count as the same look: the oracle's
+/// validated decision threshold.
+pub const SAME_APPEARANCE: f32 = super::oracle::SAME_APPEARANCE_THRESHOLD;
 
 /// The scores of one generated image.
 #[derive(Clone, Debug, Serialize)]

@@ -250,7 +250,12 @@ def stage_vae(a):
 
 def load_vae(a):
     from diffusers import AutoencoderKL
-    return AutoencoderKL.from_pretrained(os.path.join(a.work, "vae")).eval()
+    work_vae = os.path.join(a.work, "vae")
+    if a.init_from and not os.path.isdir(work_vae):
+        # continuing from a shipped model: reuse its VAE instead of training one
+        shutil.copytree(os.path.join(a.init_from, "vae"), work_vae)
+        log(f"vae: copied from {a.init_from}")
+    return AutoencoderKL.from_pretrained(work_vae).eval()
 
 
 @torch.no_grad()
@@ -339,6 +344,16 @@ def stage_unet(a):
             opt.load_state_dict(ck["opt"])
         done_before = ck["step"]
         log(f"unet: resuming after {done_before} steps")
+    elif a.init_from:
+        # continue training a shipped model (weights only; the text encoder was stored in float16)
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+        model.unet.load_state_dict(UNet2DConditionModel.from_pretrained(
+            os.path.join(a.init_from, "unet")).state_dict())
+        model.te.load_state_dict(CLIPTextModel.from_pretrained(
+            os.path.join(a.init_from, "text_encoder")).float().state_dict())
+        ema.load_state_dict(model.state_dict())
+        log(f"unet: initialised from {a.init_from}")
     ac = alphas_cumprod()
     snr = ac / (1 - ac)
     g = torch.Generator().manual_seed(a.seed + 1)
@@ -599,6 +614,9 @@ def main():
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--resume", action="store_true", help="unet stage: continue from work/unet_ckpt.pt")
+    p.add_argument("--init-from", default=None,
+                   help="a toy-model folder to continue from: its VAE replaces the vae stage, its UNet and "
+                        "text encoder initialise the unet stage (copy it away from --out first)")
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--min-snr", type=float, default=5.0)
     p.add_argument("--ema", type=float, default=0.998)

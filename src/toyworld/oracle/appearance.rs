@@ -87,11 +87,13 @@ fn two_means(points: &[[f32; 3]]) -> ([f32; 3], [f32; 3], Vec<bool>) {
 /// A compact, class- and size-independent description of an object's look.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AppearanceDescriptor {
-    /// The two tones in CIE Lab, the more frequent first (equal for a one-tone object):
-    /// per-channel medians of the two 2-means clusters of the core pixels.
+    /// The two tones in sRGB 0-255, the more frequent first (equal for a one-tone object):
+    /// the core pixels are split by 2-means (Lab) and each tone is the median of the purest
+    /// pixels of its side (the 15% most extreme along the axis between the two clusters), so a
+    /// blurred pattern, whose pixels mix the tones, still gives tones near the true ones.
     pub tones: [[f32; 3]; 2],
-    /// The same tones in sRGB 0-255.
-    pub tones_rgb: [[f32; 3]; 2],
+    /// The same tones in CIE Lab.
+    pub tones_lab: [[f32; 3]; 2],
     /// Fraction of core pixels nearer the second tone (0 for one tone).
     pub minor_fraction: f32,
     /// Coherence of the structure tensor of the tone map, 0-1: near 1 for stripes and a split,
@@ -113,36 +115,56 @@ pub fn appearance_descriptor(_img: &image::RgbImage, blob: &Blob) -> AppearanceD
 
 pub(super) fn descriptor_of(blob: &Blob) -> AppearanceDescriptor {
     let core = blob.core();
-    let lab: Vec<[f32; 3]> = core.iter().map(|&i| srgb_to_lab(blob.colors[i])).collect();
-    let rgb: Vec<[f32; 3]> = core.iter().map(|&i| blob.colors[i]).collect();
+    let deep = blob.deep_core();
+    let rgb: Vec<[f32; 3]> = deep.iter().map(|&i| blob.colors[i]).collect();
+    let lab: Vec<[f32; 3]> = rgb.iter().map(|&c| srgb_to_lab(c)).collect();
     let (ca, cb, labels) = two_means(&lab);
+    let n = labels.len().max(1);
     let nb = labels.iter().filter(|&&l| l).count();
-    let (major_is_b, n) = (nb * 2 > labels.len(), labels.len().max(1));
-    let pick = |want_b: bool, v: &[[f32; 3]]| -> Vec<[f32; 3]> {
-        v.iter().zip(&labels).filter(|(_, &l)| l == want_b).map(|(p, _)| *p).collect()
-    };
-    let (mut ta, mut tb) = (median3(&pick(major_is_b, &lab)), median3(&pick(!major_is_b, &lab)));
-    let (mut ra, mut rb) = (median3(&pick(major_is_b, &rgb)), median3(&pick(!major_is_b, &rgb)));
     let minor = nb.min(labels.len() - nb) as f32 / n as f32;
     let one_tone = d3(ca, cb) < ONE_TONE_DE || minor < 0.04;
-    if one_tone {
-        ta = median3(&lab);
-        tb = ta;
-        ra = median3(&rgb);
-        rb = ra;
-    }
-    let (class, _) = {
-        let fit = blob.shape_fit();
-        let b = fit.best();
-        (b.0, b.1)
+    let (ta, tb) = if one_tone {
+        let t = median3(&rgb);
+        (t, t)
+    } else {
+        // The purest pixels of each side: the extremes along the axis between the clusters
+        // (a blurred pattern mixes its tones; its extremes stay nearest the true ones).
+        let mean_of = |want: bool| {
+            let v: Vec<[f32; 3]> = rgb.iter().zip(&labels).filter(|(_, &l)| l == want).map(|(p, _)| *p).collect();
+            let k = v.len().max(1) as f32;
+            [0, 1, 2].map(|c| v.iter().map(|p| p[c]).sum::<f32>() / k)
+        };
+        let (ma, mb) = (mean_of(false), mean_of(true));
+        let mut ts: Vec<(f32, [f32; 3])> = rgb.iter().map(|&p| (project(p, ma, mb).0, p)).collect();
+        ts.sort_by(|x, y| x.0.total_cmp(&y.0));
+        let fa = (n - nb) as f32 / n as f32;
+        let fb = nb as f32 / n as f32;
+        let ka = ((fa * 0.5).min(0.15) * n as f32).ceil().max(1.0) as usize;
+        let kb = ((fb * 0.5).min(0.15) * n as f32).ceil().max(1.0) as usize;
+        let lo: Vec<[f32; 3]> = ts[..ka.min(ts.len())].iter().map(|x| x.1).collect();
+        let hi: Vec<[f32; 3]> = ts[ts.len().saturating_sub(kb)..].iter().map(|x| x.1).collect();
+        let (a, b) = (median3(&lo), median3(&hi));
+        if nb * 2 > labels.len() {
+            (b, a)
+        } else {
+            (a, b)
+        }
     };
+    let class = blob.shape_fit().best().0;
     let radius = (blob.area() as f32 / class_geometry(class).0).sqrt();
     let (minor_fraction, coherence, edge_density) = if one_tone {
         (0.0, 0.0, 0.0)
     } else {
-        pattern_signature(blob, &core, &lab, ta, tb, radius)
+        let values: Vec<[f32; 3]> = core.iter().map(|&i| blob.colors[i]).collect();
+        pattern_signature(blob, &core, &values, ta, tb, radius)
     };
-    AppearanceDescriptor { tones: [ta, tb], tones_rgb: [ra, rb], minor_fraction, coherence, edge_density }
+    AppearanceDescriptor {
+        tones: [ta, tb],
+        tones_lab: [srgb_to_lab(ta), srgb_to_lab(tb)],
+        minor_fraction,
+        coherence,
+        edge_density,
+    }
 }
 
 /// Pattern statistics of the tone map t (projection of each core pixel on tone a -> tone b):
@@ -204,19 +226,40 @@ fn pattern_signature(
     (frac.min(1.0 - frac), coherence, density)
 }
 
-/// Similarity of two appearances in [0, 1]: 1 for identical looks. The product of a colour
-/// term, `exp(-(ΔE / 22)^2 / 2)` with ΔE the mean Lab distance of the tones under the better
-/// pairing, and a gentler pattern term on (minor fraction, coherence, edge density).
+/// Distance from `x` to the line through `a` and `b` (to `a` when they nearly coincide).
+fn line_distance(x: [f32; 3], a: [f32; 3], b: [f32; 3]) -> f32 {
+    let ab = [b[0] - a[0], b[1] - a[1], b[2] - a[2]];
+    let len2 = ab[0] * ab[0] + ab[1] * ab[1] + ab[2] * ab[2];
+    if len2 < 400.0 {
+        return d3(x, [0.5 * (a[0] + b[0]), 0.5 * (a[1] + b[1]), 0.5 * (a[2] + b[2])]);
+    }
+    let t = ((x[0] - a[0]) * ab[0] + (x[1] - a[1]) * ab[1] + (x[2] - a[2]) * ab[2]) / len2;
+    d3(x, [a[0] + t * ab[0], a[1] + t * ab[1], a[2] + t * ab[2]])
+}
+
+/// Colour distance between two appearances (RGB units): how far each one's tones lie from the
+/// line through the other's (mixing two tones, as blur and washed-out generations do, moves
+/// colours along that line), plus 35% of the remaining distance between the matched tones.
+pub fn tone_distance(a: &AppearanceDescriptor, b: &AppearanceDescriptor) -> f32 {
+    let [a1, a2] = a.tones;
+    let [b1, b2] = b.tones;
+    let straight = 0.5 * (d3(a1, b1) + d3(a2, b2));
+    let crossed = 0.5 * (d3(a1, b2) + d3(a2, b1));
+    let ends = straight.min(crossed);
+    let line = 0.25 * (line_distance(a1, b1, b2) + line_distance(a2, b1, b2) + line_distance(b1, a1, a2) + line_distance(b2, a1, a2));
+    line + 0.35 * (ends - line).max(0.0)
+}
+
+/// Similarity of two appearances in [0, 1], 1 for identical looks, symmetric: a colour term
+/// `exp(-(d / 30)^2 / 2)` with `d` the [`tone_distance`], times `0.75 + 0.25 * pattern`, where
+/// the pattern term compares minor fraction, coherence and edge density.
 pub fn appearance_similarity(a: &AppearanceDescriptor, b: &AppearanceDescriptor) -> f32 {
-    let straight = 0.5 * (d3(a.tones[0], b.tones[0]) + d3(a.tones[1], b.tones[1]));
-    let crossed = 0.5 * (d3(a.tones[0], b.tones[1]) + d3(a.tones[1], b.tones[0]));
-    let de = straight.min(crossed);
-    let color = (-0.5 * (de / 22.0).powi(2)).exp();
+    let color = (-0.5 * (tone_distance(a, b) / 30.0).powi(2)).exp();
     let dp = ((a.minor_fraction - b.minor_fraction) / 0.15).powi(2)
-        + ((a.coherence - b.coherence) / 0.35).powi(2)
-        + ((a.edge_density - b.edge_density) / 1.0).powi(2);
+        + ((a.coherence - b.coherence) / 0.5).powi(2)
+        + ((a.edge_density - b.edge_density) / 1.5).powi(2);
     let pattern = (-0.5 * dp).exp();
-    color * (0.6 + 0.4 * pattern)
+    color * (0.75 + 0.25 * pattern)
 }
 
 /// The named object colour of a blob and a confidence (softmax over the colours' costs):

@@ -93,9 +93,22 @@ impl Blob {
         g
     }
 
+    /// Indices of the pixels at least 2.5 px inside (free of blur's mixing with the
+    /// background), or [`Blob::core`] when fewer than 30.
+    pub fn deep_core(&self) -> Vec<usize> {
+        let deep: Vec<usize> = (0..self.pixels.len()).filter(|&i| self.depth[i] > 2.5).collect();
+        if deep.len() >= 30 {
+            deep
+        } else {
+            self.core()
+        }
+    }
+
     /// Shape fit against every class.
     pub fn shape_fit(&self) -> ShapeFit {
-        fit_set(self.width as usize, self.height as usize, &self.pixels)
+        let blur: f32 = std::env::var("ORACLE_BLUR").ok().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let (w, h) = (self.width as usize, self.height as usize);
+        super::shape::fit_pixels_blurred(&self.mask(), w, h, &self.pixels, blur)
     }
 
     /// Indices (into `pixels`) of the blob's core: pixels off its anti-aliased edge
@@ -113,8 +126,8 @@ impl Blob {
 /// Segmentation settings; [`Default`] is what [`segment`] uses.
 #[derive(Clone, Debug)]
 pub struct SegmentOptions {
-    /// RGB distance from the background above which a pixel is foreground; `None`: adaptive,
-    /// `max(40, 2 * the 90th percentile of the border pixels' distance)`, at most 70.
+    /// RGB distance from the background model above which a pixel is foreground; `None`:
+    /// adaptive, [`foreground_threshold`].
     pub threshold: Option<f32>,
     /// Smallest blob kept, as a fraction of the image area (default 0.004: 16 px at 64x64).
     pub min_area_fraction: f32,
@@ -171,9 +184,154 @@ fn dist3(a: [f32; 3], b: [f32; 3]) -> f32 {
     ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
 }
 
-/// The adaptive foreground threshold (see [`SegmentOptions::threshold`]).
-pub fn foreground_threshold(img: &RgbImage, bg: [f32; 3]) -> f32 {
-    let mut d: Vec<f32> = border_pixels(img).iter().map(|p| dist3(p.map(|c| c as f32), bg)).collect();
+/// The background as one plane per channel, `a + b u + c v` (u, v in [-0.5, 0.5] across the
+/// image), fitted by least squares to the border band with outliers (objects touching the
+/// border) dropped twice; absorbs gradients and slow drifts of generated backgrounds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackgroundModel {
+    /// Per channel `[a, b, c]`.
+    pub coef: [[f32; 3]; 3],
+    /// Noise estimate (per-channel sigma, 0-255 units) from the inliers' residuals.
+    pub noise: f32,
+    width: usize,
+    height: usize,
+}
+
+impl BackgroundModel {
+    pub fn fit(img: &RgbImage) -> Self {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let b = (BORDER as usize).min(w / 2).min(h / 2).max(1);
+        let mut pts: Vec<(f32, f32, [f32; 3])> = Vec::new();
+        for y in 0..h {
+            for x in 0..w {
+                if x < b || y < b || x >= w - b || y >= h - b {
+                    let (u, v) = (Self::uv(x, w), Self::uv(y, h));
+                    pts.push((u, v, img.get_pixel(x as u32, y as u32).0.map(|c| c as f32)));
+                }
+            }
+        }
+        let med = estimate_background(img);
+        let mut model = BackgroundModel { coef: med.map(|m| [m, 0.0, 0.0]), noise: 0.0, width: w, height: h };
+        let mut keep: Vec<bool> = vec![true; pts.len()];
+        for round in 0..3 {
+            if round > 0 {
+                let r: Vec<f32> = pts.iter().map(|&(u, v, c)| dist3(c, model.eval(u, v))).collect();
+                let mut sorted: Vec<f32> = r.iter().copied().filter(|v| v.is_finite()).collect();
+                let m = median(&mut sorted);
+                let cut = (3.0 * m).max(15.0);
+                keep = r.iter().map(|&d| d <= cut).collect();
+            }
+            if let Some(coef) = plane_fit(&pts, &keep) {
+                model.coef = coef;
+            }
+        }
+        let mut r: Vec<f32> =
+            pts.iter().zip(&keep).filter(|(_, &k)| k).map(|(&(u, v, c), _)| dist3(c, model.eval(u, v))).collect();
+        // The median of |N(0, s^2 I_3)| is about 1.54 s.
+        model.noise = median(&mut r) / 1.54;
+        model
+    }
+
+    fn uv(i: usize, n: usize) -> f32 {
+        (i as f32 + 0.5) / n as f32 - 0.5
+    }
+
+    fn eval(&self, u: f32, v: f32) -> [f32; 3] {
+        self.coef.map(|[a, b, c]| a + b * u + c * v)
+    }
+
+    /// The background colour at pixel (x, y).
+    pub fn at(&self, x: usize, y: usize) -> [f32; 3] {
+        self.eval(Self::uv(x, self.width), Self::uv(y, self.height))
+    }
+}
+
+/// Least squares `a + b u + c v` per channel over the kept points; `None` if degenerate.
+fn plane_fit(pts: &[(f32, f32, [f32; 3])], keep: &[bool]) -> Option<[[f32; 3]; 3]> {
+    let mut m = [[0f64; 3]; 3];
+    let mut rhs = [[0f64; 3]; 3];
+    for (&(u, v, c), _) in pts.iter().zip(keep).filter(|(_, &k)| k) {
+        let f = [1.0, u as f64, v as f64];
+        for i in 0..3 {
+            for j in 0..3 {
+                m[i][j] += f[i] * f[j];
+            }
+            for ch in 0..3 {
+                rhs[ch][i] += f[i] * c[ch] as f64;
+            }
+        }
+    }
+    let det = |a: &[[f64; 3]; 3]| {
+        a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+    };
+    let d = det(&m);
+    if d.abs() < 1e-9 {
+        return None;
+    }
+    let mut out = [[0f32; 3]; 3];
+    for ch in 0..3 {
+        for k in 0..3 {
+            let mut a = m;
+            for i in 0..3 {
+                a[i][k] = rhs[ch][i];
+            }
+            out[ch][k] = (det(&a) / d) as f32;
+        }
+    }
+    Some(out)
+}
+
+/// The colours segmentation works on: the image itself, or its 3x3 mean when the background
+/// is noisy (noise sigma above 4), which divides the noise by 3 for the foreground decision.
+fn working_colors(img: &RgbImage, noise: f32) -> Vec<[f32; 3]> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let raw = img.as_raw();
+    let px = |p: usize| [raw[3 * p] as f32, raw[3 * p + 1] as f32, raw[3 * p + 2] as f32];
+    if noise <= 4.0 {
+        return (0..w * h).map(px).collect();
+    }
+    (0..w * h)
+        .map(|p| {
+            let (x, y) = ((p % w) as i64, (p / w) as i64);
+            let mut s = [0f32; 3];
+            let mut n = 0f32;
+            for dy in -1..=1 {
+                for dx in -1..=1 {
+                    let (xx, yy) = (x + dx, y + dy);
+                    if xx >= 0 && yy >= 0 && xx < w as i64 && yy < h as i64 {
+                        let c = px(yy as usize * w + xx as usize);
+                        for i in 0..3 {
+                            s[i] += c[i];
+                        }
+                        n += 1.0;
+                    }
+                }
+            }
+            s.map(|v| v / n)
+        })
+        .collect()
+}
+
+/// The adaptive foreground threshold (see [`SegmentOptions::threshold`]): twice the 90th
+/// percentile of the border pixels' distance to the [`BackgroundModel`] (on the 3x3 mean when
+/// the image is noisy), within [40, 70].
+pub fn foreground_threshold(img: &RgbImage) -> f32 {
+    let model = BackgroundModel::fit(img);
+    threshold_for(img, &model, &working_colors(img, model.noise))
+}
+
+fn threshold_for(img: &RgbImage, model: &BackgroundModel, colors: &[[f32; 3]]) -> f32 {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let b = (BORDER as usize).min(w / 2).min(h / 2).max(1);
+    let mut d: Vec<f32> = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            if x < b || y < b || x >= w - b || y >= h - b {
+                d.push(dist3(colors[y * w + x], model.at(x, y)));
+            }
+        }
+    }
     d.sort_by(|a, b| a.total_cmp(b));
     let q90 = d[(d.len() * 9 / 10).min(d.len() - 1)];
     (2.0 * q90).clamp(40.0, 70.0)
@@ -286,6 +444,111 @@ pub(super) fn components(mask: &[bool], w: usize, h: usize) -> Vec<Vec<usize>> {
         }
         comp.sort_unstable();
         out.push(comp);
+    }
+    out
+}
+
+/// Cuts rings out of a part: a round hole (the only class with one) of radius `r_h` gives a
+/// ring centred on it with outer radius `r_h / 0.52`; when the part's pixels beyond that radius
+/// (plus 1.5 px) form a piece of at least `min_area` and a quarter of the ring, they are
+/// another object touching the ring. Repeats for every round hole.
+fn split_rings(part: &[usize], w: usize, h: usize, min_area: usize) -> Vec<Vec<usize>> {
+    let mut inside = vec![false; w * h];
+    for &p in part {
+        inside[p] = true;
+    }
+    let mut holes: Vec<Vec<usize>> = enclosed_regions(&inside, w, h).into_iter().filter(|r| r.len() >= 12).collect();
+    holes.sort_by_key(|r| std::cmp::Reverse(r.len()));
+    let mut rest: Vec<usize> = part.to_vec();
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for hole in holes {
+        let n = hole.len() as f32;
+        let (mut cx, mut cy) = (0f32, 0f32);
+        for &p in &hole {
+            cx += (p % w) as f32 + 0.5;
+            cy += (p / w) as f32 + 0.5;
+        }
+        cx /= n;
+        cy /= n;
+        let rh = (n / std::f32::consts::PI).sqrt();
+        let far = hole
+            .iter()
+            .map(|&p| (((p % w) as f32 + 0.5 - cx).powi(2) + ((p / w) as f32 + 0.5 - cy).powi(2)).sqrt())
+            .fold(0f32, f32::max);
+        if far > 1.6 * rh + 1.0 {
+            continue; // not round: background enclosed between objects
+        }
+        let r = rh / 0.52 + 1.5;
+        let dist = |p: usize| (((p % w) as f32 + 0.5 - cx).powi(2) + ((p / w) as f32 + 0.5 - cy).powi(2)).sqrt();
+        let (ring, beyond): (Vec<usize>, Vec<usize>) = rest.iter().partition(|&&p| dist(p) <= r);
+        let mut mask = vec![false; w * h];
+        for &p in &beyond {
+            mask[p] = true;
+        }
+        let pieces = components(&mask, w, h);
+        let big: Vec<&Vec<usize>> =
+            pieces.iter().filter(|c| c.len() >= min_area && c.len() * 4 >= ring.len()).collect();
+        if big.is_empty() {
+            continue;
+        }
+        // Small pieces beyond the radius stay with the ring.
+        let mut ring = ring;
+        let mut others: Vec<usize> = Vec::new();
+        for c in &pieces {
+            if big.iter().any(|b| std::ptr::eq(*b, c)) {
+                others.extend(c);
+            } else {
+                ring.extend(c);
+            }
+        }
+        ring.sort_unstable();
+        others.sort_unstable();
+        out.push(ring);
+        rest = others;
+    }
+    if !rest.is_empty() {
+        let mut mask = vec![false; w * h];
+        for &p in &rest {
+            mask[p] = true;
+        }
+        if out.is_empty() {
+            out.push(rest);
+        } else {
+            out.extend(components(&mask, w, h));
+        }
+    }
+    out
+}
+
+/// The background regions (4-connected) enclosed by `inside`: not touching the image border.
+fn enclosed_regions(inside: &[bool], w: usize, h: usize) -> Vec<Vec<usize>> {
+    let mut seen = vec![false; w * h];
+    let mut out = Vec::new();
+    for start in 0..w * h {
+        if inside[start] || seen[start] {
+            continue;
+        }
+        let mut region = Vec::new();
+        let mut touches_border = false;
+        let mut stack = vec![start];
+        seen[start] = true;
+        while let Some(p) = stack.pop() {
+            region.push(p);
+            let (x, y) = (p % w, p / w);
+            if x == 0 || y == 0 || x == w - 1 || y == h - 1 {
+                touches_border = true;
+            }
+            let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
+            for q in nbrs.into_iter().flatten() {
+                if !inside[q] && !seen[q] {
+                    seen[q] = true;
+                    stack.push(q);
+                }
+            }
+        }
+        if !touches_border {
+            out.push(region);
+        }
     }
     out
 }
@@ -568,6 +831,11 @@ fn tone_centres(points: &[[f32; 3]]) -> Vec<[f32; 3]> {
     centres
 }
 
+/// Tone groups touching along at least this share of the smaller one's perimeter are one
+/// object; from MERGE_RATIO_LOW up, only when their union fits a shape as well as they do apart.
+const MERGE_RATIO_HIGH: f32 = 0.5;
+const MERGE_RATIO_LOW: f32 = 0.2;
+
 /// Splits a component by colour: its core pixels (off the anti-aliased edge) are clustered
 /// into tones; tones that touch along a large share of the smaller one's perimeter (at least
 /// 20%: the two tones of one patterned object) form one group; each group's connected pieces
@@ -595,10 +863,47 @@ fn split_by_colour(comp: &[usize], lab: &[[f32; 3]], w: usize, h: usize, min_are
         tone[p] = (0..centres.len()).min_by(|&a, &b| d(lab[p], centres[a]).total_cmp(&d(lab[p], centres[b]))).unwrap();
     }
     let k = centres.len();
+    // Thin clusters (most of their pixels next to another cluster: mixtures along contact lines,
+    // blurred edges, intermediate shades of a blurred pattern) take the tone of the nearest
+    // solid cluster, so they neither bridge two objects nor separate one object's tones.
+    let mut count = vec![0usize; k];
+    let mut rim = vec![0usize; k];
+    for &p in &core {
+        let (x, y) = (p % w, p / w);
+        let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
+        count[tone[p]] += 1;
+        if nbrs.iter().flatten().any(|&q| tone[q] != NONE && tone[q] != tone[p]) {
+            rim[tone[p]] += 1;
+        }
+    }
+    let thin: Vec<bool> = (0..k).map(|i| rim[i] as f32 > 0.75 * count[i] as f32).collect();
+    if thin.iter().any(|&t| !t) && thin.iter().any(|&t| t) {
+        let mut queue = std::collections::VecDeque::new();
+        let mut pending = vec![false; w * h];
+        for &p in &core {
+            if thin[tone[p]] {
+                pending[p] = true;
+            } else {
+                queue.push_back(p);
+            }
+        }
+        while let Some(p) = queue.pop_front() {
+            let (x, y) = (p % w, p / w);
+            let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
+            for q in nbrs.into_iter().flatten() {
+                if pending[q] {
+                    pending[q] = false;
+                    tone[q] = tone[p];
+                    queue.push_back(q);
+                }
+            }
+        }
+    }
     // Agglomerative: repeatedly merge the two tone groups that touch along the largest share of
     // the smaller one's perimeter, while that share is at least 20% (noise splitting one tone
     // into interleaved clusters is merged first, then the tones of one pattern).
     let mut group: Vec<usize> = (0..k).collect();
+    let mut rejected: Vec<(usize, usize)> = Vec::new();
     loop {
         let mut contact = vec![vec![0usize; k]; k];
         let mut perimeter = vec![0usize; k];
@@ -616,25 +921,44 @@ fn split_by_colour(comp: &[usize], lab: &[[f32; 3]], w: usize, h: usize, min_are
                 }
             }
         }
-        let mut best: Option<(usize, usize, f32)> = None;
+        let mut cands: Vec<(usize, usize, f32)> = Vec::new();
         for i in 0..k {
             for j in i + 1..k {
                 let c = contact[i][j];
-                if c == 0 {
+                if c == 0 || rejected.contains(&(i, j)) {
                     continue;
                 }
                 let ratio = c as f32 / perimeter[i].min(perimeter[j]).max(1) as f32;
-                if ratio >= 0.2 && best.is_none_or(|b| ratio > b.2) {
-                    best = Some((i, j, ratio));
+                if ratio >= MERGE_RATIO_LOW {
+                    cands.push((i, j, ratio));
                 }
             }
         }
-        let Some((i, j, _)) = best else { break };
+        cands.sort_by(|x, y| y.2.total_cmp(&x.2));
+        let mut merged = None;
+        for (i, j, ratio) in cands {
+            // Interleaved tones are one object; a shorter contact needs the shape evidence:
+            // the union must fit a shape about as well as the two groups apart.
+            let ok = ratio >= MERGE_RATIO_HIGH || {
+                let gi: Vec<usize> = core.iter().copied().filter(|&p| group[tone[p]] == i).collect();
+                let gj: Vec<usize> = core.iter().copied().filter(|&p| group[tone[p]] == j).collect();
+                let mut union: Vec<usize> = gi.iter().chain(gj.iter()).copied().collect();
+                union.sort_unstable();
+                fit_set(w, h, &union).best().1 + 0.02 >= parts_fit(w, h, &[&gi, &gj])
+            };
+            if ok {
+                merged = Some((i, j));
+                break;
+            }
+            rejected.push((i, j));
+        }
+        let Some((i, j)) = merged else { break };
         for g in group.iter_mut() {
             if *g == j {
                 *g = i;
             }
         }
+        rejected.retain(|&(x, y)| x != i && y != i && x != j && y != j);
     }
     let groups = group;
     if groups.iter().all(|&g| g == groups[0]) {
@@ -736,14 +1060,14 @@ pub fn segment(img: &RgbImage) -> Vec<Blob> {
 /// of their centroids (top to bottom, then left to right, by rows of 8 px).
 pub fn segment_with(img: &RgbImage, opts: &SegmentOptions) -> Vec<Blob> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let bg = estimate_background(img);
-    let t = opts.threshold.unwrap_or_else(|| foreground_threshold(img, bg));
+    let model = BackgroundModel::fit(img);
+    let colors = working_colors(img, model.noise);
+    let bg: Vec<[f32; 3]> = (0..w * h).map(|p| model.at(p % w, p / w)).collect();
+    let t = opts.threshold.unwrap_or_else(|| threshold_for(img, &model, &colors));
     let raw = img.as_raw();
-    let fg: Vec<bool> = (0..w * h)
-        .map(|p| dist3([raw[3 * p] as f32, raw[3 * p + 1] as f32, raw[3 * p + 2] as f32], bg) > t)
-        .collect();
+    let fg: Vec<bool> = (0..w * h).map(|p| dist3(colors[p], bg[p]) > t).collect();
     let lab: Vec<[f32; 3]> = (0..w * h)
-        .map(|p| if fg[p] { srgb_to_lab([raw[3 * p] as f32, raw[3 * p + 1] as f32, raw[3 * p + 2] as f32]) } else { [0.0; 3] })
+        .map(|p| srgb_to_lab([raw[3 * p] as f32, raw[3 * p + 1] as f32, raw[3 * p + 2] as f32]))
         .collect();
     let min_area = ((opts.min_area_fraction * (w * h) as f32).round() as usize).max(1);
     let mut parts: Vec<Vec<usize>> = Vec::new();
@@ -751,13 +1075,17 @@ pub fn segment_with(img: &RgbImage, opts: &SegmentOptions) -> Vec<Blob> {
         if comp.len() < min_area / 2 {
             continue;
         }
-        let filled = fill_small_holes(&comp, w, h, (comp.len() / 25).max(4));
+        // Noise pinholes only: larger holes are a ring's, or background enclosed by objects.
+        let filled = fill_small_holes(&comp, w, h, 7);
+        let sharp = refine_edges(&filled, &colors, &bg, w, h);
         if opts.split {
-            for piece in split_by_colour(&filled, &lab, w, h, min_area) {
-                parts.extend(split_geometric(&piece, w, h, min_area));
+            for piece in split_by_colour(&sharp, &lab, w, h, min_area) {
+                for piece in split_rings(&piece, w, h, min_area) {
+                    parts.extend(split_geometric(&piece, w, h, min_area));
+                }
             }
         } else {
-            parts.push(filled);
+            parts.push(sharp);
         }
     }
     if opts.merge {
@@ -771,6 +1099,67 @@ pub fn segment_with(img: &RgbImage, opts: &SegmentOptions) -> Vec<Blob> {
         ka.partial_cmp(&kb).unwrap()
     });
     blobs
+}
+
+/// Sharpens a part's edge: a pixel within 2.5 px of the edge whose colour is a mixture of the
+/// background and `o`, the colour of the nearest pixel deeper inside, stays only if it is at
+/// least half object, `alpha = (p - bg).(o - bg) / |o - bg|^2 >= 0.5` (the coverage rule of
+/// the renderer's masks); pixels far from that mixing line (another tone of a patterned
+/// object) stay. Undoes the growth of a blurred high-contrast object thresholded at a low
+/// distance.
+fn refine_edges(part: &[usize], colors: &[[f32; 3]], bg: &[[f32; 3]], w: usize, h: usize) -> Vec<usize> {
+    let mut inside = vec![false; w * h];
+    for &p in part {
+        inside[p] = true;
+    }
+    let depth = edt(&inside, w, h);
+    const NONE: usize = usize::MAX;
+    let mut source = vec![NONE; w * h];
+    let mut queue = std::collections::VecDeque::new();
+    for &p in part {
+        if depth[p] >= 2.5 {
+            source[p] = p;
+            queue.push_back(p);
+        }
+    }
+    if queue.len() < 8 {
+        return part.to_vec();
+    }
+    while let Some(p) = queue.pop_front() {
+        let (x, y) = (p % w, p / w);
+        let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
+        for q in nbrs.into_iter().flatten() {
+            if inside[q] && source[q] == NONE {
+                source[q] = source[p];
+                queue.push_back(q);
+            }
+        }
+    }
+    let col = |p: usize| [colors[p][0] - bg[p][0], colors[p][1] - bg[p][1], colors[p][2] - bg[p][2]];
+    let kept: Vec<usize> = part
+        .iter()
+        .copied()
+        .filter(|&p| {
+            if depth[p] >= 2.5 || source[p] == NONE {
+                return true;
+            }
+            let (v, o) = (col(p), col(source[p]));
+            let oo = o[0] * o[0] + o[1] * o[1] + o[2] * o[2];
+            if oo < 1.0 {
+                return true;
+            }
+            let t = (v[0] * o[0] + v[1] * o[1] + v[2] * o[2]) / oo;
+            // Far from the background-to-o line: another tone of the object, not a mixture.
+            let perp = [v[0] - t * o[0], v[1] - t * o[1], v[2] - t * o[2]];
+            let perp2 = perp[0] * perp[0] + perp[1] * perp[1] + perp[2] * perp[2];
+            t >= 0.5 || perp2 > 0.35f32.powi(2) * oo
+        })
+        .collect();
+    if kept.len() * 2 < part.len() {
+        part.to_vec()
+    } else {
+        kept
+    }
 }
 
 /// Smallest distance (px) between two pixel sets.

@@ -188,10 +188,59 @@ impl ShapeFit {
 
 /// Fits all classes to the silhouette given by `pixels` (indices into a `w` x `h` mask).
 pub(super) fn fit_pixels(mask: &[bool], w: usize, h: usize, pixels: &[usize]) -> ShapeFit {
+    fit_pixels_blurred(mask, w, h, pixels, 0.0)
+}
+
+/// Gaussian blur (sigma in cells, separable, zero outside) of a grid.
+fn blur_grid(cells: &[f32], sigma: f32) -> Vec<f32> {
+    let r = (3.0 * sigma).ceil() as i64;
+    let k: Vec<f32> = (-r..=r).map(|i| (-0.5 * (i as f32 / sigma).powi(2)).exp()).collect();
+    let norm: f32 = k.iter().sum();
+    let k: Vec<f32> = k.iter().map(|v| v / norm).collect();
+    let g = GRID as i64;
+    let mut tmp = vec![0f32; GRID * GRID];
+    for y in 0..g {
+        for x in 0..g {
+            let mut s = 0.0;
+            for (j, kv) in k.iter().enumerate() {
+                let xx = x + j as i64 - r;
+                if (0..g).contains(&xx) {
+                    s += kv * cells[(y * g + xx) as usize];
+                }
+            }
+            tmp[(y * g + x) as usize] = s;
+        }
+    }
+    let mut out = vec![0f32; GRID * GRID];
+    for y in 0..g {
+        for x in 0..g {
+            let mut s = 0.0;
+            for (j, kv) in k.iter().enumerate() {
+                let yy = y + j as i64 - r;
+                if (0..g).contains(&yy) {
+                    s += kv * tmp[(yy * g + x) as usize];
+                }
+            }
+            out[(y * g + x) as usize] = s;
+        }
+    }
+    out
+}
+
+/// As [`fit_pixels`] for an image blurred by a Gaussian of `blur_px` pixels: each template is
+/// blurred by the same amount (in grid units) and cut at half coverage, as the silhouette was.
+pub(super) fn fit_pixels_blurred(mask: &[bool], w: usize, h: usize, pixels: &[usize], blur_px: f32) -> ShapeFit {
     let cells = normalise(mask, w, h, pixels);
+    let step = 2.0 * HALF / GRID as f32;
+    let sigma_cells = blur_px / (pixels.len().max(1) as f32).sqrt() / step;
     let mut scores: Vec<(Class, f32, f32)> = Class::ALL.iter().map(|&c| (c, -1.0, 0.0)).collect();
     for t in templates() {
-        let iou = soft_iou(&cells, &t.cells);
+        let iou = if sigma_cells > 0.3 {
+            let b: Vec<f32> = blur_grid(&t.cells, sigma_cells).iter().map(|&v| ((v - 0.5) * 4.0 + 0.5).clamp(0.0, 1.0)).collect();
+            soft_iou(&cells, &b)
+        } else {
+            soft_iou(&cells, &t.cells)
+        };
         let k = Class::ALL.iter().position(|&c| c == t.class).unwrap();
         if iou > scores[k].1 {
             scores[k] = (t.class, iou, t.rotation);
