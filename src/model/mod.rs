@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod nn;
+pub mod kernels;
 pub mod ops;
 pub mod sd;
 pub mod tokenizer;

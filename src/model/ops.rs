@@ -84,6 +84,24 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// `softmax(scale * x)` over the last dimension, differentiable; the fused f32 CPU kernel of
+/// [`super::kernels`] where it applies.
+pub fn softmax_last_dim_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && x.device().is_cpu() {
+        return x.contiguous()?.apply_op1(super::kernels::ScaledSoftmax { scale: scale as f32 });
+    }
+    softmax_last_dim(&(x * scale)?)
+}
+
+/// `x * sigmoid(x)`, differentiable; the fused f32 CPU kernel of [`super::kernels`] where it
+/// applies.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && x.device().is_cpu() {
+        return x.contiguous()?.apply_op1(super::kernels::Silu);
+    }
+    x.silu()
+}
+
 /// Normalises the last dimension to zero mean and unit variance (no affine), differentiable.
 pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
@@ -150,7 +168,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// otherwise.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
     let plain = |x: &Tensor| -> Result<Tensor> {
-        let y = x.conv2d(w, padding, stride, 1, 1)?;
+        let y = conv_untracked(x, w, padding, stride)?;
         match b {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
@@ -172,7 +190,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride
                 let rev: Vec<u32> = (0..k as u32).rev().collect();
                 let rev = Tensor::new(rev, w.device())?;
                 let wf = w.index_select(&rev, 2)?.index_select(&rev, 3)?.transpose(0, 1)?.contiguous()?;
-                g.conv2d(&wf, k - 1 - padding, 1, 1, 1)
+                conv_untracked(g, &wf, k - 1 - padding, 1)
             } else {
                 let (gh, gw) = (g.dim(2)?, g.dim(3)?);
                 let op_h = h as isize - (((gh - 1) * stride + k) as isize - 2 * padding as isize);
@@ -184,6 +202,17 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride
             }
         }),
     )
+}
+
+/// `x.conv2d(w)` through the im2col kernel of [`super::kernels`] when neither operand is in
+/// the autograd graph (f32, CPU, square kernel), candle's convolution otherwise.
+fn conv_untracked(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let square = w.rank() == 4 && w.dim(2)? == w.dim(3)? && w.dim(2)? > 1;
+    if !x.track_op() && !w.track_op() && square && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu()
+    {
+        return super::kernels::conv2d(x, w, padding, stride);
+    }
+    x.conv2d(w, padding, stride, 1, 1)
 }
 
 /// `xn * w + b` with w, b broadcast from `shape` (a norm's affine part). With frozen w and b
@@ -292,6 +321,49 @@ mod tests {
         let b = softmax_last_dim(v.as_tensor())?;
         let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-7);
+        Ok(())
+    }
+
+    /// The fused f32 kernels (kernels.rs) against the same functions in f64 through candle's
+    /// plain ops: values and input gradients, on shapes that exercise the 8-lane main loop,
+    /// its tail and the multi-threaded split.
+    #[test]
+    fn fused_f32_kernels_match_f64_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        type Op = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
+        let cases: Vec<(&str, Op, Op)> = vec![
+            (
+                "scaled softmax",
+                Box::new(|x| softmax_last_dim_scaled(x, 0.37)),
+                Box::new(|x| {
+                    let z = (x * 0.37)?;
+                    let e = z.broadcast_sub(&z.max_keepdim(D::Minus1)?)?.exp()?;
+                    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+                }),
+            ),
+            ("silu", Box::new(silu), Box::new(|x| x * candle_nn::ops::sigmoid(x)?)),
+        ];
+        for (name, fused, reference) in cases {
+            for shape in [vec![3usize, 5], vec![2, 77], vec![64, 8, 256, 77], vec![1, 1]] {
+                let x64 = (Tensor::randn(0f64, 1.0, shape.as_slice(), &dev)? * 6.0)?;
+                let r64 = Tensor::randn(0f64, 1.0, shape.as_slice(), &dev)?;
+                let xv = Var::from_tensor(&x64.to_dtype(DType::F32)?)?;
+                let y = fused(xv.as_tensor())?;
+                let g = (&y * r64.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+                let g = g.get(xv.as_tensor()).expect("no gradient").to_dtype(DType::F64)?;
+                let x64v = Var::from_tensor(&x64)?;
+                let y_ref = reference(x64v.as_tensor())?;
+                let g_ref = (&y_ref * &r64)?.sum_all()?.backward()?;
+                let g_ref = g_ref.get(x64v.as_tensor()).unwrap().clone();
+                let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                    Ok((a - b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?
+                        / b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?.max(1e-30))
+                };
+                let ey = rel(&y.to_dtype(DType::F64)?, &y_ref)?;
+                let eg = rel(&g, &g_ref)?;
+                assert!(ey < 1e-6 && eg < 1e-5, "{name} {shape:?}: value rel err {ey}, gradient {eg}");
+            }
+        }
         Ok(())
     }
 }

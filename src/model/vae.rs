@@ -6,7 +6,7 @@
 //! `decode` takes unscaled latents back to an image in about [-1, 1].
 
 use super::nn::{Conv2d, GroupNorm, Linear};
-use super::ops::softmax_last_dim;
+use super::ops::{self, softmax_last_dim};
 use super::weights::Vb;
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Module, Result, Tensor};
@@ -165,8 +165,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv2.forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
         match &self.conv_shortcut {
             Some(c) => c.forward(x)? + h,
             None => x + h,
@@ -305,7 +305,7 @@ impl Encoder {
             }
         }
         let h = self.mid_block.forward(&h)?;
-        self.conv_out.forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&ops::silu(&self.conv_norm_out.forward(&h)?)?)
     }
 }
 
@@ -362,7 +362,7 @@ impl Decoder {
                 h = conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&ops::silu(&self.conv_norm_out.forward(&h)?)?)
     }
 }
 

@@ -137,7 +137,9 @@ def prepare(name):
         raise SystemExit(f"the toy model is not at {TOY}")
     from diffusers import StableDiffusionPipeline, DDIMScheduler
 
-    pipe = StableDiffusionPipeline.from_pretrained(TOY, safety_checker=None, requires_safety_checker=False)
+    # the toy text encoder is stored in float16; run everything in float32 as the Rust side does
+    pipe = StableDiffusionPipeline.from_pretrained(TOY, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if name == "sample-toy":

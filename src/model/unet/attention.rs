@@ -91,8 +91,12 @@ impl Attention {
             k = k.to_dtype(DType::F32)?;
         }
         // diffusers: baddbmm(q, k^T, alpha=scale); softmax in f32 (probabilities are kept in f32).
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
-        let probs = ops::softmax_last_dim(&scores)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = if scores.dtype() == DType::F32 {
+            ops::softmax_last_dim_scaled(&scores, self.scale)?
+        } else {
+            ops::softmax_last_dim(&(scores * self.scale)?.to_dtype(DType::F32)?)?
+        };
         if self.is_cross && cx.wants(hw.0, hw.1) {
             cx.captured.push(CapturedAttention { layer: self.name.clone(), height: hw.0, width: hw.1, probs: probs.clone() });
         }

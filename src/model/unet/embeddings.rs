@@ -2,6 +2,7 @@
 //! computed in f32, one timestep per sample) and the `TimestepEmbedding` MLP (`time_embedding`).
 
 use crate::model::nn::Linear;
+use crate::model::ops;
 use crate::model::weights::Vb;
 use candle_core::{DType, Module, Result, Tensor};
 
@@ -44,6 +45,6 @@ impl TimestepEmbedding {
 
 impl Module for TimestepEmbedding {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+        self.linear_2.forward(&ops::silu(&self.linear_1.forward(x)?)?)
     }
 }

@@ -15,6 +15,7 @@ pub mod resnet;
 pub use config::UNetConfig;
 
 use crate::model::nn::{Conv2d, GroupNorm};
+use crate::model::ops;
 use crate::model::weights::Vb;
 use attention::{RunCtx, TransformerParams};
 use blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
@@ -183,7 +184,7 @@ impl UNet2DConditionModel {
             x = blk.forward(&x, res, &emb, &context, size, &mut cx)?;
         }
 
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = ops::silu(&self.conv_norm_out.forward(&x)?)?;
         let sample = self.conv_out.forward(&x)?;
         Ok(UNetOutput { sample, attention: cx.captured })
     }

@@ -2,6 +2,7 @@
 //! `Upsample2D` (both with a 3x3 conv), as used by `UNet2DConditionModel`.
 
 use crate::model::nn::{Conv2d, GroupNorm, Linear};
+use crate::model::ops;
 use crate::model::weights::Vb;
 use candle_core::{Module, Result, Tensor};
 
@@ -44,10 +45,10 @@ impl ResnetBlock2D {
 
     /// `x`: [B, C_in, H, W]; `temb`: [B, temb_channels].
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
+        let t = self.time_emb_proj.forward(&ops::silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),

@@ -1,0 +1,378 @@
+//! Fused CPU kernels (f32) for the element-wise work that dominates small-model time.
+//!
+//! A profile of the benchmark UNet forward (`disendiff bench --case unet-fwd`, one thread)
+//! showed the matrix products taking only about a quarter of the time: candle's softmax (16%,
+//! most of it scalar `expf` from libm), SiLU and the element-wise maps around them took more.
+//! The kernels here compute the same functions in one pass over contiguous rows with an
+//! `exp` that the compiler vectorises (Cephes' `expf` polynomial, relative error below 2e-7 on
+//! its whole range), compiled for AVX2+FMA and picked at run time when the CPU has them, and
+//! spread over candle's own thread pool.
+//!
+//! Each kernel is a candle `CustomOp1` whose backward is the exact analytic gradient, so the
+//! ops can sit on the training path (`ops::softmax_last_dim_scaled`, `ops::silu`).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
+
+/// Rows of at least this many elements in all are worth splitting across threads.
+const PARALLEL_MIN: usize = 1 << 14;
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `exp(x)` for f32 without branches (vectorisable). Inputs are clamped to [-87.3, 88.3]:
+/// results below 1.2e-38 come out as that value instead of a denormal or 0, which changes
+/// sums of at least one (softmax) or products with a bounded factor (SiLU) by < 1e-37.
+#[inline(always)]
+fn exp<const FMA: bool>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4; // ln 2, split in two for exact range reduction (Cephes)
+    const C2: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to the nearest integer
+    let x = x.clamp(-87.3, 88.3);
+    let t = madd::<FMA>(x, LOG2E, MAGIC);
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = madd::<FMA>(n, -C2, madd::<FMA>(n, -C1, x));
+    let mut p = 1.987_569_2e-4;
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 5.000_000_1e-1);
+    let e = madd::<FMA>(p, r * r, r) + 1.0;
+    e * f32::from_bits(((ni + 127) << 23) as u32)
+}
+
+/// The largest element (8 lanes, so the compiler keeps it in vector registers).
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    let mut best = tail.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for v in m {
+        best = if v > best { v } else { best };
+    }
+    best
+}
+
+#[inline(always)]
+fn softmax_row<const FMA: bool>(src: &[f32], dst: &mut [f32], scale: f32) {
+    let m = row_max(src) * scale;
+    let mut acc = [0f32; 8];
+    let n8 = src.len() / 8 * 8;
+    for (s, d) in src[..n8].chunks_exact(8).zip(dst[..n8].chunks_exact_mut(8)) {
+        for i in 0..8 {
+            d[i] = exp::<FMA>(madd::<FMA>(s[i], scale, -m));
+            acc[i] += d[i];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (s, d) in src[n8..].iter().zip(&mut dst[n8..]) {
+        *d = exp::<FMA>(madd::<FMA>(*s, scale, -m));
+        sum += *d;
+    }
+    let inv = 1.0 / sum;
+    for d in dst.iter_mut() {
+        *d *= inv;
+    }
+}
+
+#[inline(always)]
+fn silu_slice<const FMA: bool>(src: &[f32], dst: &mut [f32]) {
+    for (s, d) in src.iter().zip(dst.iter_mut()) {
+        *d = *s / (1.0 + exp::<FMA>(-*s));
+    }
+}
+
+/// Runs `f(first_row, rows)` over row ranges, on candle's thread pool when the work is large.
+fn for_row_ranges(rows: usize, cols: usize, f: impl Fn(usize, usize) + Sync) {
+    if rows * cols < PARALLEL_MIN || rows < 2 {
+        f(0, rows);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(rows, |r| f(r.start, r.len()));
+}
+
+/// A `*mut f32` that may cross threads: each range writes disjoint rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A kernel over whole rows: (`src`, `dst`, row length, parameter).
+type RowKernel = unsafe fn(&[f32], &mut [f32], usize, f32);
+
+/// Applies `kernel` (the AVX2+FMA build when the CPU has it, else `plain`) to the rows of
+/// `src`, writing `dst`, split over threads when large.
+fn run_rows(src: &[f32], dst: &mut [f32], cols: usize, param: f32, fma: RowKernel, plain: RowKernel) {
+    let rows = src.len() / cols;
+    let kernel = if has_avx2_fma() { fma } else { plain };
+    let out = SendPtr(dst.as_mut_ptr());
+    for_row_ranges(rows, cols, move |r0, n| {
+        let out = out;
+        // SAFETY: the ranges are disjoint and inside `dst`, which has the length of `src`; the
+        // AVX2 kernel is only chosen when the CPU has AVX2 and FMA.
+        unsafe {
+            let d = std::slice::from_raw_parts_mut(out.0.add(r0 * cols), n * cols);
+            kernel(&src[r0 * cols..(r0 + n) * cols], d, cols, param)
+        }
+    });
+}
+
+/// Defines `$plain` and `$fma` row kernels from the generic `$generic::<FMA>` (the latter compiled for AVX2+FMA).
+macro_rules! row_kernels {
+    ($generic:ident => $plain:ident, $fma:ident) => {
+        unsafe fn $plain(s: &[f32], d: &mut [f32], cols: usize, p: f32) {
+            $generic::<false>(s, d, cols, p)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $fma(s: &[f32], d: &mut [f32], cols: usize, p: f32) {
+            $generic::<true>(s, d, cols, p)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unsafe fn $fma(s: &[f32], d: &mut [f32], cols: usize, p: f32) {
+            $generic::<false>(s, d, cols, p)
+        }
+    };
+}
+
+#[inline(always)]
+fn softmax_rows<const FMA: bool>(s: &[f32], d: &mut [f32], cols: usize, scale: f32) {
+    for (sr, dr) in s.chunks_exact(cols).zip(d.chunks_exact_mut(cols)) {
+        softmax_row::<FMA>(sr, dr, scale)
+    }
+}
+row_kernels!(softmax_rows => softmax_rows_plain, softmax_rows_fma);
+
+#[inline(always)]
+fn silu_rows<const FMA: bool>(s: &[f32], d: &mut [f32], _cols: usize, _: f32) {
+    silu_slice::<FMA>(s, d)
+}
+row_kernels!(silu_rows => silu_rows_plain, silu_rows_fma);
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("{what}: non-contiguous input"),
+        _ => candle_core::bail!("{what}: only f32 is supported"),
+    }
+}
+
+/// `softmax(scale * x)` over the last dimension.
+pub struct ScaledSoftmax {
+    pub scale: f32,
+}
+
+impl CustomOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = contiguous_f32(s, l, "scaled-softmax")?;
+        let cols = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut dst = vec![0f32; src.len()];
+        run_rows(src, &mut dst, cols, self.scale, softmax_rows_fma, softmax_rows_plain);
+        Ok((CpuStorage::F32(dst), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // dL/dx = scale * y * (g - sum(g * y))
+        let s = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(((y * g.broadcast_sub(&s)?)? * self.scale as f64)?))
+    }
+}
+
+/// `x * sigmoid(x)`.
+pub struct Silu;
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "silu-fused"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = contiguous_f32(s, l, "silu")?;
+        let mut dst = vec![0f32; src.len()];
+        // Treat the tensor as rows of 4096 for the thread split.
+        let cols = 4096.min(src.len()).max(1);
+        let full = src.len() / cols * cols;
+        run_rows(&src[..full], &mut dst[..full], cols, 0.0, silu_rows_fma, silu_rows_plain);
+        silu_slice::<false>(&src[full..], &mut dst[full..]);
+        Ok((CpuStorage::F32(dst), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // d/dx x s(x) = s (1 + x (1 - s))
+        let s = candle_nn::ops::sigmoid(x)?;
+        let d = (&s * ((x * (1.0 - &s)?)? + 1.0)?)?;
+        Ok(Some((g * d)?))
+    }
+}
+
+/// Unfolds a [B, C, H, W] image into the [B, C*k*k, OH*OW] matrix of its k x k patches
+/// (im2col; row `(c, i, j)`, column `(oy, ox)`, zero outside the image). No backward: only for
+/// tensors outside the autograd graph (see [`conv2d`]).
+struct Im2Col {
+    k: usize,
+    padding: usize,
+    stride: usize,
+}
+
+impl Im2Col {
+    fn out_size(&self, n: usize) -> usize {
+        (n + 2 * self.padding - self.k) / self.stride + 1
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let src = contiguous_f32(s, l, "im2col")?;
+        let (b, c, h, w) = l.shape().dims4()?;
+        let (k, pad, stride) = (self.k, self.padding as isize, self.stride);
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let plane = oh * ow;
+        let mut dst = vec![0f32; b * c * k * k * plane];
+        let out = SendPtr(dst.as_mut_ptr());
+        // one work item per (image, channel): its k*k rows of the output
+        let fill = move |item: usize| {
+            let out = out;
+            let x = &src[item * h * w..(item + 1) * h * w];
+            // SAFETY: item's k*k rows are disjoint from every other item's.
+            let rows = unsafe { std::slice::from_raw_parts_mut(out.0.add(item * k * k * plane), k * k * plane) };
+            for i in 0..k {
+                for j in 0..k {
+                    let row = &mut rows[(i * k + j) * plane..(i * k + j + 1) * plane];
+                    for oy in 0..oh {
+                        let iy = (oy * stride) as isize + i as isize - pad;
+                        if iy < 0 || iy >= h as isize {
+                            continue; // stays zero
+                        }
+                        let src_row = &x[iy as usize * w..(iy as usize + 1) * w];
+                        let dst_row = &mut row[oy * ow..(oy + 1) * ow];
+                        if stride == 1 {
+                            // ix = ox + j - pad: one contiguous run
+                            let lo = (pad - j as isize).max(0) as usize;
+                            let hi = ((w as isize + pad - j as isize).min(ow as isize)).max(lo as isize) as usize;
+                            let from = (lo as isize + j as isize - pad) as usize;
+                            dst_row[lo..hi].copy_from_slice(&src_row[from..from + hi - lo]);
+                        } else {
+                            for (ox, d) in dst_row.iter_mut().enumerate() {
+                                let ix = (ox * stride) as isize + j as isize - pad;
+                                if ix >= 0 && ix < w as isize {
+                                    *d = src_row[ix as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let items = b * c;
+        if items * k * k * plane < PARALLEL_MIN {
+            (0..items).for_each(fill);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(items, |r| r.for_each(fill));
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((b, c * k * k, plane))))
+    }
+}
+
+/// 2-D convolution (square kernel, dilation 1, one group) of a tensor *outside* the autograd
+/// graph, as im2col + one matrix product per image: candle's tiled convolution spent most of
+/// its time gathering patches element by element. `x` [B, C, H, W] f32 on the CPU,
+/// `w` [O, C, k, k]; no bias.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (b, _, h, wd) = x.dims4()?;
+    let (o, c, k, k2) = w.dims4()?;
+    if k != k2 {
+        candle_core::bail!("conv2d kernel: square kernels only, got {k}x{k2}");
+    }
+    let op = Im2Col { k, padding, stride };
+    let (oh, ow) = (op.out_size(h), op.out_size(wd));
+    let cols = x.contiguous()?.apply_op1_no_bwd(&op)?;
+    let w2 = w.reshape((o, c * k * k))?.broadcast_left(b)?;
+    w2.matmul(&cols)?.reshape((b, o, oh, ow))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_over_its_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            for v in [exp::<true>(x), exp::<false>(x)] {
+                let want = (x as f64).exp();
+                worst = worst.max(((v as f64) - want).abs() / want);
+            }
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp::<true>(0.0), 1.0);
+        assert!(exp::<true>(-1e30) < 1.3e-38 && exp::<true>(f32::NEG_INFINITY) < 1.3e-38);
+        assert!(exp::<true>(1e30).is_finite());
+    }
+
+    #[test]
+    fn row_max_sees_every_element() {
+        for n in [1, 7, 8, 9, 77, 256] {
+            for at in [0, n / 2, n - 1] {
+                let mut v = vec![-5f32; n];
+                v[at] = 3.0;
+                assert_eq!(row_max(&v), 3.0, "n {n} at {at}");
+            }
+        }
+    }
+
+    /// The im2col convolution against candle's, for the shapes the models use (3x3 with
+    /// padding 1, stride 1 and 2, odd sizes) and a 5x5 without padding.
+    #[test]
+    fn im2col_conv_matches_candle() -> Result<()> {
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        for (b, c, h, w, o, k, pad, stride) in
+            [(2, 3, 8, 8, 4, 3, 1, 1), (2, 5, 9, 7, 6, 3, 1, 2), (1, 4, 16, 16, 8, 3, 1, 2), (3, 2, 11, 6, 5, 5, 0, 1), (8, 64, 16, 16, 32, 3, 1, 1)]
+        {
+            let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (o, c, k, k), &dev)?;
+            let want = x.conv2d(&wt, pad, stride, 1, 1)?;
+            let got = conv2d(&x, &wt, pad, stride)?;
+            assert_eq!(got.dims(), want.dims());
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err <= 1e-5 * scale, "{:?}: max error {err}", (b, c, h, w, o, k, pad, stride));
+        }
+        Ok(())
+    }
+}
