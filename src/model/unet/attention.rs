@@ -5,10 +5,10 @@
 //! key/value rows of the start token can be detached (Custom Diffusion's gradient mask).
 
 use super::{CapturedAttention, ForwardOptions};
-use crate::model::nn::{gelu, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::model::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::model::ops;
 use crate::model::weights::Vb;
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 
 /// State threaded through one UNet forward: the options and the captured attention maps.
 pub(crate) struct RunCtx<'a> {
@@ -135,11 +135,7 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.geglu_proj.forward(x)?;
-        let inner = h.dim(D::Minus1)? / 2;
-        let hidden = h.narrow(D::Minus1, 0, inner)?;
-        let gate = h.narrow(D::Minus1, inner, inner)?;
-        self.out.forward(&(hidden * gelu(&gate)?)?)
+        self.out.forward(&ops::geglu(&self.geglu_proj.forward(x)?)?)
     }
 }
 
