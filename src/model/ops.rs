@@ -102,6 +102,17 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
+/// `softmax(scale q k^T) v` for [G, N, d] / [G, M, d] / [G, M, dv] tensors outside the
+/// autograd graph, through the fused kernel of [`super::kernels`] (f32, CPU); `None` when it
+/// does not apply and the caller must take the explicit path.
+pub fn attention_untracked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op();
+    if f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
+        return Ok(Some(super::kernels::attention(q, k, v, scale)?));
+    }
+    Ok(None)
+}
+
 /// GEGLU: the last dimension split as `[h, g]` -> `h * gelu_erf(g)`, differentiable; the
 /// fused f32 CPU kernel of [`super::kernels`] where it applies.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {

@@ -207,12 +207,15 @@ impl Attention {
         let q = self.to_q.forward(&hs)?;
         let k = self.to_k.forward(&hs)?;
         let v = self.to_v.forward(&hs)?;
-        let dtype = x.dtype();
-        // upcast_softmax: scores and softmax in f32.
-        let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? / (c as f64).sqrt())?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = self.to_out.forward(&probs.matmul(&v)?)?;
-        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let out = match ops::attention_untracked(&q, &k, &v, 1.0 / (c as f64).sqrt())? {
+            Some(out) => out,
+            None => {
+                // upcast_softmax: scores and softmax in f32.
+                let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? / (c as f64).sqrt())?;
+                softmax_last_dim(&scores)?.to_dtype(x.dtype())?.matmul(&v)?
+            }
+        };
+        let out = self.to_out.forward(&out)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + x
     }
 }

@@ -90,6 +90,20 @@ impl Attention {
             q = q.to_dtype(DType::F32)?;
             k = k.to_dtype(DType::F32)?;
         }
+        let captured = self.is_cross && cx.wants(hw.0, hw.1);
+        if !captured {
+            let g = b * self.heads;
+            let fused = ops::attention_untracked(
+                &q.reshape((g, n, self.head_dim))?,
+                &k.reshape((g, (), self.head_dim))?,
+                &v.reshape((g, (), self.head_dim))?,
+                self.scale,
+            )?;
+            if let Some(out) = fused {
+                let out = out.reshape((b, self.heads, n, self.head_dim))?.transpose(1, 2)?;
+                return self.to_out.forward(&out.reshape((b, n, self.heads * self.head_dim))?);
+            }
+        }
         // diffusers: baddbmm(q, k^T, alpha=scale); softmax in f32 (probabilities are kept in f32).
         let scores = q.matmul(&k.t()?)?;
         let probs = if scores.dtype() == DType::F32 {
@@ -97,7 +111,7 @@ impl Attention {
         } else {
             ops::softmax_last_dim(&(scores * self.scale)?.to_dtype(DType::F32)?)?
         };
-        if self.is_cross && cx.wants(hw.0, hw.1) {
+        if captured {
             cx.captured.push(CapturedAttention { layer: self.name.clone(), height: hw.0, width: hw.1, probs: probs.clone() });
         }
         let out = probs.to_dtype(v.dtype())?.matmul(&v)?;
