@@ -169,6 +169,9 @@ pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// weight-sized gradient (2x the forward FLOPs) for every frozen weight.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let plain = |x: &Tensor| -> Result<Tensor> {
+        if fast_cpu(&[x, w]) && b.is_none_or(|b| fast_cpu(&[b])) {
+            return super::kernels::linear(x, w, b);
+        }
         let y = x.matmul(&w.t()?)?;
         match b {
             Some(b) => y.broadcast_add(b),
@@ -180,7 +183,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     }
     let y = plain(&x.detach())?;
     let w = w.clone();
-    attach(x, y, "linear-frozen-weight", Box::new(move |_x, _y, g| g.matmul(&w)))
+    attach(
+        x,
+        y,
+        "linear-frozen-weight",
+        Box::new(move |_x, _y, g| if fast_cpu(&[g, &w]) { super::kernels::matmul(g, &w) } else { g.matmul(&w) }),
+    )
 }
 
 /// 2-D convolution; with a frozen weight only the input gets a gradient (see [`linear`]). The
@@ -189,7 +197,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// otherwise.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
     let plain = |x: &Tensor| -> Result<Tensor> {
-        let y = conv_untracked(x, w, padding, stride)?;
+        if let Some(y) = conv_untracked(x, w, b, padding, stride)? {
+            return Ok(y);
+        }
+        let y = x.conv2d(w, padding, stride, 1, 1)?;
         match b {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
@@ -211,7 +222,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride
                 let rev: Vec<u32> = (0..k as u32).rev().collect();
                 let rev = Tensor::new(rev, w.device())?;
                 let wf = w.index_select(&rev, 2)?.index_select(&rev, 3)?.transpose(0, 1)?.contiguous()?;
-                conv_untracked(g, &wf, k - 1 - padding, 1)
+                match conv_untracked(g, &wf, None, k - 1 - padding, 1)? {
+                    Some(gx) => Ok(gx),
+                    None => g.conv2d(&wf, k - 1 - padding, 1, 1, 1),
+                }
             } else {
                 let (gh, gw) = (g.dim(2)?, g.dim(3)?);
                 let op_h = h as isize - (((gh - 1) * stride + k) as isize - 2 * padding as isize);
@@ -225,15 +239,20 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride
     )
 }
 
-/// `x.conv2d(w)` through the im2col kernel of [`super::kernels`] when neither operand is in
-/// the autograd graph (f32, CPU, square kernel), candle's convolution otherwise.
-fn conv_untracked(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+/// Whether the fused f32 CPU kernels of [`super::kernels`] apply: every tensor f32, on the
+/// CPU and outside the autograd graph.
+fn fast_cpu(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op())
+}
+
+/// `x.conv2d(w) + b` through the im2col kernel of [`super::kernels`] when it applies (see
+/// [`fast_cpu`]; square kernel larger than 1x1), `None` otherwise.
+fn conv_untracked(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Option<Tensor>> {
     let square = w.rank() == 4 && w.dim(2)? == w.dim(3)? && w.dim(2)? > 1;
-    if !x.track_op() && !w.track_op() && square && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu()
-    {
-        return super::kernels::conv2d(x, w, padding, stride);
+    if square && fast_cpu(&[x, w]) && b.is_none_or(|b| fast_cpu(&[b])) {
+        return Ok(Some(super::kernels::conv2d(x, w, b, padding, stride)?));
     }
-    x.conv2d(w, padding, stride, 1, 1)
+    Ok(None)
 }
 
 /// `xn * w + b` with w, b broadcast from `shape` (a norm's affine part). With frozen w and b
