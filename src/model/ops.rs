@@ -6,7 +6,7 @@
 //! graph, and otherwise computes the fused result on a detached copy and re-attaches it to the
 //! input through [`Attach`], a custom op whose backward is the exact analytic gradient.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
 type BwdFn = dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
 
@@ -63,6 +63,33 @@ impl CustomOp2 for Attach {
 
 fn attach(x: &Tensor, y: Tensor, name: &'static str, bwd: Box<BwdFn>) -> Result<Tensor> {
     x.apply_op2(&y.contiguous()?, Attach { name, bwd })
+}
+
+/// [`Attach`] for a result that is still a plain buffer: the forward moves the buffer into
+/// the output instead of copying a tensor (one pass over every activation saved).
+struct AttachVec {
+    name: &'static str,
+    data: std::sync::Mutex<Option<(Vec<f32>, Shape)>>,
+    bwd: Box<BwdFn>,
+}
+
+impl CustomOp1 for AttachVec {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        match self.data.lock().map_err(|_| candle_core::Error::Msg("attach: poisoned".into()))?.take() {
+            Some((v, shape)) => Ok((CpuStorage::F32(v), shape)),
+            None => candle_core::bail!("attach: forward ran twice"),
+        }
+    }
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(x, y, g)?))
+    }
+}
+
+fn attach_vec(x: &Tensor, (data, shape): (Vec<f32>, Shape), name: &'static str, bwd: Box<BwdFn>) -> Result<Tensor> {
+    x.apply_op1(AttachVec { name, data: std::sync::Mutex::new(Some((data, shape))), bwd })
 }
 
 /// Softmax over the last dimension, differentiable.
@@ -181,14 +208,15 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if !x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op()) {
         return plain(x);
     }
-    let y = plain(&x.detach())?;
-    let w = w.clone();
-    attach(
-        x,
-        y,
-        "linear-frozen-weight",
-        Box::new(move |_x, _y, g| if fast_cpu(&[g, &w]) { super::kernels::matmul(g, &w) } else { g.matmul(&w) }),
-    )
+    let xd = x.detach();
+    let bwd: Box<BwdFn> = {
+        let w = w.clone();
+        Box::new(move |_x, _y, g| if fast_cpu(&[g, &w]) { super::kernels::matmul(g, &w) } else { g.matmul(&w) })
+    };
+    if fast_cpu(&[&xd, w]) && b.is_none_or(|b| fast_cpu(&[b])) {
+        return attach_vec(x, super::kernels::linear_vec(&xd, w, b)?, "linear-frozen-weight", bwd);
+    }
+    attach(x, plain(&xd)?, "linear-frozen-weight", bwd)
 }
 
 /// 2-D convolution; with a frozen weight only the input gets a gradient (see [`linear`]). The
@@ -209,12 +237,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride
     if !x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op()) {
         return plain(x);
     }
-    let y = plain(&x.detach())?;
-    let w = w.clone();
-    attach(
-        x,
-        y,
-        "conv2d-frozen-weight",
+    let xd = x.detach();
+    let bwd: Box<BwdFn> = {
+        let w = w.clone();
         Box::new(move |x, _y, g| {
             let (_, _, h, wd) = x.dims4()?;
             let k = w.dim(2)?;
@@ -235,8 +260,13 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride
                 }
                 g.conv_transpose2d(&w, padding, op_h as usize, stride, 1)
             }
-        }),
-    )
+        })
+    };
+    let square = w.rank() == 4 && w.dim(2)? == w.dim(3)? && w.dim(2)? > 1;
+    if square && fast_cpu(&[&xd, w]) && b.is_none_or(|b| fast_cpu(&[b])) {
+        return attach_vec(x, super::kernels::conv2d_vec(&xd, w, b, padding, stride)?, "conv2d-frozen-weight", bwd);
+    }
+    attach(x, plain(&xd)?, "conv2d-frozen-weight", bwd)
 }
 
 /// Whether the fused f32 CPU kernels of [`super::kernels`] apply: every tensor f32, on the
