@@ -1,6 +1,8 @@
 """PyTorch/diffusers twin of `disendiff bench` (same cases, shapes and threads; CPU, float32).
 
-    .venv-ref/bin/python tools/reference/bench_torch.py [--case NAME ...] [--runs 5] [--warmup 1]
+    .venv-ref/bin/python tools/reference/bench_torch.py [--case NAME ...] [--runs 5] [--warmup 1] [--threads 2]
+
+(tools/bench/compare.sh runs it next to `disendiff bench` and prints the BENCHMARKS.md table.)
 
 Prints one JSON object per line: {"name", "median_s", "peak_rss_mb"}; each case runs in its own
 process so its peak resident memory is its own. Threads: torch.set_num_threads(2) (this
