@@ -165,6 +165,80 @@ pub fn train(model_dir: &Path, task: &Task, opts: &ToyTrainOptions, out: &Path, 
     Ok((trainer.model, start.elapsed().as_secs_f64()))
 }
 
+/// What a trained model's cross-attention does on its own training image: the calibration
+/// losses (the quantities DisenDiff minimises, whatever the method trained) and how well each
+/// class token's map covers its object rather than the other one. Averaged over timesteps
+/// 100, 300, 500 and 700 with fixed noise; maps at the latent resolution.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct AttentionDiagnostics {
+    /// 1 - soft IoU(modifier map, class map), mean over concepts (Eq. 4; lower = bound).
+    pub l_bind: f64,
+    /// Soft IoU of the two squared class maps (Eq. 5; lower = separated).
+    pub l_ss: f64,
+    /// Soft IoU of each min-max normalised class-token map with its own object's mask.
+    pub class_iou_own: f64,
+    /// ... and with the other object's mask (lower = the word does not look at the other object).
+    pub class_iou_other: f64,
+}
+
+pub fn attention_diagnostics(model: &Personalized, task: &Task) -> Result<AttentionDiagnostics> {
+    use crate::calibration::{min_max_normalize, soft_iou};
+    use crate::training::concepts::concept_positions;
+    use crate::training::step::{forward_losses, MicroBatch};
+    use candle_core::{DType, Device, Tensor};
+    let dev = Device::Cpu;
+    let sd = &model.sd;
+    let side = sd.default_size();
+    let s = side / sd.vae_scale_factor();
+    let timesteps = [100u32, 300, 500, 700];
+    let b = timesteps.len();
+    let x = util::rgb_to_tensor(&task.image, &dev)?.to_dtype(sd.dtype)?;
+    let x0 = (sd.vae.encode(&x)?.mean * sd.vae.scaling_factor())?.to_dtype(DType::F32)?.repeat((b, 1, 1, 1))?;
+    let noise = util::randn(&mut util::seeded_rng(99), x0.dims(), &dev)?;
+    let caption = task.caption();
+    let positions: Vec<_> = concept_positions(&sd.tokenizer, &caption, &model.concepts)?.into_iter().flatten().collect();
+    if positions.len() != task.concepts.len() {
+        bail!("the caption {caption:?} does not hold every concept");
+    }
+    let ids: Vec<u32> = (0..b).flat_map(|_| sd.tokenizer.encode(&caption).ids).collect();
+    let batch = MicroBatch {
+        ids: Tensor::from_vec(ids, (b, 77), &dev)?,
+        x0: x0.clone(),
+        noise,
+        timesteps: Tensor::new(&timesteps, &dev)?,
+        mask: Tensor::ones((b, 1, s, s), DType::F32, &dev)?,
+        targets: vec![Some(positions.clone()); b],
+    };
+    let schedule = crate::scheduler::NoiseSchedule::new(sd.scheduler_config.clone());
+    let cfg = LossConfig { attn_weight: 1.0, calibration: CalibrationConfig::default(), attn_resolution: s, all_scales: false };
+    let l = forward_losses(model, &schedule, &batch, &cfg)?;
+    // ground-truth masks, average-pooled to the map grid
+    let masks: Vec<Tensor> = render(&task.scene)
+        .masks
+        .iter()
+        .map(|m| {
+            let v: Vec<f32> = m.as_raw().iter().map(|&p| p as f32 / 255.0).collect();
+            let t = Tensor::from_vec(v, (1, 1, side, side), &dev)?;
+            Ok(t.avg_pool2d(side / s)?.reshape((s, s))?)
+        })
+        .collect::<Result<_>>()?;
+    let (mut own, mut other) = (0.0, 0.0);
+    for maps in &l.maps {
+        for (k, p) in positions.iter().enumerate() {
+            let class_map = min_max_normalize(&maps.get(p.class)?.unsqueeze(0)?)?.squeeze(0)?;
+            own += soft_iou(&class_map, &masks[k])?.to_scalar::<f32>()? as f64;
+            other += soft_iou(&class_map, &masks[1 - k])?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let n = (l.maps.len() * positions.len()) as f64;
+    Ok(AttentionDiagnostics {
+        l_bind: l.l_bind.to_scalar::<f32>()? as f64,
+        l_ss: l.l_ss.to_scalar::<f32>()? as f64,
+        class_iou_own: own / n,
+        class_iou_other: other / n,
+    })
+}
+
 /// `n` images of `prompt` (DDIM, guidance), seeds `seed..seed+n` in one batch.
 pub fn generate(model: &Personalized, prompt: &str, n: usize, seed: u64, steps: usize, guidance: f64) -> Result<Vec<RgbImage>> {
     let mut p = Text2ImageParams::new(&model.sd, prompt);

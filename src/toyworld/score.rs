@@ -9,6 +9,7 @@
 //!   an added named object is present (a detected object of that class and colour).
 
 use super::oracle::{analyze, appearance_similarity, background_color_among, reference_objects, ReferenceObject, SceneAnalysis};
+use super::experiment::AttentionDiagnostics;
 use super::task::{PromptSpec, Task};
 use super::NamedColor;
 use image::RgbImage;
@@ -72,6 +73,8 @@ pub struct MethodScores {
     pub leakage: f64,
     pub prompt_fidelity: f64,
     pub train_seconds: f64,
+    /// The trained model's attention on its training image (mean over scenes).
+    pub attention: AttentionDiagnostics,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -91,6 +94,7 @@ pub struct Tally {
     leaks: (usize, usize),
     edits: (usize, usize),
     pub train_seconds: f64,
+    pub attention: Vec<AttentionDiagnostics>,
 }
 
 impl Tally {
@@ -123,6 +127,18 @@ impl Tally {
             leakage: frac(self.leaks),
             prompt_fidelity: frac(self.edits),
             train_seconds: self.train_seconds,
+            attention: mean_diagnostics(&self.attention),
         }
+    }
+}
+
+fn mean_diagnostics(v: &[AttentionDiagnostics]) -> AttentionDiagnostics {
+    let n = v.len().max(1) as f64;
+    let sum = |f: fn(&AttentionDiagnostics) -> f64| v.iter().map(f).sum::<f64>() / n;
+    AttentionDiagnostics {
+        l_bind: sum(|d| d.l_bind),
+        l_ss: sum(|d| d.l_ss),
+        class_iou_own: sum(|d| d.class_iou_own),
+        class_iou_other: sum(|d| d.class_iou_other),
     }
 }
