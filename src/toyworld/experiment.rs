@@ -171,7 +171,8 @@ pub fn train(model_dir: &Path, task: &Task, opts: &ToyTrainOptions, out: &Path, 
 /// 100, 300, 500 and 700 with fixed noise; maps at the latent resolution.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct AttentionDiagnostics {
-    /// 1 - soft IoU(modifier map, class map), mean over concepts (Eq. 4; lower = bound).
+    /// Sum over concepts of 1 - soft IoU(modifier map, class map), as trained (Eq. 4; 0 to the
+    /// number of concepts; lower = bound).
     pub l_bind: f64,
     /// Soft IoU of the two squared class maps (Eq. 5; lower = separated).
     pub l_ss: f64,
