@@ -27,6 +27,16 @@ pub struct BenchArgs {
     /// Training steps of every method.
     #[arg(long, default_value_t = 150)]
     pub steps: usize,
+    /// Learning rate of DisenDiff and Custom Diffusion (K/V and embeddings; default 1e-3).
+    /// Textual Inversion keeps its own (5e-3).
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Weight of DisenDiff's attention losses (default 0.01, as the paper).
+    #[arg(long)]
+    pub attn_weight: Option<f64>,
+    /// Methods to run, comma-separated (default: all three).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
     /// Also run the paper's ablations of DisenDiff.
     #[arg(long)]
     pub ablations: bool,
@@ -48,11 +58,20 @@ pub struct BenchArgs {
 fn variants(a: &BenchArgs) -> Vec<(String, ToyTrainOptions)> {
     let mut v = Vec::new();
     for m in [ToyMethod::DisenDiff, ToyMethod::CustomDiffusion, ToyMethod::TextualInversion] {
+        if !a.methods.is_empty() && !a.methods.iter().any(|n| n == m.name()) {
+            continue;
+        }
         let mut o = ToyTrainOptions::new(m);
         o.steps = a.steps;
+        if let (Some(lr), false) = (a.learning_rate, m == ToyMethod::TextualInversion) {
+            o.learning_rate = lr;
+        }
+        if let Some(w) = a.attn_weight {
+            o.attn_weight = w;
+        }
         v.push((m.name().to_string(), o));
     }
-    if a.ablations {
+    if a.ablations && v.first().is_some_and(|(n, _)| n == "disendiff") {
         let base = v[0].1.clone();
         let mut add = |name: &str, f: &dyn Fn(&mut ToyTrainOptions)| {
             let mut o = base.clone();
@@ -72,6 +91,13 @@ fn variants(a: &BenchArgs) -> Vec<(String, ToyTrainOptions)> {
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.scenes == 0 || a.num_images == 0 {
         bail!("--scenes and --num-images must be at least 1");
+    }
+    let known = ["disendiff", "custom-diffusion", "textual-inversion"];
+    if let Some(m) = a.methods.iter().find(|m| !known.contains(&m.as_str())) {
+        bail!("unknown method {m:?} in --methods (known: {})", known.join(", "));
+    }
+    if a.ablations && !a.methods.is_empty() && !a.methods.iter().any(|m| m == "disendiff") {
+        bail!("--ablations are variants of disendiff: include it in --methods");
     }
     let model_dir = a.model.clone().unwrap_or_else(default_toy_model);
     experiment::check_toy_model(&model_dir)?;
@@ -123,6 +149,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "methods": methods,
         "settings": {"scenes": a.scenes, "seed": a.seed, "steps": a.steps, "num_images": a.num_images,
                       "sample_steps": a.sample_steps, "guidance_scale": a.guidance_scale,
+                      "learning_rate": a.learning_rate, "attn_weight": a.attn_weight,
                       "model": model_dir.display().to_string()},
     });
     util::write_atomic(&a.out.join("report.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
