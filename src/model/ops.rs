@@ -402,12 +402,11 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu)
     }
 
-    /// The fused f32 kernels (kernels.rs) against the same functions in f64 through candle's
-    /// plain ops: values and input gradients, on shapes that exercise the 8-lane main loop,
-    /// its tail and the multi-threaded split.
+    /// The fused f32 kernels (kernels/elementwise.rs) against the same functions in f64
+    /// through candle's plain ops: values and input gradients, on shapes that exercise the
+    /// 8-lane main loop, its tail and the multi-threaded split.
     #[test]
     fn fused_f32_kernels_match_f64_reference() -> Result<()> {
-        let dev = Device::Cpu;
         type Op = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
         let cases: Vec<(&str, Op, Op)> = vec![
             (
