@@ -262,8 +262,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride
             }
         })
     };
-    let square = w.rank() == 4 && w.dim(2)? == w.dim(3)? && w.dim(2)? > 1;
-    if square && fast_cpu(&[&xd, w]) && b.is_none_or(|b| fast_cpu(&[b])) {
+    if im2col_applies(&xd, w, b)? {
         return attach_vec(x, super::kernels::conv2d_vec(&xd, w, b, padding, stride)?, "conv2d-frozen-weight", bwd);
     }
     attach(x, plain(&xd)?, "conv2d-frozen-weight", bwd)
@@ -275,11 +274,17 @@ fn fast_cpu(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op())
 }
 
-/// `x.conv2d(w) + b` through the im2col kernel of [`super::kernels`] when it applies (see
-/// [`fast_cpu`]; square kernel larger than 1x1), `None` otherwise.
-fn conv_untracked(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Option<Tensor>> {
+/// Whether the im2col convolution kernel applies: [`fast_cpu`] operands and a square kernel
+/// larger than 1x1 (candle's own 1x1 path is already a single product).
+fn im2col_applies(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<bool> {
     let square = w.rank() == 4 && w.dim(2)? == w.dim(3)? && w.dim(2)? > 1;
-    if square && fast_cpu(&[x, w]) && b.is_none_or(|b| fast_cpu(&[b])) {
+    Ok(square && fast_cpu(&[x, w]) && b.is_none_or(|b| fast_cpu(&[b])))
+}
+
+/// `x.conv2d(w) + b` through the im2col kernel of [`super::kernels`] when it applies, `None`
+/// otherwise.
+fn conv_untracked(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Option<Tensor>> {
+    if im2col_applies(x, w, b)? {
         return Ok(Some(super::kernels::conv2d(x, w, b, padding, stride)?));
     }
     Ok(None)
