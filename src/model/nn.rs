@@ -2,7 +2,7 @@
 //!
 //! All ops here back-propagate (see `ops.rs` for why that is not a given in candle).
 
-use super::ops;
+use super::{kernels, ops};
 use super::weights::Vb;
 use anyhow::Result;
 use candle_core::{DType, Module, Tensor};
@@ -78,8 +78,26 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// Whether the fused kernel applies: f32 on the CPU, nothing in the autograd graph.
+    fn fused(&self, x: &Tensor) -> bool {
+        [x, &self.weight, &self.bias].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op())
+    }
+
+    /// `silu(group_norm(x))`, in one pass where the fused kernel applies.
+    pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fused(x) {
+            return kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true);
+        }
+        ops::silu(&self.forward(x)?)
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.fused(x) {
+            return kernels::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, false);
+        }
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();

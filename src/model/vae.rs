@@ -165,8 +165,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.conv_shortcut {
             Some(c) => c.forward(x)? + h,
             None => x + h,
@@ -308,7 +308,7 @@ impl Encoder {
             }
         }
         let h = self.mid_block.forward(&h)?;
-        self.conv_out.forward(&ops::silu(&self.conv_norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 
@@ -365,7 +365,7 @@ impl Decoder {
                 h = conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
             }
         }
-        self.conv_out.forward(&ops::silu(&self.conv_norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
 

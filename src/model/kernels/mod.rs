@@ -18,7 +18,7 @@
 //! Every kernel is tested against candle's ops or a float64 reference.
 
 pub use conv::{conv2d, conv2d_vec};
-pub use elementwise::{Geglu, ScaledSoftmax, Silu};
+pub use elementwise::{group_norm, Geglu, ScaledSoftmax, Silu};
 pub use products::{attention, linear, linear_vec, matmul};
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};

@@ -15,7 +15,6 @@ pub mod resnet;
 pub use config::UNetConfig;
 
 use crate::model::nn::{Conv2d, GroupNorm};
-use crate::model::ops;
 use crate::model::weights::Vb;
 use attention::{RunCtx, TransformerParams};
 use blocks::{BlockSpec, DownBlock, MidBlock, UpBlock};
@@ -184,7 +183,7 @@ impl UNet2DConditionModel {
             x = blk.forward(&x, res, &emb, &context, size, &mut cx)?;
         }
 
-        let x = ops::silu(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         let sample = self.conv_out.forward(&x)?;
         Ok(UNetOutput { sample, attention: cx.captured })
     }
