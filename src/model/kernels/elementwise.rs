@@ -1,4 +1,5 @@
-//! Softmax(scale·x), SiLU and GEGLU as single passes over rows, with exact backward passes.
+//! Softmax(scale·x), SiLU and GEGLU as single passes over rows, with exact backward passes;
+//! group norm (+ SiLU) in one pass for tensors outside the graph.
 
 use super::*;
 use candle_core::{CustomOp1, Shape, D};

@@ -8,7 +8,8 @@
 //! - this module: the shared pieces: an `exp` and an `erfc` that the compiler vectorises,
 //!   row kernels compiled for AVX2+FMA and picked at run time, work split over candle's pool;
 //! - `elementwise`: softmax(scale·x), SiLU and GEGLU in one pass, as `CustomOp1`s whose
-//!   backward is the exact analytic gradient (they sit on the training path);
+//!   backward is the exact analytic gradient (they sit on the training path); group norm with
+//!   its affine part and SiLU in one pass (outside the graph);
 //! - `products`: matrix products as row blocks on candle's pool (linear, its backward) and
 //!   attention fused per query block without materialising the probabilities;
 //! - `conv`: convolution as im2col + one product per image.
