@@ -560,39 +560,10 @@ fn fill_small_holes(comp: &[usize], w: usize, h: usize, max_hole: usize) -> Vec<
     for &p in comp {
         inside[p] = true;
     }
-    let outside: Vec<bool> = inside.iter().map(|&b| !b).collect();
-    // 4-connected background regions not touching the image border are holes.
-    let mut seen = vec![false; w * h];
     let mut filled = comp.to_vec();
-    for start in 0..w * h {
-        if !outside[start] || seen[start] {
-            continue;
-        }
-        let mut region = Vec::new();
-        let mut touches_border = false;
-        let mut stack = vec![start];
-        seen[start] = true;
-        while let Some(p) = stack.pop() {
-            region.push(p);
-            let (x, y) = (p % w, p / w);
-            if x == 0 || y == 0 || x == w - 1 || y == h - 1 {
-                touches_border = true;
-            }
-            let nbrs = [
-                (x > 0).then(|| p - 1),
-                (x + 1 < w).then(|| p + 1),
-                (y > 0).then(|| p - w),
-                (y + 1 < h).then(|| p + w),
-            ];
-            for q in nbrs.into_iter().flatten() {
-                if outside[q] && !seen[q] {
-                    seen[q] = true;
-                    stack.push(q);
-                }
-            }
-        }
-        if !touches_border && region.len() < max_hole {
-            filled.extend(region);
+    for hole in enclosed_regions(&inside, w, h) {
+        if hole.len() < max_hole {
+            filled.extend(hole);
         }
     }
     filled.sort_unstable();
