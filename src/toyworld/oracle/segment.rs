@@ -520,6 +520,12 @@ fn split_rings(part: &[usize], w: usize, h: usize, min_area: usize) -> Vec<Vec<u
     out
 }
 
+/// The 4-connected neighbours of pixel `p` in a `w` x `h` image.
+fn neighbours4(p: usize, w: usize, h: usize) -> impl Iterator<Item = usize> {
+    let (x, y) = (p % w, p / w);
+    [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)].into_iter().flatten()
+}
+
 /// The background regions (4-connected) enclosed by `inside`: not touching the image border.
 fn enclosed_regions(inside: &[bool], w: usize, h: usize) -> Vec<Vec<usize>> {
     let mut seen = vec![false; w * h];
@@ -538,8 +544,7 @@ fn enclosed_regions(inside: &[bool], w: usize, h: usize) -> Vec<Vec<usize>> {
             if x == 0 || y == 0 || x == w - 1 || y == h - 1 {
                 touches_border = true;
             }
-            let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
-            for q in nbrs.into_iter().flatten() {
+            for q in neighbours4(p, w, h) {
                 if !inside[q] && !seen[q] {
                     seen[q] = true;
                     stack.push(q);
@@ -859,9 +864,7 @@ fn split_by_colour(comp: &[usize], lab: &[[f32; 3]], w: usize, h: usize, min_are
             }
         }
         while let Some(p) = queue.pop_front() {
-            let (x, y) = (p % w, p / w);
-            let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
-            for q in nbrs.into_iter().flatten() {
+            for q in neighbours4(p, w, h) {
                 if pending[q] {
                     pending[q] = false;
                     tone[q] = tone[p];
@@ -943,9 +946,7 @@ fn split_by_colour(comp: &[usize], lab: &[[f32; 3]], w: usize, h: usize, min_are
         queue.push_back(p);
     }
     while let Some(p) = queue.pop_front() {
-        let (x, y) = (p % w, p / w);
-        let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
-        for q in nbrs.into_iter().flatten() {
+        for q in neighbours4(p, w, h) {
             if inside[q] && label[q] == NONE {
                 label[q] = label[p];
                 queue.push_back(q);
@@ -978,9 +979,7 @@ fn merge_adjacent(mut parts: Vec<Vec<usize>>, w: usize, h: usize, min_area: usiz
         let mut touch = vec![vec![0usize; n]; n];
         for (k, part) in parts.iter().enumerate() {
             for &p in part {
-                let (x, y) = (p % w, p / w);
-                let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
-                for q in nbrs.into_iter().flatten() {
+                for q in neighbours4(p, w, h) {
                     let o = owner[q];
                     if o != usize::MAX && o != k {
                         touch[k][o] += 1;
@@ -1097,9 +1096,7 @@ fn refine_edges(part: &[usize], colors: &[[f32; 3]], bg: &[[f32; 3]], w: usize, 
         return part.to_vec();
     }
     while let Some(p) = queue.pop_front() {
-        let (x, y) = (p % w, p / w);
-        let nbrs = [(x > 0).then(|| p - 1), (x + 1 < w).then(|| p + 1), (y > 0).then(|| p - w), (y + 1 < h).then(|| p + w)];
-        for q in nbrs.into_iter().flatten() {
+        for q in neighbours4(p, w, h) {
             if inside[q] && source[q] == NONE {
                 source[q] = source[p];
                 queue.push_back(q);
