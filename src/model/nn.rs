@@ -81,7 +81,7 @@ impl GroupNorm {
 impl GroupNorm {
     /// Whether the fused kernel applies: f32 on the CPU, nothing in the autograd graph.
     fn fused(&self, x: &Tensor) -> bool {
-        [x, &self.weight, &self.bias].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op())
+        ops::fast_cpu(&[x, &self.weight, &self.bias])
     }
 
     /// `silu(group_norm(x))`, in one pass where the fused kernel applies.

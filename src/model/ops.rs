@@ -133,8 +133,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// autograd graph, through the fused kernel of [`super::kernels`] (f32, CPU); `None` when it
 /// does not apply and the caller must take the explicit path.
 pub fn attention_untracked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op();
-    if f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
+    if fast_cpu(&[q, k, v]) {
         return Ok(Some(super::kernels::attention(q, k, v, scale)?));
     }
     Ok(None)
@@ -270,7 +269,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride
 
 /// Whether the fused f32 CPU kernels of [`super::kernels`] apply: every tensor f32, on the
 /// CPU and outside the autograd graph.
-fn fast_cpu(ts: &[&Tensor]) -> bool {
+pub(crate) fn fast_cpu(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op())
 }
 

@@ -125,8 +125,11 @@ impl CustomOp1 for Geglu {
 /// one work item on candle's pool.
 pub fn group_norm(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
     let dims = x.dims().to_vec();
-    let (bs, c) = (dims[0], dims[1]);
-    if dims.len() < 2 || groups == 0 || c % groups != 0 || w.dims() != [c] || b.dims() != [c] {
+    let (bs, c) = match dims[..] {
+        [bs, c, ..] => (bs, c),
+        _ => candle_core::bail!("group norm kernel: x {dims:?} has no channel dimension"),
+    };
+    if groups == 0 || c % groups != 0 || w.dims() != [c] || b.dims() != [c] {
         candle_core::bail!("group norm kernel: x {dims:?}, {groups} groups, weight {:?}, bias {:?}", w.dims(), b.dims());
     }
     let spatial: usize = dims[2..].iter().product();

@@ -113,19 +113,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         candle_core::bail!("attention kernel: empty keys or head dimension ({:?}, {:?})", q.dims(), k.dims());
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (candle_core::Storage::Cpu(qs), candle_core::Storage::Cpu(ks), candle_core::Storage::Cpu(vs)) = (&*qs, &*ks, &*vs)
-    else {
-        candle_core::bail!("attention kernel: CPU tensors only")
-    };
-    let (qd, kd, vd) = (contiguous_f32(qs, ql, "attention")?, contiguous_f32(ks, kl, "attention")?, contiguous_f32(vs, vl, "attention")?);
+    let out = with_f32(&q, |qd| with_f32(&k, |kd| with_f32(&v, |vd| Ok(attention_blocks(qd, kd, vd, (g, n, m, d, dv), scale as f32)))))?;
+    Tensor::from_vec(out, (g, n, dv), q.device())
+}
+
+/// [`attention`] on the raw data: `dims` = (G, N, M, d, dv).
+fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], (g, n, m, d, dv): (usize, usize, usize, usize, usize), scale: f32) -> Vec<f32> {
     let mut out = output_buffer(g * n * dv);
     let dst = SendPtr(out.as_mut_ptr());
     let blocks = n.div_ceil(ATTN_BLOCK);
     let fma = has_avx2_fma();
-    let scale = scale as f32;
     let item = move |it: usize| {
         let dst = dst;
         let (gi, r0) = (it / blocks, (it % blocks) * ATTN_BLOCK);
@@ -135,7 +132,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         let qp = &qd[(gi * n + r0) * d..];
         let kp = &kd[gi * m * d..];
         let vp = &vd[gi * m * dv..];
-        // SAFETY: the pointers cover the stated matrices (contiguous slices checked above);
+        // SAFETY: the pointers cover the stated matrices (contiguous slices of these shapes);
         // each item writes its own `rows` output rows; the AVX2 kernel only runs on AVX2+FMA.
         unsafe {
             // scores [rows, m] = q_blk [rows, d] . k^T [d, m]
@@ -163,7 +160,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     } else {
         candle_core::utils::barrier_pool().execute_chunked(items, |r| r.for_each(item));
     }
-    Tensor::from_vec(out, (g, n, dv), q.device())
+    out
 }
 
 #[cfg(test)]

@@ -197,34 +197,25 @@ fn blur_grid(cells: &[f32], sigma: f32) -> Vec<f32> {
     let k: Vec<f32> = (-r..=r).map(|i| (-0.5 * (i as f32 / sigma).powi(2)).exp()).collect();
     let norm: f32 = k.iter().sum();
     let k: Vec<f32> = k.iter().map(|v| v / norm).collect();
-    let g = GRID as i64;
-    let mut tmp = vec![0f32; GRID * GRID];
-    for y in 0..g {
-        for x in 0..g {
-            let mut s = 0.0;
-            for (j, kv) in k.iter().enumerate() {
-                let xx = x + j as i64 - r;
-                if (0..g).contains(&xx) {
-                    s += kv * cells[(y * g + xx) as usize];
+    // separable: rows, then columns (zero outside the grid)
+    let pass = |src: &[f32], step: i64| -> Vec<f32> {
+        let g = GRID as i64;
+        let mut out = vec![0f32; GRID * GRID];
+        for y in 0..g {
+            for x in 0..g {
+                let mut s = 0.0;
+                for (j, kv) in k.iter().enumerate() {
+                    let (xx, yy) = if step == 1 { (x + j as i64 - r, y) } else { (x, y + j as i64 - r) };
+                    if (0..g).contains(&xx) && (0..g).contains(&yy) {
+                        s += kv * src[(yy * g + xx) as usize];
+                    }
                 }
+                out[(y * g + x) as usize] = s;
             }
-            tmp[(y * g + x) as usize] = s;
         }
-    }
-    let mut out = vec![0f32; GRID * GRID];
-    for y in 0..g {
-        for x in 0..g {
-            let mut s = 0.0;
-            for (j, kv) in k.iter().enumerate() {
-                let yy = y + j as i64 - r;
-                if (0..g).contains(&yy) {
-                    s += kv * tmp[(yy * g + x) as usize];
-                }
-            }
-            out[(y * g + x) as usize] = s;
-        }
-    }
-    out
+        out
+    };
+    pass(&pass(cells, 1), GRID as i64)
 }
 
 /// As [`fit_pixels`] for an image blurred by a Gaussian of `blur_px` pixels: each template is
