@@ -225,6 +225,42 @@ fn unnamed_appearances_are_never_nameable() {
 }
 
 #[test]
+fn unnamed_share_adds_unnamed_looks_but_never_the_personalization_ones() {
+    let spec = WorldSpec { unnamed_share: 0.25, ..WorldSpec::default() };
+    let (mut unnamed, mut total) = (0usize, 0usize);
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..600 {
+        let s = random_scene(&mut seeded_rng(scene_seed(5, i)), &spec);
+        let parsed = parse_caption(&caption(&s)).unwrap();
+        for (o, p) in s.objects.iter().zip(&parsed.objects) {
+            total += 1;
+            assert!(o.appearance.contrasts_with(s.background));
+            if let Appearance::Unnamed(u) = &o.appearance {
+                unnamed += 1;
+                ids.insert(u.id.clone());
+                assert!(!is_personalization_look(u), "{} is a personalization look", u.id);
+                assert!(p.color.is_none() && p.pattern.is_none(), "unnamed look named in {}", caption(&s));
+                assert!(u.colors.iter().all(|c| UNNAMED_PALETTE.iter().any(|(_, p)| p == c)));
+            }
+        }
+    }
+    let share = unnamed as f64 / total as f64;
+    assert!((0.2..0.3).contains(&share), "unnamed share {share}");
+    assert!(ids.len() > 100, "only {} different unnamed looks", ids.len());
+    // Every personalization look is recognised whichever way round its colours are.
+    for u in unnamed_appearances() {
+        let swapped = UnnamedAppearance { colors: [u.colors[1], u.colors[0]], ..u.clone() };
+        assert!(is_personalization_look(&u) && is_personalization_look(&swapped));
+    }
+    // A share of 1 leaves no named object.
+    let all = WorldSpec { unnamed_share: 1.0, ..WorldSpec::default() };
+    for i in 0..50 {
+        let s = random_scene(&mut seeded_rng(scene_seed(6, i)), &all);
+        assert!(s.objects.iter().all(|o| matches!(o.appearance, Appearance::Unnamed(_))));
+    }
+}
+
+#[test]
 fn personalization_scenes_are_two_unnamed_objects() {
     let mut used = std::collections::HashSet::new();
     for s in personalization_scenes(200) {
@@ -344,6 +380,8 @@ fn cli_rejects_bad_input() {
     assert!(!ok && err.contains("--max-objects"), "{err}");
     let (ok, err) = scenes_cmd(&out, &["--n", "2", "--size", "0"]);
     assert!(!ok && err.contains("--size"), "{err}");
+    let (ok, err) = scenes_cmd(&out, &["--n", "2", "--unnamed-share", "1.5"]);
+    assert!(!ok && err.contains("--unnamed-share"), "{err}");
     let (ok, err) = disendiff(&["toy", "scenes", "--n", "2"]);
     assert!(!ok && err.contains("--out"), "{err}");
     let file = tmp.path().join("file");

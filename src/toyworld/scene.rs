@@ -1,7 +1,7 @@
 //! Scenes and their sampling: the training world ([`random_scene`]) and the two-concept
 //! personalization scenes ([`personalization_scene`]).
 
-use super::vocab::{unnamed_appearances, Appearance, Class, NamedColor, Pattern};
+use super::vocab::{random_unnamed_look, unnamed_appearances, Appearance, Class, NamedColor, Pattern};
 use anyhow::{bail, Result};
 use rand::seq::IndexedRandom;
 use rand::Rng;
@@ -42,6 +42,11 @@ pub struct WorldSpec {
     /// Objects per scene, drawn uniformly from `min_objects..=max_objects` (1 to 3).
     pub min_objects: usize,
     pub max_objects: usize,
+    /// Share of objects drawn with an unnamed two-colour look (captioned by class alone, as
+    /// web captions say "a cat" whatever the cat looks like), so that the base model can draw
+    /// such looks and personalization has something to bind. The personalization looks
+    /// themselves never occur. 0 gives the all-named world.
+    pub unnamed_share: f32,
 }
 
 impl Default for WorldSpec {
@@ -53,6 +58,7 @@ impl Default for WorldSpec {
             backgrounds: NamedColor::BACKGROUND.to_vec(),
             min_objects: 1,
             max_objects: 3,
+            unnamed_share: 0.0,
         }
     }
 }
@@ -65,6 +71,9 @@ impl WorldSpec {
         }
         if !(1..=3).contains(&self.min_objects) || !(self.min_objects..=3).contains(&self.max_objects) {
             bail!("objects per scene must satisfy 1 <= min ({}) <= max ({}) <= 3", self.min_objects, self.max_objects);
+        }
+        if !(0.0..=1.0).contains(&self.unnamed_share) {
+            bail!("the unnamed share must be between 0 and 1 (got {})", self.unnamed_share);
         }
         if !self.backgrounds.iter().any(|&bg| !self.combos(bg).is_empty()) {
             bail!("no object colour contrasts with any of the backgrounds");
@@ -161,8 +170,9 @@ fn rotation<R: Rng + ?Sized>(rng: &mut R, class: Class) -> f32 {
     }
 }
 
-/// A scene of the training world: 1 to 3 objects with named appearances, each contrasting with
-/// the background; classes may repeat, but no two objects share class, colour and pattern.
+/// A scene of the training world: 1 to 3 objects, each contrasting with the background, with
+/// named appearances (and unnamed ones at `spec.unnamed_share`); classes may repeat, but no two
+/// named objects share class, colour and pattern.
 /// Panics if `spec` does not pass [`WorldSpec::validate`].
 pub fn random_scene<R: Rng + ?Sized>(rng: &mut R, spec: &WorldSpec) -> Scene {
     spec.validate().expect("invalid WorldSpec");
@@ -173,12 +183,21 @@ pub fn random_scene<R: Rng + ?Sized>(rng: &mut R, spec: &WorldSpec) -> Scene {
     let mut patterns: Vec<Pattern> = combos.iter().map(|c| c.1).collect();
     patterns.dedup();
     let n = rng.random_range(spec.min_objects..=spec.max_objects);
-    let mut looks: Vec<(Class, NamedColor, Pattern)> = Vec::with_capacity(n);
+    let mut looks: Vec<(Class, Appearance)> = Vec::with_capacity(n);
     while looks.len() < n {
+        // The share is only drawn when non-zero, so the all-named world keeps its scenes.
+        if spec.unnamed_share > 0.0 && rng.random::<f32>() < spec.unnamed_share {
+            let class = *spec.classes.choose(rng).unwrap();
+            let look = Appearance::Unnamed(random_unnamed_look(rng));
+            if look.contrasts_with(background) {
+                looks.push((class, look));
+            }
+            continue;
+        }
         let class = *spec.classes.choose(rng).unwrap();
         let pattern = *patterns.choose(rng).unwrap();
         let colors: Vec<NamedColor> = combos.iter().filter(|c| c.1 == pattern).map(|c| c.0).collect();
-        let look = (class, *colors.choose(rng).unwrap(), pattern);
+        let look = (class, Appearance::named(*colors.choose(rng).unwrap(), pattern));
         // Identical twins would make captions like "a red ball and a red ball"; avoid them
         // unless the spec leaves no other choice.
         if !looks.contains(&look) || spec.classes.len() * combos.len() < n {
@@ -189,9 +208,9 @@ pub fn random_scene<R: Rng + ?Sized>(rng: &mut R, spec: &WorldSpec) -> Scene {
     let objects = looks
         .into_iter()
         .zip(places)
-        .map(|((class, color, pattern), (cx, cy, size))| Object {
+        .map(|((class, appearance), (cx, cy, size))| Object {
             class,
-            appearance: Appearance::named(color, pattern),
+            appearance,
             cx,
             cy,
             size,

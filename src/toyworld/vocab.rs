@@ -129,29 +129,72 @@ pub struct UnnamedAppearance {
     pub layout: UnnamedLayout,
 }
 
-const TEAL: Rgb = [0, 140, 140];
-const MAROON: Rgb = [120, 10, 50];
-const NAVY: Rgb = [20, 30, 110];
-const CYAN: Rgb = [0, 220, 220];
-const MAGENTA: Rgb = [230, 20, 160];
-const CHARTREUSE: Rgb = [150, 235, 60];
-const GOLD: Rgb = [200, 160, 60];
-const PINK: Rgb = [255, 110, 210];
+/// The colours of unnamed looks, each far from every named colour and shade.
+pub const UNNAMED_PALETTE: [(&str, Rgb); 8] = [
+    ("teal", [0, 140, 140]),
+    ("maroon", [120, 10, 50]),
+    ("navy", [20, 30, 110]),
+    ("cyan", [0, 220, 220]),
+    ("magenta", [230, 20, 160]),
+    ("chartreuse", [150, 235, 60]),
+    ("gold", [200, 160, 60]),
+    ("pink", [255, 110, 210]),
+];
+
+fn layout_word(l: UnnamedLayout) -> &'static str {
+    match l {
+        UnnamedLayout::Striped => "striped",
+        UnnamedLayout::Dotted => "dotted",
+        UnnamedLayout::Checked => "checked",
+        UnnamedLayout::Split => "split",
+    }
+}
+
+/// The unnamed look `{first}-{second}-{layout}` of two palette colours.
+fn unnamed_look(first: usize, second: usize, layout: UnnamedLayout) -> UnnamedAppearance {
+    let (a, b) = (UNNAMED_PALETTE[first], UNNAMED_PALETTE[second]);
+    UnnamedAppearance { id: format!("{}-{}-{}", a.0, b.0, layout_word(layout)), colors: [a.1, b.1], layout }
+}
 
 /// The unnamed appearances of the personalization scenes, in a fixed order.
 pub fn unnamed_appearances() -> Vec<UnnamedAppearance> {
     use UnnamedLayout::*;
-    let table: [(&str, Rgb, Rgb, UnnamedLayout); 8] = [
-        ("teal-maroon-checked", TEAL, MAROON, Checked),
-        ("cyan-navy-striped", CYAN, NAVY, Striped),
-        ("gold-teal-split", GOLD, TEAL, Split),
-        ("magenta-chartreuse-dotted", MAGENTA, CHARTREUSE, Dotted),
-        ("pink-navy-split", PINK, NAVY, Split),
-        ("chartreuse-maroon-striped", CHARTREUSE, MAROON, Striped),
-        ("cyan-magenta-checked", CYAN, MAGENTA, Checked),
-        ("gold-navy-dotted", GOLD, NAVY, Dotted),
+    // Indices into UNNAMED_PALETTE.
+    let table: [(usize, usize, UnnamedLayout); 8] = [
+        (0, 1, Checked), // teal-maroon-checked
+        (3, 2, Striped), // cyan-navy-striped
+        (6, 0, Split),   // gold-teal-split
+        (4, 5, Dotted),  // magenta-chartreuse-dotted
+        (7, 2, Split),   // pink-navy-split
+        (5, 1, Striped), // chartreuse-maroon-striped
+        (3, 4, Checked), // cyan-magenta-checked
+        (6, 2, Dotted),  // gold-navy-dotted
     ];
-    table.iter().map(|&(id, a, b, layout)| UnnamedAppearance { id: id.into(), colors: [a, b], layout }).collect()
+    table.iter().map(|&(a, b, layout)| unnamed_look(a, b, layout)).collect()
+}
+
+/// Whether a look uses the same two colours and layout as one of the personalization looks
+/// (in either order): such looks are kept out of the training world.
+pub fn is_personalization_look(u: &UnnamedAppearance) -> bool {
+    unnamed_appearances().iter().any(|p| {
+        p.layout == u.layout && (p.colors == u.colors || p.colors == [u.colors[1], u.colors[0]])
+    })
+}
+
+/// A random unnamed look for the training world: two different palette colours and a layout,
+/// never one of the personalization looks, so those stay unseen by the base model.
+pub fn random_unnamed_look<R: rand::Rng + ?Sized>(rng: &mut R) -> UnnamedAppearance {
+    use UnnamedLayout::*;
+    loop {
+        let first = rng.random_range(0..UNNAMED_PALETTE.len());
+        let second = rng.random_range(0..UNNAMED_PALETTE.len() - 1);
+        let second = if second >= first { second + 1 } else { second };
+        let layout = [Striped, Dotted, Checked, Split][rng.random_range(0..4)];
+        let look = unnamed_look(first, second, layout);
+        if !is_personalization_look(&look) {
+            return look;
+        }
+    }
 }
 
 /// The unnamed appearance with this identifier.

@@ -198,7 +198,14 @@ def stage_vae(a):
     va = load_npz(a, "val")
     imgs = torch.from_numpy(tr["images"]).permute(0, 3, 1, 2).contiguous()  # uint8
     torch.manual_seed(a.seed)
-    vae = new_vae()
+    if a.init_from:
+        # fine-tune the shipped VAE (for example on a world with new colours) rather than start
+        # afresh, so the latent space the UNet knows moves as little as possible
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(os.path.join(a.init_from, "vae")).train()
+        log(f"vae: fine-tuning the VAE of {a.init_from}")
+    else:
+        vae = new_vae()
     log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.3f} M params")
     opt = torch.optim.AdamW(vae.parameters(), lr=a.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(a.seed)
@@ -615,8 +622,9 @@ def main():
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--resume", action="store_true", help="unet stage: continue from work/unet_ckpt.pt")
     p.add_argument("--init-from", default=None,
-                   help="a toy-model folder to continue from: its VAE replaces the vae stage, its UNet and "
-                        "text encoder initialise the unet stage (copy it away from --out first)")
+                   help="a toy-model folder to continue from: the vae stage fine-tunes its VAE (without that "
+                        "stage the VAE is taken as it is), its UNet and text encoder initialise the unet "
+                        "stage (copy it away from --out first)")
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--min-snr", type=float, default=5.0)
     p.add_argument("--ema", type=float, default=0.998)
