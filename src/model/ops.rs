@@ -274,9 +274,9 @@ pub(crate) fn fast_cpu(ts: &[&Tensor]) -> bool {
 }
 
 /// Whether the im2col convolution kernel applies: [`fast_cpu`] operands and a square kernel
-/// larger than 1x1 (candle's own 1x1 path is already a single product).
+/// (1x1 included: candle's 1x1 path gathers its input element by element).
 fn im2col_applies(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<bool> {
-    let square = w.rank() == 4 && w.dim(2)? == w.dim(3)? && w.dim(2)? > 1;
+    let square = w.rank() == 4 && w.dim(2)? == w.dim(3)?;
     Ok(square && fast_cpu(&[x, w]) && b.is_none_or(|b| fast_cpu(&[b])))
 }
 

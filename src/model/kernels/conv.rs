@@ -30,7 +30,8 @@ impl CustomOp1 for Im2Col {
         let (k, pad, stride) = (self.k, self.padding as isize, self.stride);
         let (oh, ow) = (self.out_size(h), self.out_size(w));
         let plane = oh * ow;
-        let mut dst = vec![0f32; b * c * k * k * plane];
+        // every element is written below (data or padding zero), so no zeroing pass first
+        let mut dst = output_buffer(b * c * k * k * plane);
         let out = SendPtr(dst.as_mut_ptr());
         // one work item per (image, channel): its k*k rows of the output
         let fill = move |item: usize| {
@@ -43,23 +44,24 @@ impl CustomOp1 for Im2Col {
                     let row = &mut rows[(i * k + j) * plane..(i * k + j + 1) * plane];
                     for oy in 0..oh {
                         let iy = (oy * stride) as isize + i as isize - pad;
+                        let dst_row = &mut row[oy * ow..(oy + 1) * ow];
                         if iy < 0 || iy >= h as isize {
-                            continue; // stays zero
+                            dst_row.fill(0.0);
+                            continue;
                         }
                         let src_row = &x[iy as usize * w..(iy as usize + 1) * w];
-                        let dst_row = &mut row[oy * ow..(oy + 1) * ow];
                         if stride == 1 {
-                            // ix = ox + j - pad: one contiguous run
-                            let lo = (pad - j as isize).max(0) as usize;
+                            // ix = ox + j - pad: one contiguous run, zeros either side
+                            let lo = ((pad - j as isize).max(0) as usize).min(ow);
                             let hi = ((w as isize + pad - j as isize).min(ow as isize)).max(lo as isize) as usize;
                             let from = (lo as isize + j as isize - pad) as usize;
+                            dst_row[..lo].fill(0.0);
                             dst_row[lo..hi].copy_from_slice(&src_row[from..from + hi - lo]);
+                            dst_row[hi..].fill(0.0);
                         } else {
                             for (ox, d) in dst_row.iter_mut().enumerate() {
                                 let ix = (ox * stride) as isize + j as isize - pad;
-                                if ix >= 0 && ix < w as isize {
-                                    *d = src_row[ix as usize];
-                                }
+                                *d = if ix >= 0 && ix < w as isize { src_row[ix as usize] } else { 0.0 };
                             }
                         }
                     }
@@ -87,20 +89,35 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride
 
 /// [`conv2d`]'s result as a plain buffer and its shape.
 pub fn conv2d_vec(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<(Vec<f32>, Shape)> {
-    let (bs, _, h, wd) = x.dims4()?;
+    let (bs, cx, h, wd) = x.dims4()?;
     let (o, c, k, k2) = w.dims4()?;
     if k != k2 {
         candle_core::bail!("conv2d kernel: square kernels only, got {k}x{k2}");
     }
+    if cx != c || h + 2 * padding < k || wd + 2 * padding < k || stride == 0 {
+        candle_core::bail!("conv2d kernel: input {:?} does not fit weight {:?} (padding {padding}, stride {stride})", x.dims(), w.dims());
+    }
+    if let Some(b) = b {
+        if b.dims() != [o] {
+            candle_core::bail!("conv2d kernel: bias {:?} for {o} output channels", b.dims());
+        }
+    }
     let op = Im2Col { k, padding, stride };
     let (oh, ow) = (op.out_size(h), op.out_size(wd));
-    let cols = x.contiguous()?.apply_op1_no_bwd(&op)?;
+    // a 1x1 convolution without padding or stride is already a product with the image itself
+    let cols = if k == 1 && padding == 0 && stride == 1 { x.contiguous()? } else { x.contiguous()?.apply_op1_no_bwd(&op)? };
     let (kk, plane) = (c * k * k, oh * ow);
     let w = w.contiguous()?;
-    let mut out = match b {
-        Some(b) => with_f32(&b.contiguous()?, |b| Ok(b.iter().flat_map(|&v| std::iter::repeat_n(v, plane)).collect::<Vec<_>>().repeat(bs)))?,
-        None => output_buffer(bs * o * plane),
-    };
+    let mut out = output_buffer(bs * o * plane);
+    if let Some(b) = b {
+        // the products accumulate into the bias, written once per output plane
+        with_f32(&b.contiguous()?, |b| {
+            for (plane_out, &v) in out.chunks_exact_mut(plane).zip(b.iter().cycle()) {
+                plane_out.fill(v);
+            }
+            Ok(())
+        })?;
+    }
     with_f32(&cols, |cs| {
         with_f32(&w, |ws| {
             for i in 0..bs {
@@ -123,13 +140,15 @@ mod tests {
     use super::*;
 
     /// The im2col convolution against candle's, for the shapes the models use (3x3 with
-    /// padding 1, stride 1 and 2, odd sizes) and a 5x5 without padding.
+    /// padding 1, stride 1 and 2, odd sizes; 1x1), a 5x5 without padding, padding wider than
+    /// the kernel's reach and a padded, strided 1x1.
     #[test]
     fn im2col_conv_matches_candle() -> Result<()> {
         use candle_core::Device;
         let dev = Device::Cpu;
         for (b, c, h, w, o, k, pad, stride) in
-            [(2, 3, 8, 8, 4, 3, 1, 1), (2, 5, 9, 7, 6, 3, 1, 2), (1, 4, 16, 16, 8, 3, 1, 2), (3, 2, 11, 6, 5, 5, 0, 1), (8, 64, 16, 16, 32, 3, 1, 1)]
+            [(2, 3, 8, 8, 4, 3, 1, 1), (2, 5, 9, 7, 6, 3, 1, 2), (1, 4, 16, 16, 8, 3, 1, 2), (3, 2, 11, 6, 5, 5, 0, 1), (8, 64, 16, 16, 32, 3, 1, 1),
+             (2, 6, 5, 7, 3, 1, 0, 1), (2, 4, 6, 6, 3, 3, 2, 1), (2, 4, 7, 7, 3, 1, 1, 2)]
         {
             let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (o, c, k, k), &dev)?;
