@@ -2,7 +2,8 @@
 //! group norm (+ SiLU) in one pass for tensors outside the graph.
 
 use super::*;
-use candle_core::{CustomOp1, Shape, D};
+use super::gradients::{GradOf, Gradient};
+use candle_core::{CustomOp1, Shape};
 
 #[inline(always)]
 fn silu_slice<const FMA: bool>(src: &[f32], dst: &mut [f32]) {
@@ -50,9 +51,8 @@ impl CustomOp1 for ScaledSoftmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        // dL/dx = scale * y * (g - sum(g * y))
-        let s = (g * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(((y * g.broadcast_sub(&s)?)? * self.scale as f64)?))
+        // dL/dx = scale * y * (g - sum(g * y)), one pass
+        Ok(Some(y.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &Gradient(GradOf::ScaledSoftmax(self.scale)))?))
     }
 }
 
@@ -76,10 +76,8 @@ impl CustomOp1 for Silu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        // d/dx x s(x) = s (1 + x (1 - s))
-        let s = candle_nn::ops::sigmoid(x)?;
-        let d = (&s * ((x * (1.0 - &s)?)? + 1.0)?)?;
-        Ok(Some((g * d)?))
+        // d/dx x s(x) = s (1 + x (1 - s)), one pass
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &Gradient(GradOf::Silu))?))
     }
 }
 
@@ -105,17 +103,8 @@ impl CustomOp1 for Geglu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // y = h * gelu(g):  dh = grad * gelu(g),  dg = grad * h * (Phi(g) + g * phi(g))
-        let half = x.dim(D::Minus1)? / 2;
-        let h = x.narrow(D::Minus1, 0, half)?;
-        let g = x.narrow(D::Minus1, half, half)?;
-        let cdf = ((g.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
-        let pdf = (g.sqr()?.affine(-0.5, 0.0)?.exp()? * (0.5 / std::f64::consts::PI).sqrt())?;
-        let gelu = (&g * &cdf)?;
-        let dgelu = (cdf + (&g * pdf)?)?;
-        let dh = (grad * gelu)?;
-        let dg = ((grad * h)? * dgelu)?;
-        Ok(Some(Tensor::cat(&[dh, dg], D::Minus1)?))
+        // y = h * gelu(g):  dh = grad * gelu(g),  dg = grad * h * (Phi(g) + g * phi(g)), one pass
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Gradient(GradOf::Geglu))?))
     }
 }
 
@@ -225,7 +214,7 @@ unsafe fn affine_act_fma(s: &[f32], d: &mut [f32], mean: f32, scale: f32, shift:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, D};
 
     /// The fused group norm (+ SiLU) against the same computation in f64 through candle's ops.
     #[test]

@@ -10,6 +10,7 @@
 //! - `elementwise`: softmax(scale·x), SiLU and GEGLU in one pass, as `CustomOp1`s whose
 //!   backward is the exact analytic gradient (they sit on the training path); group norm with
 //!   its affine part and SiLU in one pass (outside the graph);
+//! - `gradients`: those backward passes, each one pass over the input and the gradient;
 //! - `products`: matrix products as row blocks on candle's pool (linear, its backward) and
 //!   attention fused per query block without materialising the probabilities;
 //! - `conv`: convolution as im2col + one product per image.
@@ -224,6 +225,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
 
 mod conv;
 mod elementwise;
+mod gradients;
 mod products;
 
 #[cfg(test)]

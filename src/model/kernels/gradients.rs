@@ -1,0 +1,140 @@
+//! The backward passes of the element-wise kernels (`elementwise`) as single passes: each
+//! was 4-11 candle ops (a pass and an allocation each; GEGLU's with scalar libm `erf`/`exp`),
+//! together about a tenth of a training step. Each takes the forward's input (or output) and
+//! the incoming gradient, row by row, and writes the input gradient.
+
+use super::*;
+use candle_core::{CustomOp2, Shape};
+
+/// A kernel over rows of two inputs: (`a`, `b`, `dst`, row length of `a`, parameter); `b` and
+/// `dst` rows are as many as `a`'s, each `b.len() / rows` and `dst.len() / rows` long.
+type RowKernel2 = unsafe fn(&[f32], &[f32], &mut [f32], usize, f32);
+
+/// As [`run_rows`] for kernels of two inputs.
+fn run_rows2(a: &[f32], b: &[f32], dst: &mut [f32], cols: usize, param: f32, fma: RowKernel2, plain: RowKernel2) {
+    let rows = a.len() / cols.max(1);
+    let (bcols, dcols) = (b.len() / rows.max(1), dst.len() / rows.max(1));
+    let kernel = if has_avx2_fma() { fma } else { plain };
+    let out = SendPtr(dst.as_mut_ptr());
+    for_row_ranges(rows, cols, move |r0, n| {
+        let out = out;
+        // SAFETY: the ranges are disjoint and inside `dst`; the AVX2 kernel is only chosen
+        // when the CPU has AVX2 and FMA.
+        unsafe {
+            let d = std::slice::from_raw_parts_mut(out.0.add(r0 * dcols), n * dcols);
+            kernel(&a[r0 * cols..(r0 + n) * cols], &b[r0 * bcols..(r0 + n) * bcols], d, cols, param)
+        }
+    });
+}
+
+macro_rules! row_kernels2 {
+    ($generic:ident => $plain:ident, $fma:ident) => {
+        unsafe fn $plain(a: &[f32], b: &[f32], d: &mut [f32], cols: usize, p: f32) {
+            $generic::<false>(a, b, d, cols, p)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $fma(a: &[f32], b: &[f32], d: &mut [f32], cols: usize, p: f32) {
+            $generic::<true>(a, b, d, cols, p)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unsafe fn $fma(a: &[f32], b: &[f32], d: &mut [f32], cols: usize, p: f32) {
+            $generic::<false>(a, b, d, cols, p)
+        }
+    };
+}
+
+/// Softmax: rows of the output `y` and the gradient `g` -> `scale * y * (g - sum(g * y))`.
+#[inline(always)]
+fn softmax_grad_rows<const FMA: bool>(y: &[f32], g: &[f32], d: &mut [f32], cols: usize, scale: f32) {
+    for ((yr, gr), dr) in y.chunks_exact(cols).zip(g.chunks_exact(cols)).zip(d.chunks_exact_mut(cols)) {
+        let mut acc = [0f32; 8];
+        let n8 = cols / 8 * 8;
+        for (yc, gc) in yr[..n8].chunks_exact(8).zip(gr[..n8].chunks_exact(8)) {
+            for i in 0..8 {
+                acc[i] = madd::<FMA>(yc[i], gc[i], acc[i]);
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for i in n8..cols {
+            s = madd::<FMA>(yr[i], gr[i], s);
+        }
+        for i in 0..cols {
+            dr[i] = scale * yr[i] * (gr[i] - s);
+        }
+    }
+}
+row_kernels2!(softmax_grad_rows => softmax_grad_rows_plain, softmax_grad_rows_fma);
+
+/// SiLU: `g * s * (1 + x * (1 - s))` with `s = sigmoid(x)`.
+#[inline(always)]
+fn silu_grad_rows<const FMA: bool>(x: &[f32], g: &[f32], d: &mut [f32], _cols: usize, _: f32) {
+    for ((x, g), d) in x.iter().zip(g).zip(d.iter_mut()) {
+        let s = 1.0 / (1.0 + exp::<FMA>(-*x));
+        *d = *g * s * madd::<FMA>(*x, 1.0 - s, 1.0);
+    }
+}
+row_kernels2!(silu_grad_rows => silu_grad_rows_plain, silu_grad_rows_fma);
+
+/// GEGLU, `y = h * gelu(g)`: rows `[h, g]` of `cols` and gradient rows of `cols / 2` ->
+/// `[dy * gelu(g), dy * h * (Phi(g) + g * phi(g))]`.
+#[inline(always)]
+fn geglu_grad_rows<const FMA: bool>(x: &[f32], dy: &[f32], d: &mut [f32], cols: usize, _: f32) {
+    let half = cols / 2;
+    let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
+    for ((xr, gr), dr) in x.chunks_exact(cols).zip(dy.chunks_exact(half)).zip(d.chunks_exact_mut(cols)) {
+        let (h, g) = xr.split_at(half);
+        let (dh, dg) = dr.split_at_mut(half);
+        for i in 0..half {
+            let cdf = 0.5 * erfc::<FMA>(-g[i] * std::f32::consts::FRAC_1_SQRT_2);
+            let pdf = inv_sqrt_2pi * exp::<FMA>(-0.5 * g[i] * g[i]);
+            dh[i] = gr[i] * g[i] * cdf;
+            dg[i] = gr[i] * h[i] * madd::<FMA>(g[i], pdf, cdf);
+        }
+    }
+}
+row_kernels2!(geglu_grad_rows => geglu_grad_rows_plain, geglu_grad_rows_fma);
+
+/// Which backward pass a [`Gradient`] computes.
+#[derive(Clone, Copy)]
+pub enum GradOf {
+    /// First operand: softmax's output; parameter: the scale.
+    ScaledSoftmax(f32),
+    /// First operand: SiLU's input.
+    Silu,
+    /// First operand: GEGLU's input `[h, g]`.
+    Geglu,
+}
+
+/// The input gradient of an element-wise kernel: `first.apply_op2_no_bwd(grad, &Gradient(..))`.
+pub struct Gradient(pub GradOf);
+
+impl CustomOp2 for Gradient {
+    fn name(&self) -> &'static str {
+        "elementwise-gradient"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = contiguous_f32(s1, l1, "gradient")?;
+        let g = contiguous_f32(s2, l2, "gradient")?;
+        let dims = l1.shape().dims();
+        let cols = dims.last().copied().unwrap_or(1).max(1);
+        let grad_cols = if matches!(self.0, GradOf::Geglu) { cols / 2 } else { cols };
+        let want: Vec<usize> = dims[..dims.len().saturating_sub(1)].iter().copied().chain([grad_cols]).collect();
+        if l2.shape().dims() != want.as_slice() || (matches!(self.0, GradOf::Geglu) && cols % 2 != 0) {
+            candle_core::bail!("gradient kernel: input {dims:?} and gradient {:?} do not match", l2.shape().dims());
+        }
+        let mut dst = output_buffer(a.len());
+        if a.is_empty() {
+            return Ok((CpuStorage::F32(dst), l1.shape().clone()));
+        }
+        match self.0 {
+            GradOf::ScaledSoftmax(scale) => {
+                run_rows2(a, g, &mut dst, cols, scale, softmax_grad_rows_fma, softmax_grad_rows_plain)
+            }
+            GradOf::Silu => run_rows2(a, g, &mut dst, cols, 0.0, silu_grad_rows_fma, silu_grad_rows_plain),
+            GradOf::Geglu => run_rows2(a, g, &mut dst, cols, 0.0, geglu_grad_rows_fma, geglu_grad_rows_plain),
+        }
+        Ok((CpuStorage::F32(dst), l1.shape().clone()))
+    }
+}
