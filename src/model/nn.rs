@@ -125,10 +125,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let xn = ops::normalize_last_dim(&x.to_dtype(DType::F32)?, self.eps)?.to_dtype(dtype)?;
-        let n = self.weight.dim(0)?;
-        ops::affine(&xn, &self.weight, &self.bias, &[n])
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 

@@ -152,6 +152,9 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 /// Normalises the last dimension to zero mean and unit variance (no affine), differentiable.
 pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
+    if x.dtype() == DType::F32 && x.device().is_cpu() {
+        return x.apply_op1(super::kernels::LayerNorm { affine: None, eps: eps as f32 });
+    }
     let dim = x.dim(D::Minus1)?;
     let internal = match x.dtype() {
         DType::F16 | DType::BF16 => DType::F32,
@@ -289,6 +292,19 @@ fn conv_untracked(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, st
     Ok(None)
 }
 
+/// Layer norm of the last dimension with the affine part `w`, `b` [D], differentiable in `x`
+/// (and in `w`, `b` when they are trainable): the one-pass kernel of [`super::kernels`] for
+/// f32 CPU tensors with a frozen affine part, [`normalize_last_dim`] + [`affine`] otherwise.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && x.device().is_cpu() && fast_cpu(&[w, b]) {
+        let op = super::kernels::LayerNorm { affine: Some((w.contiguous()?, b.contiguous()?)), eps: eps as f32 };
+        return x.contiguous()?.apply_op1(op);
+    }
+    let dtype = x.dtype();
+    let xn = normalize_last_dim(&x.to_dtype(DType::F32)?, eps)?.to_dtype(dtype)?;
+    affine(&xn, w, b, &[w.dim(0)?])
+}
+
 /// `xn * w + b` with w, b broadcast from `shape` (a norm's affine part). With frozen w and b
 /// only `xn` gets a gradient.
 pub fn affine(xn: &Tensor, w: &Tensor, b: &Tensor, shape: &[usize]) -> Result<Tensor> {
@@ -406,7 +422,21 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu)
     }
 
-    /// The fused f32 kernels (kernels/elementwise.rs) against the same functions in f64
+    /// A layer norm's affine part for rows of `n` (not all ones/zeros, so it is exercised).
+    fn ln_affine(n: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let i = Tensor::arange(0f64, n as f64, &Device::Cpu)?;
+        let w = (&i * 0.37)?.sin()?.affine(0.5, 1.0)?;
+        let b = (&i * 0.71)?.cos()?;
+        Ok((w.to_dtype(dtype)?, b.to_dtype(dtype)?))
+    }
+
+    fn plain_normalize(x: &Tensor) -> Result<Tensor> {
+        let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + 1e-5)?.sqrt()?)
+    }
+
+    /// The fused f32 kernels (kernels/elementwise.rs, layer_norm.rs) against the same functions in f64
     /// through candle's plain ops: values and input gradients, on shapes that exercise the
     /// 8-lane main loop, its tail and the multi-threaded split.
     #[test]
@@ -433,9 +463,25 @@ mod tests {
                     x.narrow(D::Minus1, 0, half)? * (g * cdf)?
                 }),
             ),
+            (
+                "layer norm (frozen affine)",
+                Box::new(|x| {
+                    let (w, b) = ln_affine(x.dim(D::Minus1)?, DType::F32)?;
+                    layer_norm(x, &w, &b, 1e-5)
+                }),
+                Box::new(|x| {
+                    let (w, b) = ln_affine(x.dim(D::Minus1)?, DType::F64)?;
+                    plain_normalize(x)?.broadcast_mul(&w)?.broadcast_add(&b)
+                }),
+            ),
+            ("normalize", Box::new(|x| normalize_last_dim(x, 1e-5)), Box::new(plain_normalize)),
         ];
         for (name, fused, reference) in cases {
             for shape in [vec![3usize, 6], vec![2, 78], vec![64, 8, 256, 78], vec![1, 2]] {
+                if name.contains("norm") && shape == [1, 2] {
+                    // a normalised pair is (-1, 1) whatever x: its gradient is eps-sized noise
+                    continue;
+                }
                 let x64 = (seeded_randn(shape.as_slice(), 7)? * 6.0)?;
                 let xv = Var::from_tensor(&x64.to_dtype(DType::F32)?)?;
                 let y = fused(xv.as_tensor())?;

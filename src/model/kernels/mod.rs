@@ -11,6 +11,7 @@
 //!   backward is the exact analytic gradient (they sit on the training path); group norm with
 //!   its affine part and SiLU in one pass (outside the graph);
 //! - `gradients`: those backward passes, each one pass over the input and the gradient;
+//! - `layer_norm`: layer norm with its frozen affine part, forward and backward in one pass;
 //! - `products`: matrix products as row blocks on candle's pool (linear, its backward) and
 //!   attention fused per query block without materialising the probabilities;
 //! - `conv`: convolution as im2col + one product per image.
@@ -21,6 +22,7 @@
 
 pub use conv::{conv2d, conv2d_vec};
 pub use elementwise::{group_norm, Geglu, ScaledSoftmax, Silu};
+pub use layer_norm::LayerNorm;
 pub use products::{attention, linear, linear_vec, matmul};
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
@@ -226,6 +228,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
 mod conv;
 mod elementwise;
 mod gradients;
+mod layer_norm;
 mod products;
 
 #[cfg(test)]

@@ -1,0 +1,219 @@
+//! Layer normalisation over the last dimension with its (frozen) affine part, forward and
+//! backward each in one pass over rows. candle's own path was a fused normalisation, then a
+//! multiply and an add for the affine part, and a backward of about a dozen ops, each a pass
+//! and an allocation; the backward is also the one of `ops::normalize_last_dim` (group norm
+//! on the training path), with no affine part.
+
+use super::*;
+use candle_core::{CustomOp1, CustomOp2, Shape};
+
+/// Mean and 1/sigma of a row (two passes: the variance of the centred values).
+#[inline(always)]
+fn row_stats<const FMA: bool>(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let sum8 = |f: &dyn Fn(f32) -> f32| {
+        let mut acc = [0f32; 8];
+        let n8 = x.len() / 8 * 8;
+        for c in x[..n8].chunks_exact(8) {
+            for i in 0..8 {
+                acc[i] += f(c[i]);
+            }
+        }
+        acc.iter().sum::<f32>() + x[n8..].iter().map(|&v| f(v)).sum::<f32>()
+    };
+    let mu = sum8(&|v| v) / n;
+    let var = sum8(&|v| (v - mu) * (v - mu)) / n;
+    (mu, 1.0 / (var + eps).sqrt())
+}
+
+/// Parameters of the row kernels: the affine weight and bias (`None`: 1 and 0) and eps.
+#[derive(Clone, Copy)]
+struct Params<'a> {
+    w: Option<&'a [f32]>,
+    b: Option<&'a [f32]>,
+    eps: f32,
+}
+
+/// `y = (x - mu) / sigma * w + b`, row by row.
+#[inline(always)]
+fn forward_rows<const FMA: bool>(x: &[f32], y: &mut [f32], cols: usize, p: Params) {
+    for (xr, yr) in x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)) {
+        let (mu, inv) = row_stats::<FMA>(xr, p.eps);
+        match (p.w, p.b) {
+            (Some(w), Some(b)) => {
+                for i in 0..cols {
+                    yr[i] = madd::<FMA>((xr[i] - mu) * inv, w[i], b[i]);
+                }
+            }
+            _ => {
+                for i in 0..cols {
+                    yr[i] = (xr[i] - mu) * inv;
+                }
+            }
+        }
+    }
+}
+
+/// With `xn = (x - mu) / sigma` and `gw = g * w`:
+/// `dx = (gw - mean(gw) - xn * mean(gw * xn)) / sigma`, row by row.
+#[inline(always)]
+fn backward_rows<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [f32], cols: usize, p: Params) {
+    let n = cols as f32;
+    for ((xr, gr), dr) in x.chunks_exact(cols).zip(g.chunks_exact(cols)).zip(dx.chunks_exact_mut(cols)) {
+        let (mu, inv) = row_stats::<FMA>(xr, p.eps);
+        // dr holds gw first
+        match p.w {
+            Some(w) => {
+                for i in 0..cols {
+                    dr[i] = gr[i] * w[i];
+                }
+            }
+            None => dr.copy_from_slice(gr),
+        }
+        let (mut s_g, mut s_gx) = ([0f32; 8], [0f32; 8]);
+        let n8 = cols / 8 * 8;
+        for (dc, xc) in dr[..n8].chunks_exact(8).zip(xr[..n8].chunks_exact(8)) {
+            for i in 0..8 {
+                s_g[i] += dc[i];
+                s_gx[i] = madd::<FMA>(dc[i], (xc[i] - mu) * inv, s_gx[i]);
+            }
+        }
+        let (mut sg, mut sgx): (f32, f32) = (s_g.iter().sum(), s_gx.iter().sum());
+        for i in n8..cols {
+            sg += dr[i];
+            sgx = madd::<FMA>(dr[i], (xr[i] - mu) * inv, sgx);
+        }
+        let (mg, mgx) = (sg / n, sgx / n);
+        for i in 0..cols {
+            let xn = (xr[i] - mu) * inv;
+            dr[i] = (dr[i] - mg - xn * mgx) * inv;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_rows_fma(x: &[f32], y: &mut [f32], cols: usize, p: Params) {
+    forward_rows::<true>(x, y, cols, p)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn backward_rows_fma(x: &[f32], g: &[f32], dx: &mut [f32], cols: usize, p: Params) {
+    backward_rows::<true>(x, g, dx, cols, p)
+}
+
+fn forward(x: &[f32], cols: usize, p: Params) -> Vec<f32> {
+    let mut y = output_buffer(x.len());
+    let out = SendPtr(y.as_mut_ptr());
+    let fma = has_avx2_fma();
+    for_row_ranges(x.len() / cols, cols, move |r0, n| {
+        let out = out;
+        let xs = &x[r0 * cols..(r0 + n) * cols];
+        // SAFETY: the row ranges are disjoint and inside `y`; AVX2 only where the CPU has it.
+        unsafe {
+            let ys = std::slice::from_raw_parts_mut(out.0.add(r0 * cols), n * cols);
+            #[cfg(target_arch = "x86_64")]
+            if fma {
+                return forward_rows_fma(xs, ys, cols, p);
+            }
+            let _ = fma;
+            forward_rows::<false>(xs, ys, cols, p)
+        }
+    });
+    y
+}
+
+fn backward(x: &[f32], g: &[f32], cols: usize, p: Params) -> Vec<f32> {
+    let mut dx = output_buffer(x.len());
+    let out = SendPtr(dx.as_mut_ptr());
+    let fma = has_avx2_fma();
+    for_row_ranges(x.len() / cols, cols, move |r0, n| {
+        let out = out;
+        let (xs, gs) = (&x[r0 * cols..(r0 + n) * cols], &g[r0 * cols..(r0 + n) * cols]);
+        // SAFETY: as in `forward`.
+        unsafe {
+            let ds = std::slice::from_raw_parts_mut(out.0.add(r0 * cols), n * cols);
+            #[cfg(target_arch = "x86_64")]
+            if fma {
+                return backward_rows_fma(xs, gs, ds, cols, p);
+            }
+            let _ = fma;
+            backward_rows::<false>(xs, gs, ds, cols, p)
+        }
+    });
+    dx
+}
+
+/// Layer norm over the last dimension with a frozen affine part `w`, `b` [D] (`None`: plain
+/// normalisation). The backward gives the input its gradient; `w` and `b` get none.
+pub struct LayerNorm {
+    pub affine: Option<(Tensor, Tensor)>,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    fn with_params<R>(&self, f: impl FnOnce(Params) -> Result<R>) -> Result<R> {
+        match &self.affine {
+            None => f(Params { w: None, b: None, eps: self.eps }),
+            Some((w, b)) => with_f32(w, |w| with_f32(b, |b| f(Params { w: Some(w), b: Some(b), eps: self.eps }))),
+        }
+    }
+
+    fn cols(&self, l: &Layout) -> Result<usize> {
+        let cols = l.shape().dims().last().copied().unwrap_or(0);
+        if cols == 0 {
+            candle_core::bail!("layer norm kernel: empty last dimension in {:?}", l.shape());
+        }
+        if let Some((w, b)) = &self.affine {
+            if w.dims() != [cols] || b.dims() != [cols] {
+                candle_core::bail!("layer norm kernel: weight {:?} / bias {:?} for rows of {cols}", w.dims(), b.dims());
+            }
+        }
+        Ok(cols)
+    }
+}
+
+impl CustomOp1 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm-fused"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, "layer norm")?;
+        let cols = self.cols(l)?;
+        let y = self.with_params(|p| Ok(forward(x, cols, p)))?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let grad = LayerNormGrad { affine: self.affine.as_ref().map(|(w, _)| w.clone()), eps: self.eps };
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &grad)?))
+    }
+}
+
+/// The input gradient of [`LayerNorm`]: `x.apply_op2_no_bwd(grad, ..)`.
+struct LayerNormGrad {
+    affine: Option<Tensor>,
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "layer-norm-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "layer norm grad")?;
+        let g = contiguous_f32(s2, l2, "layer norm grad")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("layer norm grad: input {:?}, gradient {:?}", l1.shape(), l2.shape());
+        }
+        let cols = l1.shape().dims().last().copied().unwrap_or(0).max(1);
+        let dx = match &self.affine {
+            None => backward(x, g, cols, Params { w: None, b: None, eps: self.eps }),
+            Some(w) => with_f32(w, |w| Ok(backward(x, g, cols, Params { w: Some(w), b: None, eps: self.eps })))?,
+        };
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
