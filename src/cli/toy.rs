@@ -32,11 +32,14 @@ pub struct CheckArgs {
     /// Prompts of each kind and attention scenes.
     #[arg(long, default_value_t = 50)]
     pub n: usize,
-    /// The training set whose captions count as seen: `toy scenes --seed S --n N`.
+    /// The training sets whose captions count as seen: `toy scenes --seed S --n N
+    /// --unnamed-share F` for each F given (the shipped model saw 0 and then 0.25).
     #[arg(long, default_value_t = 1)]
     pub train_seed: u64,
     #[arg(long, default_value_t = 20000)]
     pub train_n: usize,
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25", value_name = "F,..")]
+    pub train_unnamed_shares: Vec<f32>,
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
     #[arg(long, default_value_t = 5.0)]
@@ -49,7 +52,7 @@ fn check_model(a: CheckArgs) -> Result<()> {
     let dir = a.model.clone().unwrap_or_else(crate::toyworld::experiment::default_toy_model);
     crate::toyworld::experiment::check_toy_model(&dir)?;
     let sd = crate::model::sd::StableDiffusion::load(&dir, &Default::default())?;
-    let seen = crate::toyworld::model_check::training_captions(a.train_seed, a.train_n);
+    let seen = crate::toyworld::model_check::training_captions(a.train_seed, a.train_n, &a.train_unnamed_shares)?;
     eprintln!("{} distinct training captions", seen.len());
     let r = crate::toyworld::model_check::check(&sd, &seen, a.n, a.steps, a.guidance_scale, a.seed)?;
     println!("{}", serde_json::to_string_pretty(&r)?);

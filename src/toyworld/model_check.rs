@@ -42,10 +42,16 @@ pub struct ModelCheck {
     pub attention_iou_uniform: f64,
 }
 
-/// The captions of the training set (`n` scenes of `seed`), to keep test prompts unseen.
-pub fn training_captions(seed: u64, n: usize) -> HashSet<String> {
-    let spec = WorldSpec::default();
-    (0..n as u64).map(|i| caption(&random_scene(&mut util::seeded_rng(scene_seed(seed, i)), &spec))).collect()
+/// The captions of the training sets (`n` scenes of `seed`, one set per unnamed share), to
+/// keep test prompts unseen.
+pub fn training_captions(seed: u64, n: usize, unnamed_shares: &[f32]) -> anyhow::Result<HashSet<String>> {
+    let mut seen = HashSet::new();
+    for &unnamed_share in unnamed_shares {
+        let spec = WorldSpec { unnamed_share, ..WorldSpec::default() };
+        spec.validate()?;
+        seen.extend((0..n as u64).map(|i| caption(&random_scene(&mut util::seeded_rng(scene_seed(seed, i)), &spec))));
+    }
+    Ok(seen)
 }
 
 fn object(class: Class, color: NamedColor, pattern: Pattern) -> Object {
