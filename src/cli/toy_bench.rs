@@ -160,6 +160,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "{} scene(s) from seed {}, {} training steps, {} images per prompt ({} DDIM steps, guidance {}). \
          Identity fidelity = oracle appearance similarity to the training object (0-1, higher is better); \
          leakage = share of single-concept images that also show the other concept (lower is better); \
+         leak sim = mean highest similarity of an object in a single-concept image to the other concept \
+         (lower is better; compare with that concept's own fidelity); \
          prompt fidelity = share of edited prompts whose edit is present. \
          Attention columns, measured on the training image after training (timesteps 100-700): \
          L_bind and L_s&s as DisenDiff defines them (lower = modifier bound to its class word / \
@@ -167,17 +169,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
          object's mask and with the other object's.\n",
         a.scenes, a.seed, a.steps, a.num_images, a.sample_steps, a.guidance_scale
     )?;
-    writeln!(md, "| method | Combined | Concept1 | Concept2 | Mean | leakage | prompt fidelity | train s | L_bind | L_s&s | class IoU own | class IoU other |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| method | Combined | Concept1 | Concept2 | Mean | leakage | leak sim | prompt fidelity | train s | L_bind | L_s&s | class IoU own | class IoU other |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for (name, m) in &methods {
         writeln!(
             md,
-            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
             m.fidelity.combined,
             m.fidelity.concept1,
             m.fidelity.concept2,
             m.fidelity.mean,
             m.leakage,
+            m.leak_similarity,
             m.prompt_fidelity,
             m.train_seconds,
             m.attention.l_bind,
