@@ -13,17 +13,11 @@ type RowKernel2 = unsafe fn(&[f32], &[f32], &mut [f32], usize, f32);
 /// As [`run_rows`] for kernels of two inputs.
 fn run_rows2(a: &[f32], b: &[f32], dst: &mut [f32], cols: usize, param: f32, fma: RowKernel2, plain: RowKernel2) {
     let rows = a.len() / cols.max(1);
-    let (bcols, dcols) = (b.len() / rows.max(1), dst.len() / rows.max(1));
+    let bcols = b.len() / rows.max(1);
     let kernel = if has_avx2_fma() { fma } else { plain };
-    let out = SendPtr(dst.as_mut_ptr());
-    for_row_ranges(rows, cols, move |r0, n| {
-        let out = out;
-        // SAFETY: the ranges are disjoint and inside `dst`; the AVX2 kernel is only chosen
-        // when the CPU has AVX2 and FMA.
-        unsafe {
-            let d = std::slice::from_raw_parts_mut(out.0.add(r0 * dcols), n * dcols);
-            kernel(&a[r0 * cols..(r0 + n) * cols], &b[r0 * bcols..(r0 + n) * bcols], d, cols, param)
-        }
+    for_dst_rows(rows, cols, dst, |r0, n, d| {
+        // SAFETY: the AVX2 kernel is only chosen when the CPU has AVX2 and FMA.
+        unsafe { kernel(&a[r0 * cols..(r0 + n) * cols], &b[r0 * bcols..(r0 + n) * bcols], d, cols, param) }
     });
 }
 

@@ -105,42 +105,32 @@ unsafe fn backward_rows_fma(x: &[f32], g: &[f32], dx: &mut [f32], cols: usize, p
 
 fn forward(x: &[f32], cols: usize, p: Params) -> Vec<f32> {
     let mut y = output_buffer(x.len());
-    let out = SendPtr(y.as_mut_ptr());
     let fma = has_avx2_fma();
-    for_row_ranges(x.len() / cols, cols, move |r0, n| {
-        let out = out;
+    for_dst_rows(x.len() / cols, cols, &mut y, |r0, n, ys| {
         let xs = &x[r0 * cols..(r0 + n) * cols];
-        // SAFETY: the row ranges are disjoint and inside `y`; AVX2 only where the CPU has it.
-        unsafe {
-            let ys = std::slice::from_raw_parts_mut(out.0.add(r0 * cols), n * cols);
-            #[cfg(target_arch = "x86_64")]
-            if fma {
-                return forward_rows_fma(xs, ys, cols, p);
-            }
-            let _ = fma;
-            forward_rows::<false>(xs, ys, cols, p)
+        #[cfg(target_arch = "x86_64")]
+        if fma {
+            // SAFETY: only where the CPU has AVX2 and FMA.
+            return unsafe { forward_rows_fma(xs, ys, cols, p) };
         }
+        let _ = fma;
+        forward_rows::<false>(xs, ys, cols, p)
     });
     y
 }
 
 fn backward(x: &[f32], g: &[f32], cols: usize, p: Params) -> Vec<f32> {
     let mut dx = output_buffer(x.len());
-    let out = SendPtr(dx.as_mut_ptr());
     let fma = has_avx2_fma();
-    for_row_ranges(x.len() / cols, cols, move |r0, n| {
-        let out = out;
+    for_dst_rows(x.len() / cols, cols, &mut dx, |r0, n, ds| {
         let (xs, gs) = (&x[r0 * cols..(r0 + n) * cols], &g[r0 * cols..(r0 + n) * cols]);
-        // SAFETY: as in `forward`.
-        unsafe {
-            let ds = std::slice::from_raw_parts_mut(out.0.add(r0 * cols), n * cols);
-            #[cfg(target_arch = "x86_64")]
-            if fma {
-                return backward_rows_fma(xs, gs, ds, cols, p);
-            }
-            let _ = fma;
-            backward_rows::<false>(xs, gs, ds, cols, p)
+        #[cfg(target_arch = "x86_64")]
+        if fma {
+            // SAFETY: as in `forward`.
+            return unsafe { backward_rows_fma(xs, gs, ds, cols, p) };
         }
+        let _ = fma;
+        backward_rows::<false>(xs, gs, ds, cols, p)
     });
     dx
 }

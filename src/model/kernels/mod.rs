@@ -153,22 +153,27 @@ fn has_avx2_fma() -> bool {
 /// A kernel over whole rows: (`src`, `dst`, row length, parameter).
 type RowKernel = unsafe fn(&[f32], &mut [f32], usize, f32);
 
+/// Calls `f(first_row, n, dst_rows)` over ranges of the `rows` rows of `dst` (each
+/// `dst.len() / rows` long), on candle's pool when the work (`rows * cols`) is large.
+fn for_dst_rows(rows: usize, cols: usize, dst: &mut [f32], f: impl Fn(usize, usize, &mut [f32]) + Sync) {
+    let dcols = dst.len() / rows.max(1);
+    let out = SendPtr(dst.as_mut_ptr());
+    for_row_ranges(rows, cols, move |r0, n| {
+        let out = out;
+        // SAFETY: the ranges are disjoint and inside `dst`.
+        let d = unsafe { std::slice::from_raw_parts_mut(out.0.add(r0 * dcols), n * dcols) };
+        f(r0, n, d)
+    });
+}
+
 /// Applies `kernel` (the AVX2+FMA build when the CPU has it, else `plain`) to the rows of
 /// `src` (`cols` each), writing the matching rows of `dst` (`dst.len() / rows` each), split
 /// over threads when large.
 fn run_rows(src: &[f32], dst: &mut [f32], cols: usize, param: f32, fma: RowKernel, plain: RowKernel) {
-    let rows = src.len() / cols;
-    let dcols = dst.len() / rows.max(1);
     let kernel = if has_avx2_fma() { fma } else { plain };
-    let out = SendPtr(dst.as_mut_ptr());
-    for_row_ranges(rows, cols, move |r0, n| {
-        let out = out;
-        // SAFETY: the ranges are disjoint and inside `dst`; the AVX2 kernel is only chosen
-        // when the CPU has AVX2 and FMA.
-        unsafe {
-            let d = std::slice::from_raw_parts_mut(out.0.add(r0 * dcols), n * dcols);
-            kernel(&src[r0 * cols..(r0 + n) * cols], d, cols, param)
-        }
+    for_dst_rows(src.len() / cols, cols, dst, |r0, n, d| {
+        // SAFETY: the AVX2 kernel is only chosen when the CPU has AVX2 and FMA.
+        unsafe { kernel(&src[r0 * cols..(r0 + n) * cols], d, cols, param) }
     });
 }
 
