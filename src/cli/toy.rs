@@ -84,7 +84,7 @@ pub struct ScenesArgs {
     #[arg(long, default_value_t = 3)]
     pub max_objects: usize,
     /// Share of training objects drawn with an unnamed two-colour look and captioned by class
-    /// alone ("a ball"); the shipped toy model was trained with 0.2. The looks of the
+    /// alone ("a ball"); the shipped toy model's third run used 0.25. The looks of the
     /// personalization scenes never occur.
     #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
     pub unnamed_share: f32,
