@@ -1,4 +1,5 @@
-//! The backward passes of the element-wise kernels (`elementwise`) as single passes: each
+//! The backward passes of the element-wise kernels (`elementwise`) and of layer norm
+//! (`layer_norm`) as single passes: each
 //! was 4-11 candle ops (a pass and an allocation each; GEGLU's with scalar libm `erf`/`exp`),
 //! together about a tenth of a training step. Each takes the forward's input (or output) and
 //! the incoming gradient, row by row, and writes the input gradient.
@@ -90,7 +91,7 @@ fn geglu_grad_rows<const FMA: bool>(x: &[f32], dy: &[f32], d: &mut [f32], cols: 
 row_kernels2!(geglu_grad_rows => geglu_grad_rows_plain, geglu_grad_rows_fma);
 
 /// Which backward pass a [`Gradient`] computes.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub enum GradOf {
     /// First operand: softmax's output; parameter: the scale.
     ScaledSoftmax(f32),
@@ -98,6 +99,8 @@ pub enum GradOf {
     Silu,
     /// First operand: GEGLU's input `[h, g]`.
     Geglu,
+    /// First operand: layer norm's input; its frozen weight [D] (`None`: plain normalisation).
+    LayerNorm { weight: Option<Tensor>, eps: f32 },
 }
 
 /// The input gradient of an element-wise kernel: `first.apply_op2_no_bwd(grad, &Gradient(..))`.
@@ -122,12 +125,19 @@ impl CustomOp2 for Gradient {
         if a.is_empty() {
             return Ok((CpuStorage::F32(dst), l1.shape().clone()));
         }
-        match self.0 {
+        match &self.0 {
             GradOf::ScaledSoftmax(scale) => {
-                run_rows2(a, g, &mut dst, cols, scale, softmax_grad_rows_fma, softmax_grad_rows_plain)
+                run_rows2(a, g, &mut dst, cols, *scale, softmax_grad_rows_fma, softmax_grad_rows_plain)
             }
             GradOf::Silu => run_rows2(a, g, &mut dst, cols, 0.0, silu_grad_rows_fma, silu_grad_rows_plain),
             GradOf::Geglu => run_rows2(a, g, &mut dst, cols, 0.0, geglu_grad_rows_fma, geglu_grad_rows_plain),
+            GradOf::LayerNorm { weight: None, eps } => super::layer_norm::input_grad(a, g, &mut dst, cols, None, *eps),
+            GradOf::LayerNorm { weight: Some(w), eps } => {
+                if w.dims() != [cols] {
+                    candle_core::bail!("layer norm gradient: weight {:?} for rows of {cols}", w.dims());
+                }
+                with_f32(w, |w| Ok(super::layer_norm::input_grad(a, g, &mut dst, cols, Some(w), *eps)))?
+            }
         }
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }

@@ -5,24 +5,28 @@
 //! on the training path), with no affine part.
 
 use super::*;
-use candle_core::{CustomOp1, CustomOp2, Shape};
+use super::gradients::{GradOf, Gradient};
+use candle_core::{CustomOp1, Shape};
 
-/// Mean and 1/sigma of a row (two passes: the variance of the centred values).
+/// Mean and 1/sigma of a row (two passes: the variance of the centred values), 8 lanes.
 #[inline(always)]
 fn row_stats<const FMA: bool>(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let sum8 = |f: &dyn Fn(f32) -> f32| {
-        let mut acc = [0f32; 8];
-        let n8 = x.len() / 8 * 8;
-        for c in x[..n8].chunks_exact(8) {
-            for i in 0..8 {
-                acc[i] += f(c[i]);
-            }
+    let n8 = x.len() / 8 * 8;
+    let mut acc = [0f32; 8];
+    for c in x[..n8].chunks_exact(8) {
+        for i in 0..8 {
+            acc[i] += c[i];
         }
-        acc.iter().sum::<f32>() + x[n8..].iter().map(|&v| f(v)).sum::<f32>()
-    };
-    let mu = sum8(&|v| v) / n;
-    let var = sum8(&|v| (v - mu) * (v - mu)) / n;
+    }
+    let mu = (acc.iter().sum::<f32>() + x[n8..].iter().sum::<f32>()) / n;
+    let mut acc = [0f32; 8];
+    for c in x[..n8].chunks_exact(8) {
+        for i in 0..8 {
+            acc[i] = madd::<FMA>(c[i] - mu, c[i] - mu, acc[i]);
+        }
+    }
+    let var = (acc.iter().sum::<f32>() + x[n8..].iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>()) / n;
     (mu, 1.0 / (var + eps).sqrt())
 }
 
@@ -119,10 +123,12 @@ fn forward(x: &[f32], cols: usize, p: Params) -> Vec<f32> {
     y
 }
 
-fn backward(x: &[f32], g: &[f32], cols: usize, p: Params) -> Vec<f32> {
-    let mut dx = output_buffer(x.len());
+/// Writes into `dx` the input gradient of layer norm with the frozen weight `w` (`None`:
+/// plain normalisation), for rows of `cols` of the input `x` and the output gradient `g`.
+pub(super) fn input_grad(x: &[f32], g: &[f32], dx: &mut [f32], cols: usize, w: Option<&[f32]>, eps: f32) {
+    let p = Params { w, b: None, eps };
     let fma = has_avx2_fma();
-    for_dst_rows(x.len() / cols, cols, &mut dx, |r0, n, ds| {
+    for_dst_rows(x.len() / cols, cols, dx, |r0, n, ds| {
         let (xs, gs) = (&x[r0 * cols..(r0 + n) * cols], &g[r0 * cols..(r0 + n) * cols]);
         #[cfg(target_arch = "x86_64")]
         if fma {
@@ -132,7 +138,6 @@ fn backward(x: &[f32], g: &[f32], cols: usize, p: Params) -> Vec<f32> {
         let _ = fma;
         backward_rows::<false>(xs, gs, ds, cols, p)
     });
-    dx
 }
 
 /// Layer norm over the last dimension with a frozen affine part `w`, `b` [D] (`None`: plain
@@ -177,33 +182,7 @@ impl CustomOp1 for LayerNorm {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let grad = LayerNormGrad { affine: self.affine.as_ref().map(|(w, _)| w.clone()), eps: self.eps };
-        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &grad)?))
-    }
-}
-
-/// The input gradient of [`LayerNorm`]: `x.apply_op2_no_bwd(grad, ..)`.
-struct LayerNormGrad {
-    affine: Option<Tensor>,
-    eps: f32,
-}
-
-impl CustomOp2 for LayerNormGrad {
-    fn name(&self) -> &'static str {
-        "layer-norm-grad"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "layer norm grad")?;
-        let g = contiguous_f32(s2, l2, "layer norm grad")?;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("layer norm grad: input {:?}, gradient {:?}", l1.shape(), l2.shape());
-        }
-        let cols = l1.shape().dims().last().copied().unwrap_or(0).max(1);
-        let dx = match &self.affine {
-            None => backward(x, g, cols, Params { w: None, b: None, eps: self.eps }),
-            Some(w) => with_f32(w, |w| Ok(backward(x, g, cols, Params { w: Some(w), b: None, eps: self.eps })))?,
-        };
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        let op = Gradient(GradOf::LayerNorm { weight: self.affine.as_ref().map(|(w, _)| w.clone()), eps: self.eps });
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &op)?))
     }
 }

@@ -10,7 +10,8 @@
 //! - `elementwise`: softmax(scale·x), SiLU and GEGLU in one pass, as `CustomOp1`s whose
 //!   backward is the exact analytic gradient (they sit on the training path); group norm with
 //!   its affine part and SiLU in one pass (outside the graph);
-//! - `gradients`: those backward passes, each one pass over the input and the gradient;
+//! - `gradients`: those backward passes and layer norm's, each one pass over the input and
+//!   the gradient;
 //! - `layer_norm`: layer norm with its frozen affine part, forward and backward in one pass;
 //! - `products`: matrix products as row blocks on candle's pool (linear, its backward) and
 //!   attention fused per query block without materialising the probabilities;
