@@ -21,7 +21,7 @@ fn reduced_toy_bench_writes_the_report() {
             let f = m["fidelity"][key].as_f64().unwrap_or_else(|| panic!("{method} lacks fidelity.{key}"));
             assert!((0.0..=1.0).contains(&f), "{method} fidelity.{key} = {f}");
         }
-        for key in ["leakage", "leak_similarity", "prompt_fidelity", "train_seconds"] {
+        for key in ["leakage", "other_object", "look_swap", "leak_similarity", "composition", "prompt_fidelity", "train_seconds"] {
             assert!(m[key].as_f64().is_some(), "{method} lacks {key}");
         }
         for key in ["l_bind", "l_ss", "class_iou_own", "class_iou_other"] {
@@ -32,6 +32,7 @@ fn reduced_toy_bench_writes_the_report() {
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| disendiff |"));
+    assert!(out.join("scene-1/disendiff/images/concept1-0-0.png").is_file(), "the bench keeps every generated image");
 }
 
 #[test]

@@ -119,15 +119,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             pb.set_message(format!("scene {} {name}", task.seed));
             let run_dir = scene_dir.join(name.replace('/', "_"));
             let (model, seconds) = experiment::train(&model_dir, &task, opts, &run_dir, |_| {})?;
+            std::fs::create_dir_all(run_dir.join("images"))?;
             let diagnostics = experiment::attention_diagnostics(&model, &task)?;
             let tally = tallies.entry(name.clone()).or_default();
             tally.train_seconds += seconds / a.scenes as f64;
             tally.attention.push(diagnostics);
             let mut rows = Vec::new();
             for (set_name, set) in [("combined", &sets.combined), ("concept1", &sets.concept1), ("concept2", &sets.concept2)] {
-                for spec in set.iter() {
+                for (p, spec) in set.iter().enumerate() {
                     let images = experiment::generate(&model, &spec.prompt, a.num_images, 1000, a.sample_steps, a.guidance_scale)?;
-                    for img in &images {
+                    for (i, img) in images.iter().enumerate() {
+                        util::save_png(img, &run_dir.join(format!("images/{set_name}-{p}-{i}.png")))?;
                         tally.add(set_name, &scorer.score(img, spec));
                     }
                     if spec.base {
@@ -159,9 +161,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         md,
         "{} scene(s) from seed {}, {} training steps, {} images per prompt ({} DDIM steps, guidance {}). \
          Identity fidelity = oracle appearance similarity to the training object (0-1, higher is better); \
-         leakage = share of single-concept images that also show the other concept (lower is better); \
-         leak sim = mean highest similarity of an object in a single-concept image to the other concept \
-         (lower is better; compare with that concept's own fidelity); \
+         leakage = share of single-concept images that also show the other concept (lower is better): \
+         as an object of its class (other object) or as the asked object wearing its look (look swap: \
+         the asked object's appearance is nearer the other concept's than its own); \
+         composition = share of combined images showing both classes; \
          prompt fidelity = share of edited prompts whose edit is present. \
          Attention columns, measured on the training image after training (timesteps 100-700): \
          L_bind and L_s&s as DisenDiff defines them (lower = modifier bound to its class word / \
@@ -169,18 +172,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
          object's mask and with the other object's.\n",
         a.scenes, a.seed, a.steps, a.num_images, a.sample_steps, a.guidance_scale
     )?;
-    writeln!(md, "| method | Combined | Concept1 | Concept2 | Mean | leakage | leak sim | prompt fidelity | train s | L_bind | L_s&s | class IoU own | class IoU other |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| method | Combined | Concept1 | Concept2 | Mean | leakage | other object | look swap | composition | prompt fidelity | train s | L_bind | L_s&s | class IoU own | class IoU other |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for (name, m) in &methods {
         writeln!(
             md,
-            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
             m.fidelity.combined,
             m.fidelity.concept1,
             m.fidelity.concept2,
             m.fidelity.mean,
             m.leakage,
-            m.leak_similarity,
+            m.other_object,
+            m.look_swap,
+            m.composition,
             m.prompt_fidelity,
             m.train_seconds,
             m.attention.l_bind,

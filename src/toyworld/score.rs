@@ -2,17 +2,24 @@
 //!
 //! - identity fidelity of concept k in an image = the best appearance similarity (oracle,
 //!   0..1) between any detected object and the reference object k of the training scene;
-//! - leakage, on a single-concept prompt for concept k: some detected object looks like the
-//!   *other* concept j (similarity to j at least [`SAME_APPEARANCE`] and above its similarity
-//!   to k);
+//! - leakage, on a single-concept prompt for concept k: the image shows the other concept j,
+//!   in either of the two ways the paper's Fig. 2 failure takes:
+//!   - *other object*: an object of j's class is there (the other concept dragged along;
+//!     judged by shape, which the oracle names at 99-100% on clean and degraded renders);
+//!   - *look swap*: the object asked for wears j's look (its appearance is nearer j's than
+//!     k's; among the asked class's objects, or all objects when the class is missing). This
+//!     compares distances, so it works on soft renders far from both looks, where similarity
+//!     thresholds never fire (the oracle's "nearest reference" is 99-100% right even on harsh
+//!     degradations);
+//!   - or, as before, some object has j's look outright (similarity >= [`SAME_APPEARANCE`]
+//!     and above its similarity to k);
 //! - leak similarity, on the same prompts: the highest similarity of any detected object to
-//!   the other concept j, the continuous counterpart of leakage (the 0.5 threshold was
-//!   validated on clean renders, and generated objects rarely come that close to either
-//!   concept; this also catches one object wearing the other concept's look);
+//!   the other concept j (continuous, for reference);
+//! - composition, on combined prompts: both concepts' classes are there;
 //! - prompt fidelity, on edited prompts: the asked background is the image's background, and
 //!   an added named object is present (a detected object of that class and colour).
 
-use super::oracle::{analyze, appearance_similarity, background_color_among, reference_objects, ReferenceObject, SceneAnalysis};
+use super::oracle::{analyze, appearance_distance, appearance_similarity, background_color_among, reference_objects, ReferenceObject, SceneAnalysis};
 use super::experiment::AttentionDiagnostics;
 use super::task::{PromptSpec, Task};
 use super::NamedColor;
@@ -28,10 +35,18 @@ pub const SAME_APPEARANCE: f32 = super::oracle::SAME_APPEARANCE_THRESHOLD;
 pub struct ImageScore {
     /// Fidelity per requested concept (same order as the prompt's concepts).
     pub fidelity: Vec<f32>,
-    /// For single-concept prompts: the other concept shows up.
+    /// For single-concept prompts: the other concept shows up (other object, look swap, or
+    /// an object with its look).
     pub leaked: Option<bool>,
+    /// For single-concept prompts: an object of the other concept's class is there.
+    pub other_object: Option<bool>,
+    /// For single-concept prompts: the asked object looks more like the other concept than
+    /// like its own (`None` when nothing was detected).
+    pub look_swap: Option<bool>,
     /// For single-concept prompts: the highest similarity of an object to the other concept.
     pub leak_similarity: Option<f32>,
+    /// For combined prompts: objects of both concepts' classes are there.
+    pub both_present: Option<bool>,
     /// For edited prompts: the edit is there.
     pub edit_ok: Option<bool>,
     pub objects: usize,
@@ -50,18 +65,33 @@ impl Scorer {
         a.objects.iter().map(|o| appearance_similarity(&o.appearance, &self.refs[k].appearance)).collect()
     }
 
+    /// Whether the object asked for as concept `k` looks nearer concept `j`: the smallest
+    /// appearance distance to j beats the smallest to k, over the objects of k's class (all
+    /// objects when none has it). `None` when nothing was detected.
+    fn look_swap(&self, a: &SceneAnalysis, k: usize, j: usize) -> Option<bool> {
+        let of_class: Vec<_> = a.objects.iter().filter(|o| o.class == self.refs[k].class).collect();
+        let candidates = if of_class.is_empty() { a.objects.iter().collect() } else { of_class };
+        let nearest = |r: usize| {
+            candidates.iter().map(|o| appearance_distance(&o.appearance, &self.refs[r].appearance)).fold(f32::INFINITY, f32::min)
+        };
+        (!candidates.is_empty()).then(|| nearest(j) < nearest(k))
+    }
+
     pub fn score(&self, img: &RgbImage, spec: &PromptSpec) -> ImageScore {
         let a = analyze(img);
         let fidelity: Vec<f32> = spec.concepts.iter().map(|&k| self.similarity(&a, k).into_iter().fold(0.0, f32::max)).collect();
-        let leak_similarity =
-            (spec.concepts.len() == 1).then(|| self.similarity(&a, 1 - spec.concepts[0]).into_iter().fold(0.0, f32::max));
-        let leaked = (spec.concepts.len() == 1).then(|| {
-            let k = spec.concepts[0];
-            let j = 1 - k;
+        let single = (spec.concepts.len() == 1).then(|| (spec.concepts[0], 1 - spec.concepts[0]));
+        let leak_similarity = single.map(|(_, j)| self.similarity(&a, j).into_iter().fold(0.0, f32::max));
+        let other_object = single.map(|(_, j)| a.count_class(self.refs[j].class) > 0);
+        let look_swap = single.and_then(|(k, j)| self.look_swap(&a, k, j));
+        let leaked = single.map(|(k, j)| {
             let sim_k = self.similarity(&a, k);
             let sim_j = self.similarity(&a, j);
-            sim_j.iter().zip(&sim_k).any(|(sj, sk)| *sj >= SAME_APPEARANCE && sj > sk)
+            let same_look = sim_j.iter().zip(&sim_k).any(|(sj, sk)| *sj >= SAME_APPEARANCE && sj > sk);
+            same_look || other_object == Some(true) || look_swap == Some(true)
         });
+        let both_present =
+            (spec.concepts.len() > 1).then(|| spec.concepts.iter().all(|&k| a.count_class(self.refs[k].class) > 0));
         let edit_ok = (!spec.base).then(|| {
             let bg_ok = background_color_among(img, NamedColor::BACKGROUND) == spec.background;
             let added_ok = match spec.added {
@@ -70,7 +100,7 @@ impl Scorer {
             };
             bg_ok && added_ok
         });
-        ImageScore { fidelity, leaked, leak_similarity, edit_ok, objects: a.objects.len() }
+        ImageScore { fidelity, leaked, other_object, look_swap, leak_similarity, both_present, edit_ok, objects: a.objects.len() }
     }
 }
 
@@ -78,9 +108,16 @@ impl Scorer {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct MethodScores {
     pub fidelity: FidelityTable,
+    /// Share of single-concept images showing the other concept (any of the ways below).
     pub leakage: f64,
+    /// Share of single-concept images with an object of the other concept's class.
+    pub other_object: f64,
+    /// Share of single-concept images whose asked object wears the other concept's look.
+    pub look_swap: f64,
     /// Mean over single-concept images of the highest similarity to the other concept.
     pub leak_similarity: f64,
+    /// Share of combined images showing both concepts' classes.
+    pub composition: f64,
     pub prompt_fidelity: f64,
     pub train_seconds: f64,
     /// The trained model's attention on its training image (mean over scenes).
@@ -102,7 +139,10 @@ pub struct Tally {
     concept1: (f64, usize),
     concept2: (f64, usize),
     leaks: (usize, usize),
+    other_object: (usize, usize),
+    look_swap: (usize, usize),
     leak_similarity: (f64, usize),
+    composition: (usize, usize),
     edits: (usize, usize),
     pub train_seconds: f64,
     pub attention: Vec<AttentionDiagnostics>,
@@ -119,17 +159,20 @@ impl Tally {
         };
         slot.0 += f;
         slot.1 += 1;
-        if let Some(l) = s.leaked {
-            self.leaks.0 += l as usize;
-            self.leaks.1 += 1;
-        }
+        let count = |slot: &mut (usize, usize), v: Option<bool>| {
+            if let Some(v) = v {
+                slot.0 += v as usize;
+                slot.1 += 1;
+            }
+        };
+        count(&mut self.leaks, s.leaked);
+        count(&mut self.other_object, s.other_object);
+        count(&mut self.look_swap, s.look_swap);
+        count(&mut self.composition, s.both_present);
+        count(&mut self.edits, s.edit_ok);
         if let Some(v) = s.leak_similarity {
             self.leak_similarity.0 += v as f64;
             self.leak_similarity.1 += 1;
-        }
-        if let Some(e) = s.edit_ok {
-            self.edits.0 += e as usize;
-            self.edits.1 += 1;
         }
     }
 
@@ -140,7 +183,10 @@ impl Tally {
         MethodScores {
             fidelity: FidelityTable { combined: c, concept1: c1, concept2: c2, mean: (c + c1 + c2) / 3.0 },
             leakage: frac(self.leaks),
+            other_object: frac(self.other_object),
+            look_swap: frac(self.look_swap),
             leak_similarity: avg(self.leak_similarity),
+            composition: frac(self.composition),
             prompt_fidelity: frac(self.edits),
             train_seconds: self.train_seconds,
             attention: mean_diagnostics(&self.attention),
@@ -179,7 +225,56 @@ mod tests {
         let other = scorer.score(&alone(1), &spec);
         assert_eq!(other.leaked, Some(true));
         assert!(other.leak_similarity.unwrap() > 0.5, "other look: leak similarity {:?}", other.leak_similarity);
+        assert_eq!((own.other_object, own.look_swap), (Some(false), Some(false)));
+        // the other concept alone: its class is there, and it is the nearest look
+        assert_eq!((other.other_object, other.look_swap), (Some(true), Some(true)));
         let combined = scorer.score(&task.image, &task.prompt_sets().combined[0]);
-        assert_eq!((combined.leaked, combined.leak_similarity), (None, None));
+        assert_eq!((combined.leaked, combined.leak_similarity, combined.both_present), (None, None, Some(true)));
+        assert_eq!(scorer.score(&alone(0), &task.prompt_sets().combined[0]).both_present, Some(false));
+    }
+
+    /// A soft, washed-out copy, as the toy model draws: Gaussian blur, then every colour
+    /// pulled 35% towards mid-grey.
+    fn soften(img: &RgbImage) -> RgbImage {
+        let mut out = image::imageops::blur(img, 1.5);
+        for p in out.pixels_mut() {
+            for c in p.0.iter_mut() {
+                *c = (0.65 * *c as f32 + 0.35 * 128.0).round() as u8;
+            }
+        }
+        out
+    }
+
+    /// Attribute leakage: the asked object in the other concept's look is a look swap (and a
+    /// leak) without any object of the other class, and the asked object in its own look is
+    /// neither; the same holds on softened renders (fidelity 0.01-0.72, mean about 0.43), where
+    /// the 0.5 similarity threshold would no longer see the looks.
+    #[test]
+    fn look_swap_on_clean_and_blurred_renders() {
+        let mut soft_fidelity = Vec::new();
+        for seed in 1..=6 {
+            let task = Task::new(seed);
+            let scorer = Scorer::new(&task);
+            for k in 0..2 {
+                let spec = if k == 0 { task.prompt_sets().concept1[0].clone() } else { task.prompt_sets().concept2[0].clone() };
+                let mut swapped = task.scene.objects[k].clone();
+                swapped.appearance = task.scene.objects[1 - k].appearance.clone();
+                let img = render(&Scene { background: task.scene.background, objects: vec![swapped] }).image;
+                let own = render(&Scene { background: task.scene.background, objects: vec![task.scene.objects[k].clone()] }).image;
+                for blurred in [false, true] {
+                    let prep = |i: &RgbImage| if blurred { soften(i) } else { i.clone() };
+                    let s = scorer.score(&prep(&img), &spec);
+                    assert_eq!((s.other_object, s.look_swap, s.leaked), (Some(false), Some(true), Some(true)), "scene {seed} concept {k} blurred {blurred}");
+                    let s = scorer.score(&prep(&own), &spec);
+                    if blurred {
+                        soft_fidelity.push(s.fidelity[0]);
+                    }
+                    assert_eq!((s.other_object, s.look_swap, s.leaked), (Some(false), Some(false), Some(false)), "scene {seed} concept {k} blurred {blurred} (own look)");
+                }
+            }
+        }
+        // the softened own looks are as far from their references as generated ones are
+        let mean = soft_fidelity.iter().sum::<f32>() / soft_fidelity.len() as f32;
+        assert!(mean < 0.5, "softening left the looks too close to the references: mean fidelity {mean}");
     }
 }

@@ -254,12 +254,19 @@ pub fn tone_distance(a: &AppearanceDescriptor, b: &AppearanceDescriptor) -> f32 
 /// `exp(-(d / 30)^2 / 2)` with `d` the [`tone_distance`], times `0.75 + 0.25 * pattern`, where
 /// the pattern term compares minor fraction, coherence and edge density.
 pub fn appearance_similarity(a: &AppearanceDescriptor, b: &AppearanceDescriptor) -> f32 {
-    let color = (-0.5 * (tone_distance(a, b) / 30.0).powi(2)).exp();
+    (-appearance_distance(a, b)).exp()
+}
+
+/// `-ln` of [`appearance_similarity`], computed without its underflow: two looks far from
+/// both references (as a small generator's soft renders often are) still compare by distance
+/// where both similarities would round to 0.
+pub fn appearance_distance(a: &AppearanceDescriptor, b: &AppearanceDescriptor) -> f32 {
+    let color = 0.5 * (tone_distance(a, b) / 30.0).powi(2);
     let dp = ((a.minor_fraction - b.minor_fraction) / 0.15).powi(2)
         + ((a.coherence - b.coherence) / 0.5).powi(2)
         + ((a.edge_density - b.edge_density) / 1.5).powi(2);
     let pattern = (-0.5 * dp).exp();
-    color * (0.75 + 0.25 * pattern)
+    color - (0.75 + 0.25 * pattern).ln()
 }
 
 /// The named object colour of a blob and a confidence (softmax over the colours' costs):

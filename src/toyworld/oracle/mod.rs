@@ -40,7 +40,7 @@ mod segment;
 mod shape;
 
 pub use appearance::{
-    appearance_descriptor, appearance_similarity, classify, named_color_among, named_color_of, named_pattern_of,
+    appearance_descriptor, appearance_distance, appearance_similarity, classify, named_color_among, named_color_of, named_pattern_of,
     srgb_to_lab, tone_distance, AppearanceDescriptor,
 };
 pub use segment::{
