@@ -129,12 +129,13 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
-/// `softmax(scale q k^T) v` for [G, N, d] / [G, M, d] / [G, M, dv] tensors outside the
-/// autograd graph, through the fused kernel of [`super::kernels`] (f32, CPU); `None` when it
-/// does not apply and the caller must take the explicit path.
-pub fn attention_untracked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+/// Multi-head `softmax(scale q k^T) v` for [B, N, H*d] / [B, M, H*d] / [B, M, H*dv] tensors
+/// (heads interleaved in the channels, as the projections write them) outside the autograd
+/// graph, through the fused kernel of [`super::kernels`] (f32, CPU): returns [B, N, H*dv];
+/// `None` when it does not apply and the caller must take the explicit path.
+pub fn attention_untracked(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
     if fast_cpu(&[q, k, v]) {
-        return Ok(Some(super::kernels::attention(q, k, v, scale)?));
+        return Ok(Some(super::kernels::attention(q, k, v, heads, scale)?));
     }
     Ok(None)
 }

@@ -125,6 +125,27 @@ fn softmax_row<const FMA: bool>(src: &[f32], dst: &mut [f32], scale: f32) {
     }
 }
 
+/// `row[i] = exp(scale * (row[i] - max))` (scale > 0), returning the sum: [`softmax_row`]
+/// in place and without its division.
+#[inline(always)]
+fn exp_row_in_place<const FMA: bool>(row: &mut [f32], scale: f32) -> f32 {
+    let m = row_max(row) * scale;
+    let mut acc = [0f32; 8];
+    let n8 = row.len() / 8 * 8;
+    for d in row[..n8].chunks_exact_mut(8) {
+        for i in 0..8 {
+            d[i] = exp::<FMA>(madd::<FMA>(d[i], scale, -m));
+            acc[i] += d[i];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for d in &mut row[n8..] {
+        *d = exp::<FMA>(madd::<FMA>(*d, scale, -m));
+        sum += *d;
+    }
+    sum
+}
+
 /// Runs `f(first_row, rows)` over row ranges, on candle's thread pool when the work is large.
 fn for_row_ranges(rows: usize, cols: usize, f: impl Fn(usize, usize) + Sync) {
     if rows * cols < PARALLEL_MIN || rows < 2 {

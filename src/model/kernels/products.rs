@@ -96,66 +96,92 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Query rows per work item of [`attention`].
 const ATTN_BLOCK: usize = 64;
 
-/// `softmax(scale * q k^T) v` for tensors *outside* the autograd graph, without materialising
-/// the [G, N, M] probabilities: each work item (one of the G = batch x heads groups, 64 query
-/// rows) computes its scores block with one matrix product, its softmax in place, and its
-/// output rows with a second product, on candle's thread pool. `q` [G, N, d], `k` [G, M, d],
-/// `v` [G, M, dv], f32 on the CPU; returns [G, N, dv]. Batched through candle, the same work
-/// was many tiny products (d is 8-64) plus a probabilities tensor far larger than the cache.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (g, n, d) = q.dims3()?;
-    let (gk, m, dk) = k.dims3()?;
-    let (gv, mv, dv) = v.dims3()?;
-    if gk != g || gv != g || dk != d || mv != m {
-        candle_core::bail!("attention kernel: q {:?}, k {:?}, v {:?} do not fit", q.dims(), k.dims(), v.dims());
+/// Multi-head `softmax(scale * q_h k_h^T) v_h` for tensors *outside* the autograd graph, the
+/// heads interleaved in the channels as the projections write them: `q` [B, N, H*d], `k`
+/// [B, M, H*d], `v` [B, M, H*dv] (f32, CPU) give [B, N, H*dv], ready for the output
+/// projection. Each work item (one image, one head, 64 query rows) computes its scores block
+/// with one matrix product reading the head's columns in place, exponentiates it in place
+/// (max-shifted, unnormalised), multiplies by the head's values into its output columns, and
+/// divides each output row by its sum (dv numbers a row instead of M). So neither the
+/// [B*H, N, M] probabilities nor the [B, H, N, d] head split and merge copies exist. Batched
+/// through candle, the same work was many tiny products (d is 8-64), three copies and a
+/// probabilities tensor far larger than the cache.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, n, qc) = q.dims3()?;
+    let (bk, m, kc) = k.dims3()?;
+    let (bv, mv, vc) = v.dims3()?;
+    if heads == 0 || bk != b || bv != b || kc != qc || mv != m || qc % heads != 0 || vc % heads != 0 {
+        candle_core::bail!("attention kernel: q {:?}, k {:?}, v {:?} do not fit {heads} heads", q.dims(), k.dims(), v.dims());
     }
-    if d == 0 || m == 0 {
+    if qc == 0 || m == 0 {
         candle_core::bail!("attention kernel: empty keys or head dimension ({:?}, {:?})", q.dims(), k.dims());
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let out = with_f32(&q, |qd| with_f32(&k, |kd| with_f32(&v, |vd| Ok(attention_blocks(qd, kd, vd, (g, n, m, d, dv), scale as f32)))))?;
-    Tensor::from_vec(out, (g, n, dv), q.device())
+    let dims = AttnDims { b, heads, n, m, d: qc / heads, dv: vc / heads };
+    let out = with_f32(&q, |qd| with_f32(&k, |kd| with_f32(&v, |vd| Ok(attention_blocks(qd, kd, vd, dims, scale as f32)))))?;
+    Tensor::from_vec(out, (b, n, vc), q.device())
 }
 
-/// [`attention`] on the raw data: `dims` = (G, N, M, d, dv).
-fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], (g, n, m, d, dv): (usize, usize, usize, usize, usize), scale: f32) -> Vec<f32> {
-    let mut out = output_buffer(g * n * dv);
+/// Sizes of an [`attention`] call: images, heads, queries, keys, head dims of keys and values.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    heads: usize,
+    n: usize,
+    m: usize,
+    d: usize,
+    dv: usize,
+}
+
+/// [`attention`] on the raw data.
+fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f32) -> Vec<f32> {
+    let AttnDims { b, heads, n, m, d, dv } = a;
+    let (qc, vc) = (heads * d, heads * dv);
+    let mut out = output_buffer(b * n * vc);
     let dst = SendPtr(out.as_mut_ptr());
     let blocks = n.div_ceil(ATTN_BLOCK);
     let fma = has_avx2_fma();
     let item = move |it: usize| {
         let dst = dst;
-        let (gi, r0) = (it / blocks, (it % blocks) * ATTN_BLOCK);
+        let (bh, r0) = (it / blocks, (it % blocks) * ATTN_BLOCK);
+        let (bi, h) = (bh / heads, bh % heads);
         let rows = ATTN_BLOCK.min(n - r0);
-        let mut scores = output_buffer(rows * m);
         let mut probs = output_buffer(rows * m);
-        let qp = &qd[(gi * n + r0) * d..];
-        let kp = &kd[gi * m * d..];
-        let vp = &vd[gi * m * dv..];
-        // SAFETY: the pointers cover the stated matrices (contiguous slices of these shapes);
-        // each item writes its own `rows` output rows; the AVX2 kernel only runs on AVX2+FMA.
+        let mut inv_sums = [0f32; ATTN_BLOCK];
+        let qp = &qd[(bi * n + r0) * qc + h * d..];
+        let kp = &kd[bi * m * qc + h * d..];
+        let vp = &vd[bi * m * vc + h * dv..];
+        // SAFETY: the pointers cover the stated matrices (head h's columns of image bi, rows
+        // `qc`/`vc` apart); each item writes its own rows x dv block of the output; the AVX2
+        // kernel only runs on AVX2+FMA.
         unsafe {
             // scores [rows, m] = q_blk [rows, d] . k^T [d, m]
             gemm::gemm(
-                rows, m, d, scores.as_mut_ptr(), 1, m as isize, false,
-                qp.as_ptr(), 1, d as isize, kp.as_ptr(), d as isize, 1,
+                rows, m, d, probs.as_mut_ptr(), 1, m as isize, false,
+                qp.as_ptr(), 1, qc as isize, kp.as_ptr(), qc as isize, 1,
                 0.0, 1.0, false, false, false, gemm::Parallelism::None,
             );
             if fma {
-                softmax_rows_fma(&scores, &mut probs, m, scale);
+                exp_rows_fma(&mut probs, m, scale, &mut inv_sums);
             } else {
-                softmax_rows_plain(&scores, &mut probs, m, scale);
+                exp_rows_plain(&mut probs, m, scale, &mut inv_sums);
             }
-            // out [rows, dv] = probs [rows, m] . v [m, dv]
+            // out [rows, dv] = exp [rows, m] . v [m, dv], then each row / its sum
+            let o = dst.0.add((bi * n + r0) * vc + h * dv);
             gemm::gemm(
-                rows, dv, m, dst.0.add((gi * n + r0) * dv), 1, dv as isize, false,
-                probs.as_ptr(), 1, m as isize, vp.as_ptr(), 1, dv as isize,
+                rows, dv, m, o, 1, vc as isize, false,
+                probs.as_ptr(), 1, m as isize, vp.as_ptr(), 1, vc as isize,
                 0.0, 1.0, false, false, false, gemm::Parallelism::None,
             );
+            for (r, inv) in inv_sums[..rows].iter().enumerate() {
+                for x in std::slice::from_raw_parts_mut(o.add(r * vc), dv) {
+                    *x *= inv;
+                }
+            }
         }
     };
-    let items = g * blocks;
-    if g * n * m < PARALLEL_MIN {
+    let items = b * heads * blocks;
+    if b * heads * n * m < PARALLEL_MIN {
         (0..items).for_each(item);
     } else {
         candle_core::utils::barrier_pool().execute_chunked(items, |r| r.for_each(item));
@@ -163,25 +189,58 @@ fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], (g, n, m, d, dv): (usize
     out
 }
 
+/// Each row of `s` (`cols` long) becomes `exp(scale * (x - max))` in place, and `inv_sums[r]`
+/// the inverse of row r's sum: a softmax whose division is left to the caller.
+#[inline(always)]
+fn exp_rows<const FMA: bool>(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
+    for (row, inv) in s.chunks_exact_mut(cols).zip(inv_sums.iter_mut()) {
+        *inv = 1.0 / exp_row_in_place::<FMA>(row, scale);
+    }
+}
+
+unsafe fn exp_rows_plain(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
+    exp_rows::<false>(s, cols, scale, inv_sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_rows_fma(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
+    exp_rows::<true>(s, cols, scale, inv_sums)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn exp_rows_fma(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
+    exp_rows::<false>(s, cols, scale, inv_sums)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The fused attention against softmax(scale q k^T) v through candle's ops.
+    /// The fused multi-head attention against split heads, softmax(scale q k^T) v and merged
+    /// heads through candle's ops.
     #[test]
     fn fused_attention_matches_candle() -> Result<()> {
         use candle_core::Device;
         let dev = Device::Cpu;
-        for (g, n, m, d, dv) in [(3, 5, 7, 4, 4), (16, 256, 77, 16, 16), (2, 130, 130, 8, 8), (1, 1, 1, 1, 3)] {
-            let q = Tensor::randn(0f32, 1.0, (g, n, d), &dev)?;
-            let k = Tensor::randn(0f32, 1.0, (g, m, d), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (g, m, dv), &dev)?;
+        for (b, heads, n, m, d, dv) in
+            [(3, 1, 5, 7, 4, 4), (2, 8, 256, 77, 16, 16), (2, 3, 130, 130, 8, 8), (1, 1, 1, 1, 1, 3), (2, 2, 65, 9, 5, 3)]
+        {
+            let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, m, heads * dv), &dev)?;
+            let split = |x: &Tensor, e: usize| -> Result<Tensor> {
+                let t = x.dim(1)?;
+                x.reshape((b, t, heads, e))?.transpose(1, 2)?.contiguous()
+            };
             let scale = 1.0 / (d as f64).sqrt();
-            let want = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
-            let got = attention(&q, &k, &v, scale)?;
+            let scores = (split(&q, d)?.matmul(&split(&k, d)?.t()?)? * scale)?;
+            let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&split(&v, dv)?)?;
+            let want = want.transpose(1, 2)?.reshape((b, n, heads * dv))?;
+            let got = attention(&q, &k, &v, heads, scale)?;
             assert_eq!(got.dims(), want.dims());
             let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(err < 2e-6, "{:?}: max error {err}", (g, n, m, d, dv));
+            assert!(err < 2e-6, "{:?}: max error {err}", (b, heads, n, m, d, dv));
         }
         Ok(())
     }

@@ -85,24 +85,17 @@ impl Attention {
             k = detach_first_token(&k)?;
             v = detach_first_token(&v)?;
         }
+        let captured = self.is_cross && cx.wants(hw.0, hw.1);
+        if !captured {
+            // heads split, attended and merged inside the kernel
+            if let Some(out) = ops::attention_untracked(&q, &k, &v, self.heads, self.scale)? {
+                return self.to_out.forward(&out);
+            }
+        }
         let (mut q, mut k, v) = (self.split_heads(&q)?, self.split_heads(&k)?, self.split_heads(&v)?);
         if self.upcast_attention {
             q = q.to_dtype(DType::F32)?;
             k = k.to_dtype(DType::F32)?;
-        }
-        let captured = self.is_cross && cx.wants(hw.0, hw.1);
-        if !captured {
-            let g = b * self.heads;
-            let fused = ops::attention_untracked(
-                &q.reshape((g, n, self.head_dim))?,
-                &k.reshape((g, (), self.head_dim))?,
-                &v.reshape((g, (), self.head_dim))?,
-                self.scale,
-            )?;
-            if let Some(out) = fused {
-                let out = out.reshape((b, self.heads, n, self.head_dim))?.transpose(1, 2)?;
-                return self.to_out.forward(&out.reshape((b, n, self.heads * self.head_dim))?);
-            }
         }
         // diffusers: baddbmm(q, k^T, alpha=scale); softmax in f32 (probabilities are kept in f32).
         let scores = q.matmul(&k.t()?)?;
