@@ -22,6 +22,23 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `forward(x) + residual`: outside the autograd graph the residual is the product's
+    /// starting value (no separate add pass).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        let k = x.dim(candle_core::D::Minus1)?;
+        let o = self.weight.dim(0)?;
+        let rows = x.elem_count() / k.max(1);
+        if self.weight.dtype() == x.dtype() && residual.elem_count() == rows * o {
+            let (x2, r2) = (x.reshape((rows, k))?, residual.reshape((rows, o))?);
+            if let Some(y) = ops::linear_residual_untracked(&x2, &self.weight, self.bias.as_ref(), &r2)? {
+                return y.reshape(residual.dims());
+            }
+        }
+        self.forward(x)? + residual
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -49,6 +66,24 @@ impl Conv2d {
         let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
         let bias = Some(vb.get(c_out, "bias")?);
         Ok(Self { weight, bias, stride, padding })
+    }
+}
+
+impl Conv2d {
+    /// `forward(x) + image_bias[:, :, None, None] + residual` (`image_bias` [B, C_out]):
+    /// outside the autograd graph both are the product's starting value (no add passes).
+    pub fn forward_accumulate(&self, x: &Tensor, image_bias: Option<&Tensor>, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        if let Some(y) = ops::conv2d_accumulate_untracked(x, &self.weight, self.bias.as_ref(), image_bias, residual, self.padding, self.stride)? {
+            return Ok(y);
+        }
+        let mut y = self.forward(x)?;
+        if let Some(t) = image_bias {
+            y = y.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        match residual {
+            Some(r) => r + y,
+            None => Ok(y),
+        }
     }
 }
 

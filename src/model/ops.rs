@@ -217,7 +217,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Box::new(move |_x, _y, g| if fast_cpu(&[g, &w]) { super::kernels::matmul(g, &w) } else { g.matmul(&w) })
     };
     if fast_cpu(&[&xd, w]) && b.is_none_or(|b| fast_cpu(&[b])) {
-        return attach_vec(x, super::kernels::linear_vec(&xd, w, b)?, "linear-frozen-weight", bwd);
+        return attach_vec(x, super::kernels::linear_vec(&xd, w, super::kernels::Accumulator { bias: b, residual: None })?, "linear-frozen-weight", bwd);
     }
     attach(x, plain(&xd)?, "linear-frozen-weight", bwd)
 }
@@ -266,9 +266,40 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride
         })
     };
     if im2col_applies(&xd, w, b)? {
-        return attach_vec(x, super::kernels::conv2d_vec(&xd, w, b, padding, stride)?, "conv2d-frozen-weight", bwd);
+        return attach_vec(x, super::kernels::conv2d_vec(&xd, w, super::kernels::Accumulator { bias: b, residual: None }, padding, stride)?, "conv2d-frozen-weight", bwd);
     }
     attach(x, plain(&xd)?, "conv2d-frozen-weight", bwd)
+}
+
+/// `x W^T + b + residual` for x [N, in] outside the autograd graph, the residual (and bias)
+/// written as the product's starting value; `None` when the kernels do not apply.
+pub fn linear_residual_untracked(x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: &Tensor) -> Result<Option<Tensor>> {
+    if !fast_cpu(&[x, w, residual]) || !b.is_none_or(|b| fast_cpu(&[b])) {
+        return Ok(None);
+    }
+    let (v, shape) = super::kernels::linear_vec(x, w, super::kernels::Accumulator { bias: b, residual: Some(residual) })?;
+    Ok(Some(Tensor::from_vec(v, shape, x.device())?))
+}
+
+/// `conv2d(x) + b + image_bias[:, :, None, None] + residual` outside the autograd graph, the
+/// sums written as the product's starting value (`image_bias` [B, O], e.g. a resnet's time
+/// embedding; `residual` the output's shape); `None` when the kernels do not apply.
+pub fn conv2d_accumulate_untracked(
+    x: &Tensor, w: &Tensor, b: Option<&Tensor>, image_bias: Option<&Tensor>, residual: Option<&Tensor>, padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    let extra: Vec<&Tensor> = image_bias.into_iter().chain(residual).collect();
+    if !im2col_applies(x, w, b)? || !fast_cpu(&extra) {
+        return Ok(None);
+    }
+    let bias = match (b, image_bias) {
+        (Some(b), Some(t)) => Some(t.broadcast_add(b)?),
+        (None, Some(t)) => Some(t.clone()),
+        (b, None) => b.cloned(),
+    };
+    let acc = super::kernels::Accumulator { bias: bias.as_ref(), residual };
+    let (v, shape) = super::kernels::conv2d_vec(x, w, acc, padding, stride)?;
+    Ok(Some(Tensor::from_vec(v, shape, x.device())?))
 }
 
 /// Whether the fused f32 CPU kernels of [`super::kernels`] apply: every tensor f32, on the

@@ -42,6 +42,10 @@ impl CustomOp1 for Im2Col {
             for i in 0..k {
                 for j in 0..k {
                     let row = &mut rows[(i * k + j) * plane..(i * k + j + 1) * plane];
+                    if stride == 1 && (oh, ow) == (h, w) {
+                        shifted_plane(x, row, h, w, i as isize - pad, j as isize - pad);
+                        continue;
+                    }
                     for oy in 0..oh {
                         let iy = (oy * stride) as isize + i as isize - pad;
                         let dst_row = &mut row[oy * ow..(oy + 1) * ow];
@@ -78,17 +82,106 @@ impl CustomOp1 for Im2Col {
     }
 }
 
+/// One im2col row of a "same" convolution (stride 1, output size = input size): `dst[y, x] =
+/// src[y + dy, x + dx]`, zero where that falls outside. In the flattened planes this is one
+/// contiguous copy shifted by `dy * w + dx`, then the rows and columns that fell outside are
+/// zeroed (the copy put the neighbouring row's pixels in those columns): one `memcpy` of the
+/// plane instead of one per image row (a 16-pixel row is too short for `memcpy` to pay off).
+fn shifted_plane(src: &[f32], dst: &mut [f32], h: usize, w: usize, dy: isize, dx: isize) {
+    let plane = (h * w) as isize;
+    let shift = dy * w as isize + dx;
+    let (lo, hi) = ((-shift).clamp(0, plane), (plane - shift).clamp(0, plane));
+    if lo < hi {
+        dst[lo as usize..hi as usize].copy_from_slice(&src[(lo + shift) as usize..(hi + shift) as usize]);
+    }
+    // rows whose source row is outside the image (this also covers what the copy left out)
+    let (y0, y1) = ((-dy).clamp(0, h as isize) as usize, (h as isize - dy).clamp(0, h as isize) as usize);
+    dst[..y0 * w].fill(0.0);
+    dst[y1.max(y0) * w..].fill(0.0);
+    // columns whose source column is outside the image
+    let (x0, x1) = ((-dx).clamp(0, w as isize) as usize, (w as isize - dx).clamp(0, w as isize) as usize);
+    if x0 > 0 || x1 < w {
+        for row in dst.chunks_exact_mut(w) {
+            row[..x0].fill(0.0);
+            row[x1.max(x0)..].fill(0.0);
+        }
+    }
+}
+
 /// 2-D convolution (square kernel, dilation 1, one group) of a tensor *outside* the autograd
-/// graph, as im2col + one matrix product per image: candle's tiled convolution spent most of
-/// its time gathering patches element by element. `x` [B, C, H, W] f32 on the CPU,
-/// `w` [O, C, k, k], optional bias [O] (written first and accumulated into).
+/// graph, as im2col + one matrix product per image: candle's tiled convolution gathered
+/// patches element by element. `x` [B, C, H, W] f32 on the CPU, `w` [O, C, k, k], optional
+/// bias [O] (written first and accumulated into).
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    let (out, shape) = conv2d_vec(x, w, b, padding, stride)?;
+    let (out, shape) = conv2d_vec(x, w, Accumulator { bias: b, residual: None }, padding, stride)?;
     Tensor::from_vec(out, shape, x.device())
 }
 
-/// [`conv2d`]'s result as a plain buffer and its shape.
-pub fn conv2d_vec(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<(Vec<f32>, Shape)> {
+/// What a product's output starts from before the product is accumulated into it: a bias per
+/// output channel ([O]) or per image and channel ([B, O], e.g. the bias plus a resnet's time
+/// embedding), and a residual of the output's shape. Adding them this way costs no pass of
+/// its own (the output is written once before the product anyway).
+#[derive(Clone, Copy, Default)]
+pub struct Accumulator<'a> {
+    pub bias: Option<&'a Tensor>,
+    pub residual: Option<&'a Tensor>,
+}
+
+impl Accumulator<'_> {
+    /// Writes the start values into `out`, `images` blocks (images, or rows of a linear
+    /// layer) of `channels` runs of `run` elements (one run per bias value); false when there
+    /// is nothing to start from (the product then overwrites `out`).
+    pub(super) fn write(&self, out: &mut [f32], images: usize, channels: usize, run: usize) -> Result<bool> {
+        if out.len() != images * channels * run {
+            candle_core::bail!("kernel: output of {} elements for {images} x {channels} x {run}", out.len());
+        }
+        if let Some(r) = self.residual {
+            if r.elem_count() != out.len() {
+                candle_core::bail!("kernel: residual {:?} for an output of {} elements", r.dims(), out.len());
+            }
+        }
+        let per_image = match self.bias {
+            Some(b) if b.dims() == [channels] => false,
+            Some(b) if b.dims() == [images, channels] => true,
+            Some(b) => candle_core::bail!("kernel: bias {:?} for {images} x {channels} outputs", b.dims()),
+            None => false,
+        };
+        let fill = |bias: Option<&[f32]>, res: Option<&[f32]>, out: &mut [f32]| {
+            let block = channels * run;
+            for (i, ob) in out.chunks_exact_mut(block).enumerate() {
+                let b = bias.map(|b| if per_image { &b[i * channels..(i + 1) * channels] } else { b });
+                let r = res.map(|r| &r[i * block..(i + 1) * block]);
+                match (b, r, run) {
+                    (Some(b), None, 1) => ob.copy_from_slice(b),
+                    (None, Some(r), _) => ob.copy_from_slice(r),
+                    (Some(b), Some(r), 1) => ob.iter_mut().zip(r).zip(b).for_each(|((o, r), b)| *o = r + b),
+                    (Some(b), r, _) => {
+                        for (c, o) in ob.chunks_exact_mut(run).enumerate() {
+                            match r {
+                                Some(r) => o.iter_mut().zip(&r[c * run..(c + 1) * run]).for_each(|(o, r)| *o = r + b[c]),
+                                None => o.fill(b[c]),
+                            }
+                        }
+                    }
+                    (None, None, _) => {}
+                }
+            }
+        };
+        match (self.bias, self.residual) {
+            (None, None) => return Ok(false),
+            (Some(b), None) => with_f32(&b.contiguous()?, |b| Ok(fill(Some(b), None, out)))?,
+            (None, Some(r)) => with_f32(&r.contiguous()?, |r| Ok(fill(None, Some(r), out)))?,
+            (Some(b), Some(r)) => {
+                with_f32(&b.contiguous()?, |b| with_f32(&r.contiguous()?, |r| Ok(fill(Some(b), Some(r), out))))?
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// [`conv2d`] with its output starting from `acc` (bias [O] or [B, O], residual
+/// [B, O, OH, OW]), as a plain buffer and its shape.
+pub fn conv2d_vec(x: &Tensor, w: &Tensor, acc: Accumulator, padding: usize, stride: usize) -> Result<(Vec<f32>, Shape)> {
     let (bs, cx, h, wd) = x.dims4()?;
     let (o, c, k, k2) = w.dims4()?;
     if k != k2 {
@@ -97,11 +190,6 @@ pub fn conv2d_vec(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, st
     if cx != c || h + 2 * padding < k || wd + 2 * padding < k || stride == 0 {
         candle_core::bail!("conv2d kernel: input {:?} does not fit weight {:?} (padding {padding}, stride {stride})", x.dims(), w.dims());
     }
-    if let Some(b) = b {
-        if b.dims() != [o] {
-            candle_core::bail!("conv2d kernel: bias {:?} for {o} output channels", b.dims());
-        }
-    }
     let op = Im2Col { k, padding, stride };
     let (oh, ow) = (op.out_size(h), op.out_size(wd));
     // a 1x1 convolution without padding or stride is already a product with the image itself
@@ -109,22 +197,14 @@ pub fn conv2d_vec(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, st
     let (kk, plane) = (c * k * k, oh * ow);
     let w = w.contiguous()?;
     let mut out = output_buffer(bs * o * plane);
-    if let Some(b) = b {
-        // the products accumulate into the bias, written once per output plane
-        with_f32(&b.contiguous()?, |b| {
-            for (plane_out, &v) in out.chunks_exact_mut(plane).zip(b.iter().cycle()) {
-                plane_out.fill(v);
-            }
-            Ok(())
-        })?;
-    }
+    let accumulate = acc.write(&mut out, bs, o, plane)?;
     with_f32(&cols, |cs| {
         with_f32(&w, |ws| {
             for i in 0..bs {
                 // SAFETY: w is [o, kk], image i's columns [kk, plane], its output [o, plane].
                 unsafe {
                     gemm_rows(
-                        o, plane, kk, out.as_mut_ptr().add(i * o * plane), b.is_some(),
+                        o, plane, kk, out.as_mut_ptr().add(i * o * plane), accumulate,
                         ws.as_ptr(), kk as isize, 1, cs.as_ptr().add(i * kk * plane), plane as isize, 1,
                     )
                 };
@@ -141,14 +221,16 @@ mod tests {
 
     /// The im2col convolution against candle's, for the shapes the models use (3x3 with
     /// padding 1, stride 1 and 2, odd sizes; 1x1), a 5x5 without padding, padding wider than
-    /// the kernel's reach and a padded, strided 1x1.
+    /// the kernel's reach and a padded, strided 1x1; "same" 5x5 convolutions (shifted-plane
+    /// path) on wide, one-row, one-column and images smaller than the kernel.
     #[test]
     fn im2col_conv_matches_candle() -> Result<()> {
         use candle_core::Device;
         let dev = Device::Cpu;
         for (b, c, h, w, o, k, pad, stride) in
             [(2, 3, 8, 8, 4, 3, 1, 1), (2, 5, 9, 7, 6, 3, 1, 2), (1, 4, 16, 16, 8, 3, 1, 2), (3, 2, 11, 6, 5, 5, 0, 1), (8, 64, 16, 16, 32, 3, 1, 1),
-             (2, 6, 5, 7, 3, 1, 0, 1), (2, 4, 6, 6, 3, 3, 2, 1), (2, 4, 7, 7, 3, 1, 1, 2)]
+             (2, 6, 5, 7, 3, 1, 0, 1), (2, 4, 6, 6, 3, 3, 2, 1), (2, 4, 7, 7, 3, 1, 1, 2),
+             (2, 3, 7, 9, 4, 5, 2, 1), (1, 3, 1, 5, 2, 3, 1, 1), (1, 2, 3, 1, 2, 5, 2, 1), (2, 3, 2, 2, 2, 5, 2, 1)]
         {
             let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 1.0, (o, c, k, k), &dev)?;
@@ -159,6 +241,15 @@ mod tests {
             let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err <= 1e-5 * scale, "{:?}: max error {err}", (b, c, h, w, o, k, pad, stride));
+            // started from a per-image bias and a residual
+            let image_bias = Tensor::randn(0f32, 1.0, (b, o), &dev)?;
+            let residual = Tensor::randn(0f32, 1.0, want.dims(), &dev)?;
+            let acc = Accumulator { bias: Some(&image_bias), residual: Some(&residual) };
+            let (v, shape) = conv2d_vec(&x, &wt, acc, pad, stride)?;
+            let got = Tensor::from_vec(v, shape, &dev)?;
+            let want = (x.conv2d(&wt, pad, stride, 1, 1)?.broadcast_add(&image_bias.reshape((b, o, 1, 1))?)? + &residual)?;
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err <= 1e-5 * scale.max(1.0), "{:?} with accumulator: max error {err}", (b, c, h, w, o, k, pad, stride));
         }
         Ok(())
     }

@@ -21,7 +21,7 @@
 //! `model::ops` decides where each applies and keeps candle's ops as the general path.
 //! Every kernel is tested against candle's ops or a float64 reference.
 
-pub use conv::{conv2d, conv2d_vec};
+pub use conv::{conv2d, conv2d_vec, Accumulator};
 pub use elementwise::{group_norm, Geglu, ScaledSoftmax, Silu};
 pub use layer_norm::LayerNorm;
 pub use products::{attention, linear, linear_vec, matmul};

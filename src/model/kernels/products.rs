@@ -1,5 +1,6 @@
 //! Matrix products as row blocks on candle's thread pool, and attention fused per query block.
 
+use super::conv::Accumulator;
 use super::*;
 use candle_core::Shape;
 
@@ -48,26 +49,25 @@ pub(super) unsafe fn gemm_rows(
 /// `x w^T + b` for x [N, in] and w [out, in] outside the autograd graph (f32, CPU), the
 /// bias written first and accumulated into.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (out, shape) = linear_vec(x, w, b)?;
+    let (out, shape) = linear_vec(x, w, Accumulator { bias: b, residual: None })?;
     Tensor::from_vec(out, shape, x.device())
 }
 
-/// [`linear`]'s result as a plain buffer and its shape.
-pub fn linear_vec(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(Vec<f32>, Shape)> {
+/// `x w^T` accumulated into `acc` (bias [out], residual [N, out]), as a plain buffer and its
+/// shape.
+pub fn linear_vec(x: &Tensor, w: &Tensor, acc: Accumulator) -> Result<(Vec<f32>, Shape)> {
     let (n, k) = x.dims2()?;
     let (o, k2) = w.dims2()?;
     if k != k2 {
         candle_core::bail!("linear kernel: x {:?} and weight {:?} do not fit", x.dims(), w.dims());
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let mut out = match b {
-        Some(b) => with_f32(&b.contiguous()?, |b| Ok(b.repeat(n)))?,
-        None => output_buffer(n * o),
-    };
+    let mut out = output_buffer(n * o);
+    let accumulate = acc.write(&mut out, n, o, 1)?;
     with_f32(&x, |xs| {
         with_f32(&w, |ws| {
             // SAFETY: x is [n, k] and w [o, k] contiguous; w^T is read with strides (1, k).
-            unsafe { gemm_rows(n, o, k, out.as_mut_ptr(), b.is_some(), xs.as_ptr(), k as isize, 1, ws.as_ptr(), 1, k as isize) };
+            unsafe { gemm_rows(n, o, k, out.as_mut_ptr(), accumulate, xs.as_ptr(), k as isize, 1, ws.as_ptr(), 1, k as isize) };
             Ok(())
         })
     })?;
@@ -260,6 +260,9 @@ mod tests {
             let want = x.matmul(&w.t()?)?;
             assert!(rel(linear(&x, &w, None)?, want.clone())? < 1e-6);
             assert!(rel(linear(&x, &w, Some(&b))?, want.broadcast_add(&b)?)? < 1e-6);
+            let r = Tensor::randn(0f32, 1.0, (n, o), &dev)?;
+            let (v, shape) = linear_vec(&x, &w, Accumulator { bias: Some(&b), residual: Some(&r) })?;
+            assert!(rel(Tensor::from_vec(v, shape, &dev)?, (want.broadcast_add(&b)? + &r)?)? < 1e-6, "linear + residual");
             let g = Tensor::randn(0f32, 1.0, (n, o), &dev)?;
             assert!(rel(matmul(&g, &w)?, g.matmul(&w)?)? < 1e-6, "matmul {:?}", (n, k, o));
         }

@@ -74,8 +74,11 @@ impl Attention {
         x.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
     }
 
-    /// `x`: [B, H*W, C] on an `hw` grid; `context`: [B, T, D] for cross-attention.
-    pub(crate) fn forward(&self, x: &Tensor, context: Option<&Tensor>, hw: (usize, usize), cx: &mut RunCtx) -> Result<Tensor> {
+    /// `x`: [B, H*W, C] on an `hw` grid; `context`: [B, T, D] for cross-attention; the
+    /// `residual` is added to the output (by the output projection where it can).
+    pub(crate) fn forward(
+        &self, x: &Tensor, context: Option<&Tensor>, hw: (usize, usize), residual: &Tensor, cx: &mut RunCtx,
+    ) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
         let kv_in = if self.is_cross { context.unwrap_or(x) } else { x };
         let q = self.to_q.forward(x)?;
@@ -89,7 +92,7 @@ impl Attention {
         if !captured {
             // heads split, attended and merged inside the kernel
             if let Some(out) = ops::attention_untracked(&q, &k, &v, self.heads, self.scale)? {
-                return self.to_out.forward(&out);
+                return self.to_out.forward_residual(&out, residual);
             }
         }
         let (mut q, mut k, v) = (self.split_heads(&q)?, self.split_heads(&k)?, self.split_heads(&v)?);
@@ -109,7 +112,7 @@ impl Attention {
         }
         let out = probs.to_dtype(v.dtype())?.matmul(&v)?;
         let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
-        self.to_out.forward(&out)
+        self.to_out.forward_residual(&out, residual)
     }
 }
 
@@ -137,6 +140,13 @@ impl FeedForward {
             geglu_proj: Linear::new(vb.pp("net").pp(0).pp("proj"), dim, inner * 2, true)?,
             out: Linear::new(vb.pp("net").pp(2), inner, dim, true)?,
         })
+    }
+}
+
+impl FeedForward {
+    /// `forward(x) + residual`, the residual added by the output layer.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out.forward_residual(&ops::geglu(&self.geglu_proj.forward(x)?)?, residual)
     }
 }
 
@@ -170,9 +180,9 @@ impl BasicTransformerBlock {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, context: &Tensor, hw: (usize, usize), cx: &mut RunCtx) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None, hw, cx)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context), hw, cx)? + x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + x
+        let x = self.attn1.forward(&self.norm1.forward(x)?, None, hw, x, cx)?;
+        let x = self.attn2.forward(&self.norm2.forward(&x)?, Some(context), hw, &x, cx)?;
+        self.ff.forward_residual(&self.norm3.forward(&x)?, &x)
     }
 }
 
@@ -246,10 +256,9 @@ impl Transformer2DModel {
         for blk in &self.transformer_blocks {
             s = blk.forward(&s, context, (h, w), cx)?;
         }
-        let out = match &self.proj_out {
-            Proj::Conv(c) => c.forward(&to_grid(&s)?)?,
-            Proj::Linear(l) => to_grid(&l.forward(&s)?)?,
-        };
-        out + x
+        match &self.proj_out {
+            Proj::Conv(c) => c.forward_accumulate(&to_grid(&s)?, None, Some(x)),
+            Proj::Linear(l) => to_grid(&l.forward(&s)?)? + x,
+        }
     }
 }

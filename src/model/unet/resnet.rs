@@ -45,15 +45,14 @@ impl ResnetBlock2D {
 
     /// `x`: [B, C_in, H, W]; `temb`: [B, temb_channels].
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        let t = self.time_emb_proj.forward(&ops::silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        // the time embedding and the shortcut are the convolutions' starting values
+        let t = self.time_emb_proj.forward(&ops::silu(temb)?)?;
+        let h = self.conv1.forward_accumulate(&self.norm1.forward_silu(x)?, Some(&t), None)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = self.conv2.forward_accumulate(&self.norm2.forward_silu(&h)?, None, Some(&shortcut))?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
