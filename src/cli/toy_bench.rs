@@ -34,10 +34,13 @@ pub struct BenchArgs {
     /// Weight of DisenDiff's attention losses (default 0.01, as the paper).
     #[arg(long)]
     pub attn_weight: Option<f64>,
-    /// Methods to run, comma-separated (default: all three).
+    /// Methods to run, comma-separated (default: disendiff, custom-diffusion,
+    /// textual-inversion). Single ablations of DisenDiff are named `disendiff/no-bind`,
+    /// `disendiff/no-ss`, `disendiff/separate-intersection`, `disendiff/no-suppression`,
+    /// `disendiff/twice-suppression`, `disendiff/no-gaussian`.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
-    /// Also run the paper's ablations of DisenDiff.
+    /// Also run all six ablations of DisenDiff.
     #[arg(long)]
     pub ablations: bool,
     /// Images per prompt.
@@ -54,38 +57,57 @@ pub struct BenchArgs {
     pub out: PathBuf,
 }
 
-/// The method variants to run: (name, options).
+/// The paper's ablations of DisenDiff, by name (`disendiff/NAME` in `--methods`).
+const ABLATIONS: [&str; 6] = ["no-bind", "no-ss", "separate-intersection", "no-suppression", "twice-suppression", "no-gaussian"];
+
+fn ablate(o: &mut ToyTrainOptions, name: &str) {
+    match name {
+        "no-bind" => o.calibration.bind = false,
+        "no-ss" => o.calibration.separate = false,
+        "separate-intersection" => o.calibration.separation = SeparationKind::Intersection,
+        "no-suppression" => o.calibration.suppression_power = 1,
+        "twice-suppression" => o.calibration.suppression_power = 4,
+        "no-gaussian" => o.calibration.gaussian = false,
+        _ => unreachable!("checked in run"),
+    }
+}
+
+/// The method variants to run, in order: (name, options).
 fn variants(a: &BenchArgs) -> Vec<(String, ToyTrainOptions)> {
-    let mut v = Vec::new();
-    for m in [ToyMethod::DisenDiff, ToyMethod::CustomDiffusion, ToyMethod::TextualInversion] {
-        if !a.methods.is_empty() && !a.methods.iter().any(|n| n == m.name()) {
-            continue;
-        }
-        let mut o = ToyTrainOptions::new(m);
-        o.steps = a.steps;
-        if let (Some(lr), false) = (a.learning_rate, m == ToyMethod::TextualInversion) {
-            o.learning_rate = lr;
-        }
-        if let Some(w) = a.attn_weight {
-            o.attn_weight = w;
-        }
-        v.push((m.name().to_string(), o));
+    let mut names: Vec<String> = if a.methods.is_empty() {
+        ["disendiff", "custom-diffusion", "textual-inversion"].map(String::from).to_vec()
+    } else {
+        a.methods.clone()
+    };
+    if a.ablations {
+        names.extend(ABLATIONS.iter().map(|n| format!("disendiff/{n}")).filter(|n| !a.methods.contains(n)));
     }
-    if a.ablations && v.first().is_some_and(|(n, _)| n == "disendiff") {
-        let base = v[0].1.clone();
-        let mut add = |name: &str, f: &dyn Fn(&mut ToyTrainOptions)| {
-            let mut o = base.clone();
-            f(&mut o);
-            v.push((format!("disendiff/{name}"), o));
-        };
-        add("no-bind", &|o| o.calibration.bind = false);
-        add("no-ss", &|o| o.calibration.separate = false);
-        add("separate-intersection", &|o| o.calibration.separation = SeparationKind::Intersection);
-        add("no-suppression", &|o| o.calibration.suppression_power = 1);
-        add("twice-suppression", &|o| o.calibration.suppression_power = 4);
-        add("no-gaussian", &|o| o.calibration.gaussian = false);
-    }
-    v
+    names
+        .into_iter()
+        .map(|name| {
+            let (method, ablation) = match name.split_once('/') {
+                Some((m, ab)) => (m, Some(ab)),
+                None => (name.as_str(), None),
+            };
+            let m = match method {
+                "disendiff" => ToyMethod::DisenDiff,
+                "custom-diffusion" => ToyMethod::CustomDiffusion,
+                _ => ToyMethod::TextualInversion,
+            };
+            let mut o = ToyTrainOptions::new(m);
+            o.steps = a.steps;
+            if let (Some(lr), false) = (a.learning_rate, m == ToyMethod::TextualInversion) {
+                o.learning_rate = lr;
+            }
+            if let Some(w) = a.attn_weight {
+                o.attn_weight = w;
+            }
+            if let Some(ab) = ablation {
+                ablate(&mut o, ab);
+            }
+            (name, o)
+        })
+        .collect()
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -93,11 +115,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--scenes and --num-images must be at least 1");
     }
     let known = ["disendiff", "custom-diffusion", "textual-inversion"];
-    if let Some(m) = a.methods.iter().find(|m| !known.contains(&m.as_str())) {
-        bail!("unknown method {m:?} in --methods (known: {})", known.join(", "));
-    }
-    if a.ablations && !a.methods.is_empty() && !a.methods.iter().any(|m| m == "disendiff") {
-        bail!("--ablations are variants of disendiff: include it in --methods");
+    let is_known = |m: &str| known.contains(&m) || m.strip_prefix("disendiff/").is_some_and(|ab| ABLATIONS.contains(&ab));
+    if let Some(m) = a.methods.iter().find(|m| !is_known(m)) {
+        bail!(
+            "unknown method {m:?} in --methods (known: {}, and the ablations disendiff/{})",
+            known.join(", "),
+            ABLATIONS.join(", disendiff/")
+        );
     }
     let model_dir = a.model.clone().unwrap_or_else(default_toy_model);
     experiment::check_toy_model(&model_dir)?;

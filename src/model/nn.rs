@@ -20,9 +20,7 @@ impl Linear {
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         Ok(Self { weight, bias })
     }
-}
 
-impl Linear {
     /// `forward(x) + residual`: outside the autograd graph the residual is the product's
     /// starting value (no separate add pass).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
@@ -67,9 +65,7 @@ impl Conv2d {
         let bias = Some(vb.get(c_out, "bias")?);
         Ok(Self { weight, bias, stride, padding })
     }
-}
 
-impl Conv2d {
     /// `forward(x) + image_bias[:, :, None, None] + residual` (`image_bias` [B, C_out]):
     /// outside the autograd graph both are the product's starting value (no add passes).
     pub fn forward_accumulate(&self, x: &Tensor, image_bias: Option<&Tensor>, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
