@@ -130,12 +130,18 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Multi-head `softmax(scale q k^T) v` for [B, N, H*d] / [B, M, H*d] / [B, M, H*dv] tensors
-/// (heads interleaved in the channels, as the projections write them) outside the autograd
-/// graph, through the fused kernel of [`super::kernels`] (f32, CPU): returns [B, N, H*dv];
+/// (heads interleaved in the channels, as the projections write them), returning [B, N, H*dv],
+/// through the fused kernels of [`super::kernels`] for f32 on the CPU: a plain kernel call
+/// outside the autograd graph, the differentiable [`FusedAttention`](super::kernels::FusedAttention)
+/// op inside it (exact gradients for q, k and v, probabilities recomputed block by block).
 /// `None` when it does not apply and the caller must take the explicit path.
-pub fn attention_untracked(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
     if fast_cpu(&[q, k, v]) {
         return Ok(Some(super::kernels::attention(q, k, v, heads, scale)?));
+    }
+    if [q, k, v].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu()) {
+        let op = super::kernels::FusedAttention { heads, scale: scale as f32 };
+        return Ok(Some(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?));
     }
     Ok(None)
 }

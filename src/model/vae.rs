@@ -207,7 +207,7 @@ impl Attention {
         let q = self.to_q.forward(&hs)?;
         let k = self.to_k.forward(&hs)?;
         let v = self.to_v.forward(&hs)?;
-        let out = match ops::attention_untracked(&q, &k, &v, 1, 1.0 / (c as f64).sqrt())? {
+        let out = match ops::attention(&q, &k, &v, 1, 1.0 / (c as f64).sqrt())? {
             Some(out) => out,
             None => {
                 // upcast_softmax: scores and softmax in f32.

@@ -24,7 +24,8 @@
 pub use conv::{conv2d, conv2d_vec, Accumulator};
 pub use elementwise::{group_norm, Geglu, ScaledSoftmax, Silu};
 pub use layer_norm::LayerNorm;
-pub use products::{attention, linear, linear_vec, matmul};
+pub use attention::{attention, FusedAttention};
+pub use products::{linear, linear_vec, matmul};
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
@@ -252,6 +253,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     }
 }
 
+mod attention;
 mod conv;
 mod elementwise;
 mod gradients;

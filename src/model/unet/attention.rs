@@ -90,8 +90,8 @@ impl Attention {
         }
         let captured = self.is_cross && cx.wants(hw.0, hw.1);
         if !captured {
-            // heads split, attended and merged inside the kernel
-            if let Some(out) = ops::attention_untracked(&q, &k, &v, self.heads, self.scale)? {
+            // heads split, attended and merged inside the kernel (differentiable in training)
+            if let Some(out) = ops::attention(&q, &k, &v, self.heads, self.scale)? {
                 return self.to_out.forward_residual(&out, residual);
             }
         }

@@ -1,0 +1,321 @@
+//! Multi-head attention fused per block of 64 queries, forward and backward: scores, softmax
+//! and output of one block at a time with matrix products that read each head's columns in
+//! place, so neither the [B*H, N, M] probabilities nor head split/merge copies exist.
+
+use super::*;
+use candle_core::{CustomOp3, Shape};
+
+/// Query rows per work item of [`attention`].
+const ATTN_BLOCK: usize = 64;
+
+/// Multi-head `softmax(scale * q_h k_h^T) v_h` for tensors *outside* the autograd graph, the
+/// heads interleaved in the channels as the projections write them: `q` [B, N, H*d], `k`
+/// [B, M, H*d], `v` [B, M, H*dv] (f32, CPU) give [B, N, H*dv], ready for the output
+/// projection. Each work item (one image, one head, 64 query rows) computes its scores block
+/// with one matrix product reading the head's columns in place, exponentiates it in place
+/// (max-shifted, unnormalised), multiplies by the head's values into its output columns, and
+/// divides each output row by its sum (dv numbers a row instead of M). So neither the
+/// [B*H, N, M] probabilities nor the [B, H, N, d] head split and merge copies exist. Batched
+/// through candle, the same work was many tiny products (d is 8-64), three copies and a
+/// probabilities tensor far larger than the cache.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let dims = AttnDims::of(q.shape(), k.shape(), v.shape(), heads)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let out = with_f32(&q, |qd| with_f32(&k, |kd| with_f32(&v, |vd| Ok(attention_blocks(qd, kd, vd, dims, scale as f32)))))?;
+    Tensor::from_vec(out, dims.out_shape(), q.device())
+}
+
+/// [`attention`] as a differentiable op, for q, k, v inside the autograd graph: the same
+/// forward, and a backward that recomputes each block's probabilities instead of keeping the
+/// [B*H, N, M] tensor from the forward (as flash attention does), so neither pass holds more
+/// than a 64-row block of them per thread.
+pub struct FusedAttention {
+    pub heads: usize,
+    pub scale: f32,
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = AttnDims::of(l1.shape(), l2.shape(), l3.shape(), self.heads)?;
+        let (q, k, v) = (contiguous_f32(s1, l1, "attention")?, contiguous_f32(s2, l2, "attention")?, contiguous_f32(s3, l3, "attention")?);
+        Ok((CpuStorage::F32(attention_blocks(q, k, v, dims, self.scale)), dims.out_shape()))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = AttnDims::of(q.shape(), k.shape(), v.shape(), self.heads)?;
+        let need = [q.track_op(), k.track_op(), v.track_op()];
+        let (q, k, v, out, grad) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, out.contiguous()?, grad.contiguous()?);
+        let [dq, dk, dv] = with_f32(&q, |qd| {
+            with_f32(&k, |kd| {
+                with_f32(&v, |vd| {
+                    with_f32(&out, |od| with_f32(&grad, |gd| Ok(attention_backward([qd, kd, vd, od, gd], dims, self.scale, need))))
+                })
+            })
+        })?;
+        let dev = q.device();
+        let wrap = |g: Option<Vec<f32>>, like: &Tensor| g.map(|g| Tensor::from_vec(g, like.shape(), dev)).transpose();
+        Ok((wrap(dq, &q)?, wrap(dk, &k)?, wrap(dv, &v)?))
+    }
+}
+
+/// Sizes of an [`attention`] call: images, heads, queries, keys, head dims of keys and values.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    heads: usize,
+    n: usize,
+    m: usize,
+    d: usize,
+    dv: usize,
+}
+
+impl AttnDims {
+    fn of(q: &Shape, k: &Shape, v: &Shape, heads: usize) -> Result<Self> {
+        let (b, n, qc) = q.dims3()?;
+        let (bk, m, kc) = k.dims3()?;
+        let (bv, mv, vc) = v.dims3()?;
+        if heads == 0 || bk != b || bv != b || kc != qc || mv != m || qc % heads != 0 || vc % heads != 0 {
+            candle_core::bail!("attention kernel: q {q:?}, k {k:?}, v {v:?} do not fit {heads} heads");
+        }
+        if qc == 0 || m == 0 {
+            candle_core::bail!("attention kernel: empty keys or head dimension ({q:?}, {k:?})");
+        }
+        Ok(Self { b, heads, n, m, d: qc / heads, dv: vc / heads })
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.b, self.n, self.heads * self.dv))
+    }
+}
+
+/// [`attention`] on the raw data.
+fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f32) -> Vec<f32> {
+    let AttnDims { b, heads, n, m, d, dv } = a;
+    let (qc, vc) = (heads * d, heads * dv);
+    let mut out = output_buffer(b * n * vc);
+    let dst = SendPtr(out.as_mut_ptr());
+    let blocks = n.div_ceil(ATTN_BLOCK);
+    let fma = has_avx2_fma();
+    let item = move |it: usize| {
+        let dst = dst;
+        let (bh, r0) = (it / blocks, (it % blocks) * ATTN_BLOCK);
+        let (bi, h) = (bh / heads, bh % heads);
+        let rows = ATTN_BLOCK.min(n - r0);
+        let mut probs = output_buffer(rows * m);
+        let mut inv_sums = [0f32; ATTN_BLOCK];
+        let qp = &qd[(bi * n + r0) * qc + h * d..];
+        let kp = &kd[bi * m * qc + h * d..];
+        let vp = &vd[bi * m * vc + h * dv..];
+        // SAFETY: the pointers cover the stated matrices (head h's columns of image bi, rows
+        // `qc`/`vc` apart); each item writes its own rows x dv block of the output; the AVX2
+        // kernel only runs on AVX2+FMA.
+        unsafe {
+            // scores [rows, m] = q_blk [rows, d] . k^T [d, m]
+            gemm::gemm(
+                rows, m, d, probs.as_mut_ptr(), 1, m as isize, false,
+                qp.as_ptr(), 1, qc as isize, kp.as_ptr(), qc as isize, 1,
+                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            );
+            if fma {
+                exp_rows_fma(&mut probs, m, scale, &mut inv_sums);
+            } else {
+                exp_rows_plain(&mut probs, m, scale, &mut inv_sums);
+            }
+            // out [rows, dv] = exp [rows, m] . v [m, dv], then each row / its sum
+            let o = dst.0.add((bi * n + r0) * vc + h * dv);
+            gemm::gemm(
+                rows, dv, m, o, 1, vc as isize, false,
+                probs.as_ptr(), 1, m as isize, vp.as_ptr(), 1, vc as isize,
+                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            );
+            for (r, inv) in inv_sums[..rows].iter().enumerate() {
+                for x in std::slice::from_raw_parts_mut(o.add(r * vc), dv) {
+                    *x *= inv;
+                }
+            }
+        }
+    };
+    let items = b * heads * blocks;
+    if b * heads * n * m < PARALLEL_MIN {
+        (0..items).for_each(item);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(items, |r| r.for_each(item));
+    }
+    out
+}
+
+/// Each row of `s` (`cols` long) becomes `exp(scale * (x - max))` in place, and `inv_sums[r]`
+/// the inverse of row r's sum: a softmax whose division is left to the caller.
+#[inline(always)]
+fn exp_rows<const FMA: bool>(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
+    for (row, inv) in s.chunks_exact_mut(cols).zip(inv_sums.iter_mut()) {
+        *inv = 1.0 / exp_row_in_place::<FMA>(row, scale);
+    }
+}
+
+unsafe fn exp_rows_plain(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
+    exp_rows::<false>(s, cols, scale, inv_sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_rows_fma(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
+    exp_rows::<true>(s, cols, scale, inv_sums)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn exp_rows_fma(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
+    exp_rows::<false>(s, cols, scale, inv_sums)
+}
+
+/// Input gradients of [`attention`] (`data` = q, k, v, output, output gradient; only those
+/// of `need` are computed). One work item per (image, head), so its key and value gradients
+/// are summed over the query blocks without sharing. Per block of 64 query rows, with P the
+/// block's probabilities recomputed from q and k:
+/// dV += P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dO * O)) * scale; dQ = dS K; dK += dS^T Q.
+fn attention_backward(data: [&[f32]; 5], a: AttnDims, scale: f32, need: [bool; 3]) -> [Option<Vec<f32>>; 3] {
+    let [qd, kd, vd, od, gd] = data;
+    let AttnDims { b, heads, n, m, d, dv } = a;
+    let (qc, vc) = (heads * d, heads * dv);
+    // dK and dV are needed to compute nothing else, but dS (for dQ and dK) needs dP either way
+    let mut grads = [need[0].then(|| output_buffer(b * n * qc)), need[1].then(|| output_buffer(b * m * qc)), need[2].then(|| output_buffer(b * m * vc))];
+    let ptrs = grads.each_mut().map(|g| g.as_mut().map(|g| SendPtr(g.as_mut_ptr())));
+    let fma = has_avx2_fma();
+    let item = move |bh: usize| {
+        let ptrs = ptrs;
+        let (bi, h) = (bh / heads, bh % heads);
+        let qp = qd[(bi * n) * qc + h * d..].as_ptr();
+        let kp = kd[bi * m * qc + h * d..].as_ptr();
+        let vp = vd[bi * m * vc + h * dv..].as_ptr();
+        let mut p = output_buffer(ATTN_BLOCK * m);
+        let mut ds = output_buffer(ATTN_BLOCK * m);
+        let mut inv_sums = [0f32; ATTN_BLOCK];
+        for (blk, r0) in (0..n).step_by(ATTN_BLOCK).enumerate() {
+            let rows = ATTN_BLOCK.min(n - r0);
+            let (p, ds) = (&mut p[..rows * m], &mut ds[..rows * m]);
+            // SAFETY: as in `attention_blocks`: the pointers cover the head's columns of image
+            // bi (rows `qc`/`vc` apart); this item alone writes those columns of the gradients.
+            unsafe {
+                let q_blk = qp.add(r0 * qc);
+                let go = gd[(bi * n + r0) * vc + h * dv..].as_ptr();
+                let o = od[(bi * n + r0) * vc + h * dv..].as_ptr();
+                // P = softmax(scale * Q_blk K^T)
+                gemm::gemm(rows, m, d, p.as_mut_ptr(), 1, m as isize, false, q_blk, 1, qc as isize, kp, qc as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                if fma {
+                    exp_rows_fma(p, m, scale, &mut inv_sums);
+                } else {
+                    exp_rows_plain(p, m, scale, &mut inv_sums);
+                }
+                for (row, inv) in p.chunks_exact_mut(m).zip(&inv_sums) {
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
+                // dV (+)= P^T dO_blk
+                if let Some(gv) = ptrs[2] {
+                    let dst = gv.0.add(bi * m * vc + h * dv);
+                    gemm::gemm(m, dv, rows, dst, 1, vc as isize, blk > 0, p.as_ptr(), m as isize, 1, go, 1, vc as isize, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+                }
+                if ptrs[0].is_none() && ptrs[1].is_none() {
+                    continue;
+                }
+                // dP = dO_blk V^T, then dS = P * (dP - rowsum(dO * O)) * scale in place
+                gemm::gemm(rows, m, dv, ds.as_mut_ptr(), 1, m as isize, false, go, 1, vc as isize, vp, vc as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                for r in 0..rows {
+                    let (gr, or) = (std::slice::from_raw_parts(go.add(r * vc), dv), std::slice::from_raw_parts(o.add(r * vc), dv));
+                    let dot: f32 = gr.iter().zip(or).map(|(g, o)| g * o).sum();
+                    for (s, pv) in ds[r * m..(r + 1) * m].iter_mut().zip(&p[r * m..(r + 1) * m]) {
+                        *s = pv * (*s - dot) * scale;
+                    }
+                }
+                // dQ_blk = dS K
+                if let Some(gq) = ptrs[0] {
+                    let dst = gq.0.add((bi * n + r0) * qc + h * d);
+                    gemm::gemm(rows, d, m, dst, 1, qc as isize, false, ds.as_ptr(), 1, m as isize, kp, 1, qc as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                }
+                // dK (+)= dS^T Q_blk
+                if let Some(gk) = ptrs[1] {
+                    let dst = gk.0.add(bi * m * qc + h * d);
+                    gemm::gemm(m, d, rows, dst, 1, qc as isize, blk > 0, ds.as_ptr(), m as isize, 1, q_blk, 1, qc as isize, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+                }
+            }
+        }
+    };
+    let items = b * heads;
+    if b * heads * n * m < PARALLEL_MIN {
+        (0..items).for_each(item);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(items, |r| r.for_each(item));
+    }
+    grads
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused multi-head attention against split heads, softmax(scale q k^T) v and merged
+    /// heads through candle's ops.
+    #[test]
+    fn fused_attention_matches_candle() -> Result<()> {
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        for (b, heads, n, m, d, dv) in
+            [(3, 1, 5, 7, 4, 4), (2, 8, 256, 77, 16, 16), (2, 3, 130, 130, 8, 8), (1, 1, 1, 1, 1, 3), (2, 2, 65, 9, 5, 3)]
+        {
+            let q = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, m, heads * dv), &dev)?;
+            let split = |x: &Tensor, e: usize| -> Result<Tensor> {
+                let t = x.dim(1)?;
+                x.reshape((b, t, heads, e))?.transpose(1, 2)?.contiguous()
+            };
+            let scale = 1.0 / (d as f64).sqrt();
+            let scores = (split(&q, d)?.matmul(&split(&k, d)?.t()?)? * scale)?;
+            let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&split(&v, dv)?)?;
+            let want = want.transpose(1, 2)?.reshape((b, n, heads * dv))?;
+            let got = attention(&q, &k, &v, heads, scale)?;
+            assert_eq!(got.dims(), want.dims());
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 2e-6, "{:?}: max error {err}", (b, heads, n, m, d, dv));
+        }
+        Ok(())
+    }
+
+    /// The fused op's input gradients against candle's autograd of the explicit computation
+    /// (split heads, scores, softmax from exp/sum, values, merge), through a random linear loss.
+    #[test]
+    fn fused_attention_gradients_match_autograd() -> Result<()> {
+        use candle_core::{Device, Var, D};
+        let dev = Device::Cpu;
+        for (b, heads, n, m, d, dv) in [(2, 3, 70, 9, 4, 5), (1, 2, 130, 130, 8, 8), (2, 1, 3, 1, 2, 2)] {
+            let q = Var::randn(0f32, 1.0, (b, n, heads * d), &dev)?;
+            let k = Var::randn(0f32, 1.0, (b, m, heads * d), &dev)?;
+            let v = Var::randn(0f32, 1.0, (b, m, heads * dv), &dev)?;
+            let r = Tensor::randn(0f32, 1.0, (b, n, heads * dv), &dev)?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let split = |x: &Tensor, e: usize| -> Result<Tensor> {
+                let t = x.dim(1)?;
+                x.reshape((b, t, heads, e))?.transpose(1, 2)?.contiguous()
+            };
+            let s = (split(&q, d)?.matmul(&split(&k, d)?.t()?)? * scale)?;
+            let e = s.broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?.exp()?;
+            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            let want = p.matmul(&split(&v, dv)?)?.transpose(1, 2)?.reshape((b, n, heads * dv))?;
+            let gw = (&want * &r)?.sum_all()?.backward()?;
+            let got = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), FusedAttention { heads, scale: scale as f32 })?;
+            let err = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 2e-6, "forward {:?}: {err}", (b, heads, n, m, d, dv));
+            let gg = (&got * &r)?.sum_all()?.backward()?;
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, w) = (gg.get(x.as_tensor()).unwrap(), gw.get(x.as_tensor()).unwrap());
+                let err = (a - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let mag = w.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err <= 2e-5 * mag.max(1.0), "d{name} {:?}: max error {err} (max {mag})", (b, heads, n, m, d, dv));
+            }
+        }
+        Ok(())
+    }
+}
