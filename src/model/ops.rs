@@ -139,11 +139,31 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     if fast_cpu(&[q, k, v]) {
         return Ok(Some(super::kernels::attention(q, k, v, heads, scale)?));
     }
-    if [q, k, v].iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu()) {
+    if attention_kernels_apply(&[q, k, v]) {
         let op = super::kernels::FusedAttention { heads, scale: scale as f32 };
         return Ok(Some(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?));
     }
     Ok(None)
+}
+
+/// Whether the attention kernels apply: every tensor f32 on the CPU (inside the autograd
+/// graph or not).
+pub fn attention_kernels_apply(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+/// The attention probabilities of every head, [B, H, N, M], from q [B, N, H*d] and k
+/// [B, M, H*d] (heads interleaved), one differentiable op; with [`attention_apply`], the
+/// attention probe's path (needs [`attention_kernels_apply`]).
+pub fn attention_probs(q: &Tensor, k: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let op = super::kernels::AttentionProbs { heads, scale: scale as f32 };
+    q.contiguous()?.apply_op2(&k.contiguous()?, op)
+}
+
+/// `P_h v_h` per head, heads merged: P [B, H, N, M] and v [B, M, H*dv] give [B, N, H*dv], one
+/// differentiable op (needs [`attention_kernels_apply`]).
+pub fn attention_apply(p: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    p.contiguous()?.apply_op2(&v.contiguous()?, super::kernels::AttentionApply { heads })
 }
 
 /// GEGLU: the last dimension split as `[h, g]` -> `h * gelu_erf(g)`, differentiable; the

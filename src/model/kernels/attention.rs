@@ -3,7 +3,7 @@
 //! place, so neither the [B*H, N, M] probabilities nor head split/merge copies exist.
 
 use super::*;
-use candle_core::{CustomOp3, Shape};
+use candle_core::{CustomOp2, CustomOp3, Shape};
 
 /// Query rows per work item of [`attention`].
 const ATTN_BLOCK: usize = 64;
@@ -252,6 +252,181 @@ fn attention_backward(data: [&[f32]; 5], a: AttnDims, scale: f32, need: [bool; 3
     grads
 }
 
+/// Runs `f(b, h)` for every (image, head), on candle's pool when `work` is large.
+fn per_head(b: usize, heads: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
+    let item = |bh: usize| f(bh / heads, bh % heads);
+    if work < PARALLEL_MIN {
+        (0..b * heads).for_each(item);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(b * heads, |r| r.for_each(item));
+    }
+}
+
+/// The probabilities `softmax(scale q_h k_h^T)` of every head, [B, H, N, M], from `q`
+/// [B, N, H*d] and `k` [B, M, H*d] (heads interleaved), differentiable in both: what the
+/// attention probe captures, as one graph node instead of the explicit path's head splits,
+/// transposed keys, scores and softmax (each a node whose gradient candle accumulates with a
+/// pass of its own).
+pub struct AttentionProbs {
+    pub heads: usize,
+    pub scale: f32,
+}
+
+impl CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "attention-probs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = AttnDims::of(l1.shape(), l2.shape(), l2.shape(), self.heads)?;
+        let (qd, kd) = (contiguous_f32(s1, l1, "attention probs")?, contiguous_f32(s2, l2, "attention probs")?);
+        let AttnDims { b, heads, n, m, d, .. } = a;
+        let qc = heads * d;
+        let mut out = output_buffer(b * heads * n * m);
+        let dst = SendPtr(out.as_mut_ptr());
+        let fma = has_avx2_fma();
+        per_head(b, heads, b * heads * n * m, |bi, h| {
+            let dst = dst;
+            // SAFETY: head (bi, h)'s [n, m] block of the output is written by this item alone;
+            // q and k are read in head h's columns (rows `qc` apart).
+            unsafe {
+                let p = std::slice::from_raw_parts_mut(dst.0.add((bi * heads + h) * n * m), n * m);
+                let (qp, kp) = (qd[bi * n * qc + h * d..].as_ptr(), kd[bi * m * qc + h * d..].as_ptr());
+                gemm::gemm(n, m, d, p.as_mut_ptr(), 1, m as isize, false, qp, 1, qc as isize, kp, qc as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                for rows in p.chunks_mut(ATTN_BLOCK * m) {
+                    let mut inv = [0f32; ATTN_BLOCK];
+                    if fma {
+                        exp_rows_fma(rows, m, self.scale, &mut inv);
+                    } else {
+                        exp_rows_plain(rows, m, self.scale, &mut inv);
+                    }
+                    for (row, inv) in rows.chunks_exact_mut(m).zip(&inv) {
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, heads, n, m))))
+    }
+
+    /// dS = scale * P * (dP - rowsum(dP * P)); dq = dS k; dk = dS^T q (per head).
+    fn bwd(&self, q: &Tensor, k: &Tensor, p: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let a = AttnDims::of(q.shape(), k.shape(), k.shape(), self.heads)?;
+        let AttnDims { b, heads, n, m, d, .. } = a;
+        let qc = heads * d;
+        let (q, k, p, grad) = (q.contiguous()?, k.contiguous()?, p.contiguous()?, grad.contiguous()?);
+        let need = [q.track_op(), k.track_op()];
+        let mut ds = output_buffer(b * heads * n * m);
+        with_f32(&p, |pd| with_f32(&grad, |gd| Ok(super::gradients::softmax_grad_rows_dispatch(pd, gd, &mut ds, m, self.scale))))?;
+        let mut grads = [need[0].then(|| output_buffer(b * n * qc)), need[1].then(|| output_buffer(b * m * qc))];
+        let ptrs = grads.each_mut().map(|g| g.as_mut().map(|g| SendPtr(g.as_mut_ptr())));
+        with_f32(&q, |qd| {
+            with_f32(&k, |kd| {
+                per_head(b, heads, b * heads * n * m, |bi, h| {
+                    let ptrs = ptrs;
+                    // SAFETY: head h's columns of image bi in dq and dk are written by this item alone.
+                    unsafe {
+                        let s = ds[(bi * heads + h) * n * m..].as_ptr();
+                        let (qp, kp) = (qd[bi * n * qc + h * d..].as_ptr(), kd[bi * m * qc + h * d..].as_ptr());
+                        if let Some(gq) = ptrs[0] {
+                            let dst = gq.0.add(bi * n * qc + h * d);
+                            gemm::gemm(n, d, m, dst, 1, qc as isize, false, s, 1, m as isize, kp, 1, qc as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                        }
+                        if let Some(gk) = ptrs[1] {
+                            let dst = gk.0.add(bi * m * qc + h * d);
+                            gemm::gemm(m, d, n, dst, 1, qc as isize, false, s, m as isize, 1, qp, 1, qc as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                        }
+                    }
+                });
+                Ok(())
+            })
+        })?;
+        let dev = q.device();
+        let [gq, gk] = grads;
+        Ok((gq.map(|g| Tensor::from_vec(g, q.shape(), dev)).transpose()?, gk.map(|g| Tensor::from_vec(g, k.shape(), dev)).transpose()?))
+    }
+}
+
+/// `P_h v_h` for every head with the heads merged: `p` [B, H, N, M] and `v` [B, M, H*dv] give
+/// [B, N, H*dv] (the layout of the output projection's input), differentiable in both.
+pub struct AttentionApply {
+    pub heads: usize,
+}
+
+impl AttentionApply {
+    fn dims(&self, p: &Shape, v: &Shape) -> Result<(usize, usize, usize, usize)> {
+        let (b, h, n, m) = p.dims4()?;
+        let (bv, mv, vc) = v.dims3()?;
+        if h != self.heads || bv != b || mv != m || vc % h != 0 {
+            candle_core::bail!("attention apply: probabilities {p:?} and values {v:?} do not fit {} heads", self.heads);
+        }
+        Ok((b, n, m, vc / h))
+    }
+}
+
+impl CustomOp2 for AttentionApply {
+    fn name(&self) -> &'static str {
+        "attention-apply"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, n, m, dv) = self.dims(l1.shape(), l2.shape())?;
+        let heads = self.heads;
+        let vc = heads * dv;
+        let (pd, vd) = (contiguous_f32(s1, l1, "attention apply")?, contiguous_f32(s2, l2, "attention apply")?);
+        let mut out = output_buffer(b * n * vc);
+        let dst = SendPtr(out.as_mut_ptr());
+        per_head(b, heads, b * heads * n * m, |bi, h| {
+            let dst = dst;
+            // SAFETY: head h's columns of image bi in the output are written by this item alone.
+            unsafe {
+                let (pp, vp) = (pd[(bi * heads + h) * n * m..].as_ptr(), vd[bi * m * vc + h * dv..].as_ptr());
+                let o = dst.0.add(bi * n * vc + h * dv);
+                gemm::gemm(n, dv, m, o, 1, vc as isize, false, pp, 1, m as isize, vp, 1, vc as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, n, vc))))
+    }
+
+    /// dP = dO v^T; dv = P^T dO (per head).
+    fn bwd(&self, p: &Tensor, v: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, n, m, dv) = self.dims(p.shape(), v.shape())?;
+        let heads = self.heads;
+        let vc = heads * dv;
+        let (p, v, grad) = (p.contiguous()?, v.contiguous()?, grad.contiguous()?);
+        let mut grads = [p.track_op().then(|| output_buffer(b * heads * n * m)), v.track_op().then(|| output_buffer(b * m * vc))];
+        let ptrs = grads.each_mut().map(|g| g.as_mut().map(|g| SendPtr(g.as_mut_ptr())));
+        with_f32(&p, |pd| {
+            with_f32(&v, |vd| {
+                with_f32(&grad, |gd| {
+                    per_head(b, heads, b * heads * n * m, |bi, h| {
+                        let ptrs = ptrs;
+                        // SAFETY: head (bi, h)'s block of dP and its columns of dv are written by
+                        // this item alone.
+                        unsafe {
+                            let go = gd[bi * n * vc + h * dv..].as_ptr();
+                            if let Some(gp) = ptrs[0] {
+                                let dst = gp.0.add((bi * heads + h) * n * m);
+                                let vp = vd[bi * m * vc + h * dv..].as_ptr();
+                                gemm::gemm(n, m, dv, dst, 1, m as isize, false, go, 1, vc as isize, vp, vc as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                            }
+                            if let Some(gv) = ptrs[1] {
+                                let dst = gv.0.add(bi * m * vc + h * dv);
+                                let pp = pd[(bi * heads + h) * n * m..].as_ptr();
+                                gemm::gemm(m, dv, n, dst, 1, vc as isize, false, pp, m as isize, 1, go, 1, vc as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                            }
+                        }
+                    });
+                    Ok(())
+                })
+            })
+        })?;
+        let dev = p.device();
+        let [gp, gv] = grads;
+        Ok((gp.map(|g| Tensor::from_vec(g, p.shape(), dev)).transpose()?, gv.map(|g| Tensor::from_vec(g, v.shape(), dev)).transpose()?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +455,47 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 2e-6, "{:?}: max error {err}", (b, heads, n, m, d, dv));
+        }
+        Ok(())
+    }
+
+    /// The probe's two ops (probabilities, then values with heads merged) against the explicit
+    /// computation, values and gradients of q, k and v through a loss on both outputs (the
+    /// probabilities feed the attention losses, the output the diffusion loss).
+    #[test]
+    fn probe_ops_match_autograd() -> Result<()> {
+        use candle_core::{Device, Var, D};
+        let dev = Device::Cpu;
+        for (b, heads, n, m, d, dv) in [(2, 3, 70, 9, 4, 5), (1, 2, 130, 77, 8, 8)] {
+            let q = Var::randn(0f32, 1.0, (b, n, heads * d), &dev)?;
+            let k = Var::randn(0f32, 1.0, (b, m, heads * d), &dev)?;
+            let v = Var::randn(0f32, 1.0, (b, m, heads * dv), &dev)?;
+            let rp = Tensor::randn(0f32, 1.0, (b, heads, n, m), &dev)?;
+            let ro = Tensor::randn(0f32, 1.0, (b, n, heads * dv), &dev)?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let split = |x: &Tensor, e: usize| -> Result<Tensor> {
+                let t = x.dim(1)?;
+                x.reshape((b, t, heads, e))?.transpose(1, 2)?.contiguous()
+            };
+            let s = (split(&q, d)?.matmul(&split(&k, d)?.t()?)? * scale)?;
+            let e = s.broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?.exp()?;
+            let p_want = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            let o_want = p_want.matmul(&split(&v, dv)?)?.transpose(1, 2)?.reshape((b, n, heads * dv))?;
+            let loss = |p: &Tensor, o: &Tensor| -> Result<Tensor> { (p * &rp)?.sum_all()? + (o * &ro)?.sum_all()? };
+            let gw = loss(&p_want, &o_want)?.backward()?;
+            let p = q.as_tensor().apply_op2(k.as_tensor(), AttentionProbs { heads, scale: scale as f32 })?;
+            let o = p.apply_op2(v.as_tensor(), AttentionApply { heads })?;
+            for (what, got, want) in [("probs", &p, &p_want), ("output", &o, &o_want)] {
+                let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 2e-6, "{what} {:?}: {err}", (b, heads, n, m, d, dv));
+            }
+            let gg = loss(&p, &o)?.backward()?;
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, w) = (gg.get(x.as_tensor()).unwrap(), gw.get(x.as_tensor()).unwrap());
+                let err = (a - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let mag = w.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err <= 2e-5 * mag.max(1.0), "d{name} {:?}: max error {err} (max {mag})", (b, heads, n, m, d, dv));
+            }
         }
         Ok(())
     }

@@ -61,6 +61,12 @@ fn softmax_grad_rows<const FMA: bool>(y: &[f32], g: &[f32], d: &mut [f32], cols:
 }
 row_kernels2!(softmax_grad_rows => softmax_grad_rows_plain, softmax_grad_rows_fma);
 
+/// The softmax gradient `scale * y * (g - sum(g * y))` over rows of `cols` (for the attention
+/// probe's op), on candle's pool when large.
+pub(super) fn softmax_grad_rows_dispatch(y: &[f32], g: &[f32], dst: &mut [f32], cols: usize, scale: f32) {
+    run_rows2(y, g, dst, cols, scale, softmax_grad_rows_fma, softmax_grad_rows_plain)
+}
+
 /// SiLU: `g * s * (1 + x * (1 - s))` with `s = sigmoid(x)`.
 #[inline(always)]
 fn silu_grad_rows<const FMA: bool>(x: &[f32], g: &[f32], d: &mut [f32], _cols: usize, _: f32) {

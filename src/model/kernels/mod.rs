@@ -24,7 +24,7 @@
 pub use conv::{conv2d, conv2d_vec, Accumulator};
 pub use elementwise::{group_norm, Geglu, ScaledSoftmax, Silu};
 pub use layer_norm::LayerNorm;
-pub use attention::{attention, FusedAttention};
+pub use attention::{attention, AttentionApply, AttentionProbs, FusedAttention};
 pub use products::{linear, linear_vec, matmul};
 
 use candle_core::{CpuStorage, Layout, Result, Tensor};

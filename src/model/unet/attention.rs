@@ -89,11 +89,17 @@ impl Attention {
             v = detach_first_token(&v)?;
         }
         let captured = self.is_cross && cx.wants(hw.0, hw.1);
-        if !captured {
-            // heads split, attended and merged inside the kernel (differentiable in training)
-            if let Some(out) = ops::attention(&q, &k, &v, self.heads, self.scale)? {
-                return self.to_out.forward_residual(&out, residual);
-            }
+        if ops::attention_kernels_apply(&[&q, &k, &v]) {
+            // heads split, attended and merged inside the kernels (differentiable in training)
+            let out = if captured {
+                let probs = ops::attention_probs(&q, &k, self.heads, self.scale)?;
+                cx.captured.push(CapturedAttention { layer: self.name.clone(), height: hw.0, width: hw.1, probs: probs.clone() });
+                ops::attention_apply(&probs, &v, self.heads)?
+            } else {
+                ops::attention(&q, &k, &v, self.heads, self.scale)?
+                    .ok_or_else(|| candle_core::Error::Msg("attention kernels refused f32 CPU tensors".into()))?
+            };
+            return self.to_out.forward_residual(&out, residual);
         }
         let (mut q, mut k, v) = (self.split_heads(&q)?, self.split_heads(&k)?, self.split_heads(&v)?);
         if self.upcast_attention {
