@@ -14,7 +14,6 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
-    if let Ok(v) = std::env::var("EXP_LHS_PACK") { gemm::set_lhs_packing_threshold_single_thread(v.parse().unwrap()); }
     if let Err(e) = disendiff::cli::run() {
         eprintln!("error: {e}");
         for cause in e.chain().skip(1) {
