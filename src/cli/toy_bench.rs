@@ -35,7 +35,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub attn_weight: Option<f64>,
     /// Methods to run, comma-separated (default: disendiff, custom-diffusion,
-    /// textual-inversion). Single ablations of DisenDiff are named `disendiff/no-bind`,
+    /// textual-inversion). `base` is the untrained model with the new tokens at their
+    /// initialisers (a reference for the leakage and composition columns). Single ablations of DisenDiff are named `disendiff/no-bind`,
     /// `disendiff/no-ss`, `disendiff/separate-intersection`, `disendiff/no-suppression`,
     /// `disendiff/twice-suppression`, `disendiff/no-gaussian`.
     #[arg(long, value_delimiter = ',')]
@@ -92,6 +93,7 @@ fn variants(a: &BenchArgs) -> Vec<(String, ToyTrainOptions)> {
             let m = match method {
                 "disendiff" => ToyMethod::DisenDiff,
                 "custom-diffusion" => ToyMethod::CustomDiffusion,
+                "base" => ToyMethod::Base,
                 _ => ToyMethod::TextualInversion,
             };
             let mut o = ToyTrainOptions::new(m);
@@ -114,7 +116,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.scenes == 0 || a.num_images == 0 {
         bail!("--scenes and --num-images must be at least 1");
     }
-    let known = ["disendiff", "custom-diffusion", "textual-inversion"];
+    let known = ["disendiff", "custom-diffusion", "textual-inversion", "base"];
     let is_known = |m: &str| known.contains(&m) || m.strip_prefix("disendiff/").is_some_and(|ab| ABLATIONS.contains(&ab));
     if let Some(m) = a.methods.iter().find(|m| !is_known(m)) {
         bail!(

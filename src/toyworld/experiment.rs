@@ -43,6 +43,9 @@ pub enum ToyMethod {
     DisenDiff,
     CustomDiffusion,
     TextualInversion,
+    /// No training: the base model with the modifier tokens at their initialisers, the
+    /// reference for how often the base model itself draws both classes or the other one.
+    Base,
 }
 
 impl ToyMethod {
@@ -51,6 +54,7 @@ impl ToyMethod {
             Self::DisenDiff => "disendiff",
             Self::CustomDiffusion => "custom-diffusion",
             Self::TextualInversion => "textual-inversion",
+            Self::Base => "base",
         }
     }
 }
@@ -126,8 +130,14 @@ pub fn train(model_dir: &Path, task: &Task, opts: &ToyTrainOptions, out: &Path, 
             },
         })
         .collect();
-    let trainable = if opts.method == ToyMethod::TextualInversion { UNetTrainable::Nothing } else { UNetTrainable::CrossAttnKV };
+    let trainable = match opts.method {
+        ToyMethod::TextualInversion | ToyMethod::Base => UNetTrainable::Nothing,
+        _ => UNetTrainable::CrossAttnKV,
+    };
     let model = Personalized::load(model_dir, &LoadOptions::default(), &concepts, trainable)?;
+    if opts.method == ToyMethod::Base {
+        return Ok((model, 0.0));
+    }
     let resolution = model.sd.default_size();
     let latent = resolution / model.sd.vae_scale_factor();
     let reg = if opts.reg_images > 0 && opts.method != ToyMethod::TextualInversion {
