@@ -34,6 +34,13 @@ fn reduced_toy_bench_writes_the_report() {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| disendiff |"));
     assert!(out.join("scene-1/disendiff/images/concept1-0-0.png").is_file(), "the bench keeps every generated image");
+    // re-scoring the kept images gives the report's numbers back
+    let (ok, err) = common::disendiff(&["toy", "rescore", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let per_scene = std::fs::read_to_string(out.join("per-scene.md")).unwrap();
+    let all = per_scene.lines().find(|l| l.starts_with("| all | disendiff |")).expect("a total row for disendiff");
+    let leakage: f64 = all.split('|').nth(4).unwrap().trim().parse().unwrap();
+    assert!((leakage - report["methods"]["disendiff"]["leakage"].as_f64().unwrap()).abs() < 1e-3, "{all}");
 }
 
 #[test]

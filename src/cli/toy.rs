@@ -19,6 +19,9 @@ pub enum ToyCommand {
     /// paper's ablations) on personalization scenes; score identity, leakage and prompt
     /// fidelity with the oracle; write report.md and report.json.
     Bench(super::toy_bench::BenchArgs),
+    /// Score again the images a `toy bench` run kept (OUT/scene-K/METHOD/images) with the
+    /// current oracle, scene by scene: prints a table and writes OUT/per-scene.md.
+    Rescore(super::toy_bench::RescoreArgs),
     /// Check a toy base model: prompt following on unseen prompts (oracle-scored) and how well
     /// class tokens' cross-attention maps cover their objects.
     CheckModel(CheckArgs),
@@ -94,6 +97,7 @@ pub fn run(a: Args) -> Result<()> {
     match a.command {
         ToyCommand::Scenes(s) => scenes(s),
         ToyCommand::Bench(b) => super::toy_bench::run(b),
+        ToyCommand::Rescore(r) => super::toy_bench::rescore(r),
         ToyCommand::CheckModel(c) => check_model(c),
     }
 }

@@ -226,3 +226,71 @@ pub fn run(a: BenchArgs) -> Result<()> {
     println!("{}", path.display());
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct RescoreArgs {
+    /// The output folder of a `disendiff toy bench` run.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// `toy rescore`: the scores of a bench run's kept images, per scene and method.
+pub fn rescore(a: RescoreArgs) -> Result<()> {
+    let mut scenes: Vec<(u64, PathBuf)> = std::fs::read_dir(&a.dir)
+        .with_context(|| format!("reading {}", a.dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.strip_prefix("scene-")?.parse().ok()?, e.path())))
+        .filter(|(_, p): &(u64, PathBuf)| p.is_dir())
+        .collect();
+    scenes.sort();
+    if scenes.is_empty() {
+        bail!("{} holds no scene-K folders of a `disendiff toy bench` run", a.dir.display());
+    }
+    let mut md = String::new();
+    writeln!(md, "| scene | method | fidelity mean | leakage | other object | look swap | composition | prompt fidelity | images |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+    let mut totals: BTreeMap<String, Tally> = BTreeMap::new();
+    for (seed, scene_dir) in &scenes {
+        let task = Task::new(*seed);
+        let scorer = Scorer::new(&task);
+        let sets = task.prompt_sets();
+        let mut methods: Vec<PathBuf> = std::fs::read_dir(scene_dir)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("images").is_dir()).collect();
+        methods.sort();
+        for run in methods {
+            let name = run.file_name().and_then(|n| n.to_str()).unwrap_or("?").replacen('_', "/", 1);
+            let mut tally = Tally::default();
+            let mut images = 0;
+            for (set_name, set) in [("combined", &sets.combined), ("concept1", &sets.concept1), ("concept2", &sets.concept2)] {
+                for (p, spec) in set.iter().enumerate() {
+                    for i in 0.. {
+                        let path = run.join(format!("images/{set_name}-{p}-{i}.png"));
+                        if !path.is_file() {
+                            break;
+                        }
+                        let s = scorer.score(&util::load_rgb(&path)?, spec);
+                        tally.add(set_name, &s);
+                        totals.entry(name.clone()).or_default().add(set_name, &s);
+                        images += 1;
+                    }
+                }
+            }
+            let m = tally.finish();
+            writeln!(
+                md,
+                "| {seed} | {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {images} |",
+                m.fidelity.mean, m.leakage, m.other_object, m.look_swap, m.composition, m.prompt_fidelity
+            )?;
+        }
+    }
+    for (name, t) in &totals {
+        let m = t.finish();
+        writeln!(
+            md,
+            "| all | {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | |",
+            m.fidelity.mean, m.leakage, m.other_object, m.look_swap, m.composition, m.prompt_fidelity
+        )?;
+    }
+    print!("{md}");
+    util::write_atomic(&a.dir.join("per-scene.md"), md.as_bytes())?;
+    Ok(())
+}
