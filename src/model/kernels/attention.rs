@@ -1,6 +1,11 @@
-//! Multi-head attention fused per block of 64 queries, forward and backward: scores, softmax
-//! and output of one block at a time with matrix products that read each head's columns in
-//! place, so neither the [B*H, N, M] probabilities nor head split/merge copies exist.
+//! Multi-head attention on the heads-interleaved layout the projections write ([B, N, H*d]),
+//! with matrix products that read each head's columns in place (no head split/merge copies):
+//! - [`attention`] / [`FusedAttention`]: scores, softmax and output one block of 64 queries at
+//!   a time, so the [B*H, N, M] probabilities never exist; the backward recomputes them block by
+//!   block (as flash attention does);
+//! - [`AttentionProbs`] and [`AttentionApply`]: the attention probe's path, where the
+//!   probabilities are an output (the calibration losses read them), as two graph nodes
+//!   instead of the explicit path's eight.
 
 use super::*;
 use candle_core::{CustomOp2, CustomOp3, Shape};
