@@ -8,7 +8,8 @@
 //! - Attention: on unseen rendered scenes, noised at t = 300, the class token's cross-attention
 //!   map at the finest grid (mean over heads and layers, min-max normalised) against the
 //!   object's true mask (down-sampled), soft IoU, as toyworld-notes.md measured it; a uniform
-//!   map is the baseline.
+//!   map is the baseline. On the two-object scenes, each class map is also compared with the
+//!   other object's mask: whether a class word looks at its own object rather than the other.
 
 use super::oracle::analyze;
 use super::{caption, random_scene, render, scene_seed, Appearance, Class, NamedColor, Object, Pattern, Scene, WorldSpec};
@@ -40,6 +41,12 @@ pub struct ModelCheck {
     /// Mean soft IoU of class-token maps with the true masks, and of a uniform map.
     pub attention_iou: f64,
     pub attention_iou_uniform: f64,
+    /// The two-object scenes among them: mean soft IoU of each class-token map with its own
+    /// object's mask and with the other object's (DisenDiff's premise, the paper's Fig. 3:
+    /// own clearly above other).
+    pub two_object_scenes: usize,
+    pub two_object_iou_own: f64,
+    pub two_object_iou_other: f64,
 }
 
 /// The captions of the training sets (`n` scenes of `seed`, one set per unnamed share), to
@@ -142,6 +149,7 @@ pub fn check(sd: &StableDiffusion, seen: &HashSet<String>, n: usize, steps: usiz
     let spec = WorldSpec { min_objects: 1, max_objects: 2, ..WorldSpec::default() };
     let side = sd.default_size() / sd.vae_scale_factor();
     let (mut iou, mut iou_u, mut count) = (0.0, 0.0, 0usize);
+    let (mut two_own, mut two_other, mut two_count) = (0.0, 0.0, 0usize);
     let mut rng = util::seeded_rng(seed + 2);
     let mut k = 0u64;
     while r.attention_scenes < n && k < 100 * n as u64 {
@@ -175,18 +183,33 @@ pub fn check(sd: &StableDiffusion, seen: &HashSet<String>, n: usize, steps: usiz
             }
             pos += ids.len();
         }
+        let masks: Vec<Tensor> = rendered
+            .masks
+            .iter()
+            .map(|m| {
+                let m = image::imageops::resize(m, side as u32, side as u32, image::imageops::FilterType::Triangle);
+                Tensor::from_vec(m.as_raw().iter().map(|&v| v as f32 / 255.0).collect::<Vec<_>>(), (1, side, side), &sd.device)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let two = scene.objects.len() == 2 && class_pos.len() == 2;
+        r.two_object_scenes += two as usize;
         for (obj_i, &p) in class_pos.iter().enumerate().take(scene.objects.len()) {
             let map = min_max_normalize(&maps.narrow(0, p, 1)?)?;
-            let mask = image::imageops::resize(&rendered.masks[obj_i], side as u32, side as u32, image::imageops::FilterType::Triangle);
-            let mask: Vec<f32> = mask.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
-            let mask = Tensor::from_vec(mask, (1, side, side), &sd.device)?;
-            iou += soft_iou(&map, &mask)?.to_scalar::<f32>()? as f64;
+            let own = soft_iou(&map, &masks[obj_i])?.to_scalar::<f32>()? as f64;
+            iou += own;
             let uniform = Tensor::ones((1, side, side), DType::F32, &sd.device)?;
-            iou_u += soft_iou(&uniform, &mask)?.to_scalar::<f32>()? as f64;
+            iou_u += soft_iou(&uniform, &masks[obj_i])?.to_scalar::<f32>()? as f64;
             count += 1;
+            if two {
+                two_own += own;
+                two_other += soft_iou(&map, &masks[1 - obj_i])?.to_scalar::<f32>()? as f64;
+                two_count += 1;
+            }
         }
     }
     r.attention_iou = iou / count.max(1) as f64;
     r.attention_iou_uniform = iou_u / count.max(1) as f64;
+    r.two_object_iou_own = two_own / two_count.max(1) as f64;
+    r.two_object_iou_other = two_other / two_count.max(1) as f64;
     Ok(r)
 }
