@@ -47,6 +47,11 @@ pub struct ModelCheck {
     pub two_object_scenes: usize,
     pub two_object_iou_own: f64,
     pub two_object_iou_other: f64,
+    /// The same on personalization scenes (two objects of unnamed looks), captioned by class
+    /// alone ("a star and a heart on a gray background").
+    pub personalization_scenes: usize,
+    pub personalization_iou_own: f64,
+    pub personalization_iou_other: f64,
 }
 
 /// The captions of the training sets (`n` scenes of `seed`, one set per unnamed share), to
@@ -147,7 +152,6 @@ pub fn check(sd: &StableDiffusion, seen: &HashSet<String>, n: usize, steps: usiz
     // Attention of class tokens on unseen rendered scenes.
     let schedule = NoiseSchedule::new(sd.scheduler_config.clone());
     let spec = WorldSpec { min_objects: 1, max_objects: 2, ..WorldSpec::default() };
-    let side = sd.default_size() / sd.vae_scale_factor();
     let (mut iou, mut iou_u, mut count) = (0.0, 0.0, 0usize);
     let (mut two_own, mut two_other, mut two_count) = (0.0, 0.0, 0usize);
     let mut rng = util::seeded_rng(seed + 2);
@@ -160,49 +164,16 @@ pub fn check(sd: &StableDiffusion, seen: &HashSet<String>, n: usize, steps: usiz
             continue;
         }
         r.attention_scenes += 1;
-        let rendered = render(&scene);
-        let x = util::rgb_to_tensor(&rendered.image, &sd.device)?;
-        let post = sd.vae.encode(&x.to_dtype(sd.dtype)?)?;
-        let x0 = ((post.mean.to_dtype(DType::F32)? - sd.vae.shift_factor())? * sd.vae.scaling_factor())?;
-        let noise = util::randn(&mut rng, x0.dims(), &sd.device)?;
-        let t = Tensor::new(&[300u32], &sd.device)?;
-        let noisy = schedule.add_noise(&x0, &noise, &t)?;
-        let words = sd.tokenizer.tokenize_words(&text);
-        let ids = Tensor::new(sd.tokenizer.encode(&text).ids, &sd.device)?.unsqueeze(0)?;
-        let ctx = sd.text_encoder.forward(&ids)?;
-        let opts = ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![side] }), detach_start_token_kv: false };
-        let out = sd.unet.forward_with(&noisy.to_dtype(sd.dtype)?, &t, &ctx, &opts)?;
-        let layers: Vec<_> = out.attention.iter().map(|a| (a.probs.clone(), a.height, a.width)).collect();
-        let maps = average_maps(&layers, side)?.remove(0);
-        // Token position of each object's class word: the word list is "a ... class and a ... class on ...".
-        let mut pos = 1;
-        let mut class_pos = Vec::new();
-        for (w, ids) in &words {
-            if Class::from_word(w).is_some() {
-                class_pos.push(pos + ids.len() - 1);
-            }
-            pos += ids.len();
-        }
-        let masks: Vec<Tensor> = rendered
-            .masks
-            .iter()
-            .map(|m| {
-                let m = image::imageops::resize(m, side as u32, side as u32, image::imageops::FilterType::Triangle);
-                Tensor::from_vec(m.as_raw().iter().map(|&v| v as f32 / 255.0).collect::<Vec<_>>(), (1, side, side), &sd.device)
-            })
-            .collect::<candle_core::Result<_>>()?;
-        let two = scene.objects.len() == 2 && class_pos.len() == 2;
+        let ious = class_map_ious(sd, &schedule, &scene, &text, &mut rng)?;
+        let two = scene.objects.len() == 2 && ious.len() == 2;
         r.two_object_scenes += two as usize;
-        for (obj_i, &p) in class_pos.iter().enumerate().take(scene.objects.len()) {
-            let map = min_max_normalize(&maps.narrow(0, p, 1)?)?;
-            let own = soft_iou(&map, &masks[obj_i])?.to_scalar::<f32>()? as f64;
+        for (own, other, uniform) in ious {
             iou += own;
-            let uniform = Tensor::ones((1, side, side), DType::F32, &sd.device)?;
-            iou_u += soft_iou(&uniform, &masks[obj_i])?.to_scalar::<f32>()? as f64;
+            iou_u += uniform;
             count += 1;
             if two {
                 two_own += own;
-                two_other += soft_iou(&map, &masks[1 - obj_i])?.to_scalar::<f32>()? as f64;
+                two_other += other;
                 two_count += 1;
             }
         }
@@ -211,5 +182,71 @@ pub fn check(sd: &StableDiffusion, seen: &HashSet<String>, n: usize, steps: usiz
     r.attention_iou_uniform = iou_u / count.max(1) as f64;
     r.two_object_iou_own = two_own / two_count.max(1) as f64;
     r.two_object_iou_other = two_other / two_count.max(1) as f64;
+    // the same on personalization scenes (unnamed looks), captioned by class alone
+    let (mut own, mut other, mut count) = (0.0, 0.0, 0usize);
+    for k in 1..=n as u64 {
+        let scene = super::personalization_scene(k);
+        let classes: Vec<String> = scene.objects.iter().map(|o| format!("a {}", o.class)).collect();
+        let text = format!("{} on a {} background", classes.join(" and "), scene.background);
+        for (o, x, _) in class_map_ious(sd, &schedule, &scene, &text, &mut rng)? {
+            own += o;
+            other += x;
+            count += 1;
+        }
+    }
+    r.personalization_scenes = n;
+    r.personalization_iou_own = own / count.max(1) as f64;
+    r.personalization_iou_other = other / count.max(1) as f64;
     Ok(r)
+}
+
+/// For each object of `scene` whose class word is in `text` (in scene order): soft IoU of the
+/// class token's min-max normalised cross-attention map (finest grid, mean over heads and
+/// layers, the scene noised at t = 300) with the object's mask, with the other object's mask
+/// (0 for a lone object), and of a uniform map with the object's mask.
+fn class_map_ious(
+    sd: &StableDiffusion, schedule: &NoiseSchedule, scene: &Scene, text: &str, rng: &mut rand::rngs::StdRng,
+) -> Result<Vec<(f64, f64, f64)>> {
+    let side = sd.default_size() / sd.vae_scale_factor();
+    let rendered = render(scene);
+    let x = util::rgb_to_tensor(&rendered.image, &sd.device)?;
+    let post = sd.vae.encode(&x.to_dtype(sd.dtype)?)?;
+    let x0 = ((post.mean.to_dtype(DType::F32)? - sd.vae.shift_factor())? * sd.vae.scaling_factor())?;
+    let noise = util::randn(rng, x0.dims(), &sd.device)?;
+    let t = Tensor::new(&[300u32], &sd.device)?;
+    let noisy = schedule.add_noise(&x0, &noise, &t)?;
+    let words = sd.tokenizer.tokenize_words(text);
+    let ids = Tensor::new(sd.tokenizer.encode(text).ids, &sd.device)?.unsqueeze(0)?;
+    let ctx = sd.text_encoder.forward(&ids)?;
+    let opts = ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![side] }), detach_start_token_kv: false };
+    let out = sd.unet.forward_with(&noisy.to_dtype(sd.dtype)?, &t, &ctx, &opts)?;
+    let layers: Vec<_> = out.attention.iter().map(|a| (a.probs.clone(), a.height, a.width)).collect();
+    let maps = average_maps(&layers, side)?.remove(0);
+    // Token position of each object's class word: the word list is "a ... class and a ... class on ...".
+    let mut pos = 1;
+    let mut class_pos = Vec::new();
+    for (w, ids) in &words {
+        if Class::from_word(w).is_some() {
+            class_pos.push(pos + ids.len() - 1);
+        }
+        pos += ids.len();
+    }
+    let masks: Vec<Tensor> = rendered
+        .masks
+        .iter()
+        .map(|m| {
+            let m = image::imageops::resize(m, side as u32, side as u32, image::imageops::FilterType::Triangle);
+            Tensor::from_vec(m.as_raw().iter().map(|&v| v as f32 / 255.0).collect::<Vec<_>>(), (1, side, side), &sd.device)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let uniform = Tensor::ones((1, side, side), DType::F32, &sd.device)?;
+    let mut ious = Vec::new();
+    for (obj_i, &p) in class_pos.iter().enumerate().take(scene.objects.len()) {
+        let map = min_max_normalize(&maps.narrow(0, p, 1)?)?;
+        let own = soft_iou(&map, &masks[obj_i])?.to_scalar::<f32>()? as f64;
+        let other = if masks.len() == 2 { soft_iou(&map, &masks[1 - obj_i])?.to_scalar::<f32>()? as f64 } else { 0.0 };
+        let u = soft_iou(&uniform, &masks[obj_i])?.to_scalar::<f32>()? as f64;
+        ious.push((own, other, u));
+    }
+    Ok(ious)
 }
