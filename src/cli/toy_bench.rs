@@ -274,23 +274,20 @@ pub fn rescore(a: RescoreArgs) -> Result<()> {
                     }
                 }
             }
-            let m = tally.finish();
-            writeln!(
-                md,
-                "| {seed} | {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {images} |",
-                m.fidelity.mean, m.leakage, m.other_object, m.look_swap, m.composition, m.prompt_fidelity
-            )?;
+            md += &per_scene_row(&seed.to_string(), &name, &tally.finish(), &images.to_string());
         }
     }
     for (name, t) in &totals {
-        let m = t.finish();
-        writeln!(
-            md,
-            "| all | {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | |",
-            m.fidelity.mean, m.leakage, m.other_object, m.look_swap, m.composition, m.prompt_fidelity
-        )?;
+        md += &per_scene_row("all", name, &t.finish(), "");
     }
     print!("{md}");
     util::write_atomic(&a.dir.join("per-scene.md"), md.as_bytes())?;
     Ok(())
+}
+
+fn per_scene_row(scene: &str, method: &str, m: &MethodScores, images: &str) -> String {
+    format!(
+        "| {scene} | {method} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {images} |\n",
+        m.fidelity.mean, m.leakage, m.other_object, m.look_swap, m.composition, m.prompt_fidelity
+    )
 }

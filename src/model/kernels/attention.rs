@@ -61,9 +61,7 @@ impl CustomOp3 for FusedAttention {
                 })
             })
         })?;
-        let dev = q.device();
-        let wrap = |g: Option<Vec<f32>>, like: &Tensor| g.map(|g| Tensor::from_vec(g, like.shape(), dev)).transpose();
-        Ok((wrap(dq, &q)?, wrap(dk, &k)?, wrap(dv, &v)?))
+        Ok((grad_tensor(dq, &q)?, grad_tensor(dk, &k)?, grad_tensor(dv, &v)?))
     }
 }
 
@@ -97,6 +95,28 @@ impl AttnDims {
     }
 }
 
+/// `dst (+)= lhs . rhs` on this thread, for one head's block: `dst` [m, n] with rows `dst_rs`
+/// apart (columns adjacent), `lhs` and `rhs` given by (column, row) strides; `accumulate`
+/// adds to what `dst` holds instead of overwriting it.
+///
+/// # Safety
+/// The pointers must cover the matrices their strides describe.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_gemm(
+    m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, accumulate: bool,
+    lhs: *const f32, lhs_cs: usize, lhs_rs: usize, rhs: *const f32, rhs_cs: usize, rhs_rs: usize,
+) {
+    gemm::gemm(
+        m, n, k, dst, 1, dst_rs as isize, accumulate, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize,
+        if accumulate { 1.0 } else { 0.0 }, 1.0, false, false, false, gemm::Parallelism::None,
+    )
+}
+
+/// A gradient buffer as a tensor shaped like `like` (`None` stays `None`).
+fn grad_tensor(g: Option<Vec<f32>>, like: &Tensor) -> Result<Option<Tensor>> {
+    g.map(|g| Tensor::from_vec(g, like.shape(), like.device())).transpose()
+}
+
 /// [`attention`] on the raw data.
 fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f32) -> Vec<f32> {
     let AttnDims { b, heads, n, m, d, dv } = a;
@@ -120,11 +140,7 @@ fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f32)
         // kernel only runs on AVX2+FMA.
         unsafe {
             // scores [rows, m] = q_blk [rows, d] . k^T [d, m]
-            gemm::gemm(
-                rows, m, d, probs.as_mut_ptr(), 1, m as isize, false,
-                qp.as_ptr(), 1, qc as isize, kp.as_ptr(), qc as isize, 1,
-                0.0, 1.0, false, false, false, gemm::Parallelism::None,
-            );
+            head_gemm(rows, m, d, probs.as_mut_ptr(), m, false, qp.as_ptr(), 1, qc, kp.as_ptr(), qc, 1);
             if fma {
                 exp_rows_fma(&mut probs, m, scale, &mut inv_sums);
             } else {
@@ -132,11 +148,7 @@ fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f32)
             }
             // out [rows, dv] = exp [rows, m] . v [m, dv], then each row / its sum
             let o = dst.0.add((bi * n + r0) * vc + h * dv);
-            gemm::gemm(
-                rows, dv, m, o, 1, vc as isize, false,
-                probs.as_ptr(), 1, m as isize, vp.as_ptr(), 1, vc as isize,
-                0.0, 1.0, false, false, false, gemm::Parallelism::None,
-            );
+            head_gemm(rows, dv, m, o, vc, false, probs.as_ptr(), 1, m, vp.as_ptr(), 1, vc);
             for (r, inv) in inv_sums[..rows].iter().enumerate() {
                 for x in std::slice::from_raw_parts_mut(o.add(r * vc), dv) {
                     *x *= inv;
@@ -209,7 +221,7 @@ fn attention_backward(data: [&[f32]; 5], a: AttnDims, scale: f32, need: [bool; 3
                 let go = gd[(bi * n + r0) * vc + h * dv..].as_ptr();
                 let o = od[(bi * n + r0) * vc + h * dv..].as_ptr();
                 // P = softmax(scale * Q_blk K^T)
-                gemm::gemm(rows, m, d, p.as_mut_ptr(), 1, m as isize, false, q_blk, 1, qc as isize, kp, qc as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                head_gemm(rows, m, d, p.as_mut_ptr(), m, false, q_blk, 1, qc, kp, qc, 1);
                 if fma {
                     exp_rows_fma(p, m, scale, &mut inv_sums);
                 } else {
@@ -221,13 +233,13 @@ fn attention_backward(data: [&[f32]; 5], a: AttnDims, scale: f32, need: [bool; 3
                 // dV (+)= P^T dO_blk
                 if let Some(gv) = ptrs[2] {
                     let dst = gv.0.add(bi * m * vc + h * dv);
-                    gemm::gemm(m, dv, rows, dst, 1, vc as isize, blk > 0, p.as_ptr(), m as isize, 1, go, 1, vc as isize, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+                    head_gemm(m, dv, rows, dst, vc, blk > 0, p.as_ptr(), m, 1, go, 1, vc);
                 }
                 if ptrs[0].is_none() && ptrs[1].is_none() {
                     continue;
                 }
                 // dP = dO_blk V^T, then dS = P * (dP - rowsum(dO * O)) * scale in place
-                gemm::gemm(rows, m, dv, ds.as_mut_ptr(), 1, m as isize, false, go, 1, vc as isize, vp, vc as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                head_gemm(rows, m, dv, ds.as_mut_ptr(), m, false, go, 1, vc, vp, vc, 1);
                 for r in 0..rows {
                     let (gr, or) = (std::slice::from_raw_parts(go.add(r * vc), dv), std::slice::from_raw_parts(o.add(r * vc), dv));
                     let dot: f32 = gr.iter().zip(or).map(|(g, o)| g * o).sum();
@@ -238,12 +250,12 @@ fn attention_backward(data: [&[f32]; 5], a: AttnDims, scale: f32, need: [bool; 3
                 // dQ_blk = dS K
                 if let Some(gq) = ptrs[0] {
                     let dst = gq.0.add((bi * n + r0) * qc + h * d);
-                    gemm::gemm(rows, d, m, dst, 1, qc as isize, false, ds.as_ptr(), 1, m as isize, kp, 1, qc as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                    head_gemm(rows, d, m, dst, qc, false, ds.as_ptr(), 1, m, kp, 1, qc);
                 }
                 // dK (+)= dS^T Q_blk
                 if let Some(gk) = ptrs[1] {
                     let dst = gk.0.add(bi * m * qc + h * d);
-                    gemm::gemm(m, d, rows, dst, 1, qc as isize, blk > 0, ds.as_ptr(), m as isize, 1, q_blk, 1, qc as isize, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+                    head_gemm(m, d, rows, dst, qc, blk > 0, ds.as_ptr(), m, 1, q_blk, 1, qc);
                 }
             }
         }
@@ -297,7 +309,7 @@ impl CustomOp2 for AttentionProbs {
             unsafe {
                 let p = std::slice::from_raw_parts_mut(dst.0.add((bi * heads + h) * n * m), n * m);
                 let (qp, kp) = (qd[bi * n * qc + h * d..].as_ptr(), kd[bi * m * qc + h * d..].as_ptr());
-                gemm::gemm(n, m, d, p.as_mut_ptr(), 1, m as isize, false, qp, 1, qc as isize, kp, qc as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                head_gemm(n, m, d, p.as_mut_ptr(), m, false, qp, 1, qc, kp, qc, 1);
                 for rows in p.chunks_mut(ATTN_BLOCK * m) {
                     let mut inv = [0f32; ATTN_BLOCK];
                     if fma {
@@ -335,20 +347,19 @@ impl CustomOp2 for AttentionProbs {
                         let (qp, kp) = (qd[bi * n * qc + h * d..].as_ptr(), kd[bi * m * qc + h * d..].as_ptr());
                         if let Some(gq) = ptrs[0] {
                             let dst = gq.0.add(bi * n * qc + h * d);
-                            gemm::gemm(n, d, m, dst, 1, qc as isize, false, s, 1, m as isize, kp, 1, qc as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                            head_gemm(n, d, m, dst, qc, false, s, 1, m, kp, 1, qc);
                         }
                         if let Some(gk) = ptrs[1] {
                             let dst = gk.0.add(bi * m * qc + h * d);
-                            gemm::gemm(m, d, n, dst, 1, qc as isize, false, s, m as isize, 1, qp, 1, qc as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                            head_gemm(m, d, n, dst, qc, false, s, m, 1, qp, 1, qc);
                         }
                     }
                 });
                 Ok(())
             })
         })?;
-        let dev = q.device();
         let [gq, gk] = grads;
-        Ok((gq.map(|g| Tensor::from_vec(g, q.shape(), dev)).transpose()?, gk.map(|g| Tensor::from_vec(g, k.shape(), dev)).transpose()?))
+        Ok((grad_tensor(gq, &q)?, grad_tensor(gk, &k)?))
     }
 }
 
@@ -387,7 +398,7 @@ impl CustomOp2 for AttentionApply {
             unsafe {
                 let (pp, vp) = (pd[(bi * heads + h) * n * m..].as_ptr(), vd[bi * m * vc + h * dv..].as_ptr());
                 let o = dst.0.add(bi * n * vc + h * dv);
-                gemm::gemm(n, dv, m, o, 1, vc as isize, false, pp, 1, m as isize, vp, 1, vc as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                head_gemm(n, dv, m, o, vc, false, pp, 1, m, vp, 1, vc);
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, n, vc))))
@@ -413,12 +424,12 @@ impl CustomOp2 for AttentionApply {
                             if let Some(gp) = ptrs[0] {
                                 let dst = gp.0.add((bi * heads + h) * n * m);
                                 let vp = vd[bi * m * vc + h * dv..].as_ptr();
-                                gemm::gemm(n, m, dv, dst, 1, m as isize, false, go, 1, vc as isize, vp, vc as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                                head_gemm(n, m, dv, dst, m, false, go, 1, vc, vp, vc, 1);
                             }
                             if let Some(gv) = ptrs[1] {
                                 let dst = gv.0.add(bi * m * vc + h * dv);
                                 let pp = pd[(bi * heads + h) * n * m..].as_ptr();
-                                gemm::gemm(m, dv, n, dst, 1, vc as isize, false, pp, m as isize, 1, go, 1, vc as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
+                                head_gemm(m, dv, n, dst, vc, false, pp, m, 1, go, 1, vc);
                             }
                         }
                     });
@@ -426,9 +437,8 @@ impl CustomOp2 for AttentionApply {
                 })
             })
         })?;
-        let dev = p.device();
         let [gp, gv] = grads;
-        Ok((gp.map(|g| Tensor::from_vec(g, p.shape(), dev)).transpose()?, gv.map(|g| Tensor::from_vec(g, v.shape(), dev)).transpose()?))
+        Ok((grad_tensor(gp, &p)?, grad_tensor(gv, &v)?))
     }
 }
 
