@@ -141,11 +141,7 @@ fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f32)
         unsafe {
             // scores [rows, m] = q_blk [rows, d] . k^T [d, m]
             head_gemm(rows, m, d, probs.as_mut_ptr(), m, false, qp.as_ptr(), 1, qc, kp.as_ptr(), qc, 1);
-            if fma {
-                exp_rows_fma(&mut probs, m, scale, &mut inv_sums);
-            } else {
-                exp_rows_plain(&mut probs, m, scale, &mut inv_sums);
-            }
+            exp_rows(&mut probs, m, scale, &mut inv_sums, fma);
             // out [rows, dv] = exp [rows, m] . v [m, dv], then each row / its sum
             let o = dst.0.add((bi * n + r0) * vc + h * dv);
             head_gemm(rows, dv, m, o, vc, false, probs.as_ptr(), 1, m, vp.as_ptr(), 1, vc);
@@ -168,25 +164,46 @@ fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f32)
 /// Each row of `s` (`cols` long) becomes `exp(scale * (x - max))` in place, and `inv_sums[r]`
 /// the inverse of row r's sum: a softmax whose division is left to the caller.
 #[inline(always)]
-fn exp_rows<const FMA: bool>(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
+fn exp_rows_generic<const FMA: bool>(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
     for (row, inv) in s.chunks_exact_mut(cols).zip(inv_sums.iter_mut()) {
         *inv = 1.0 / exp_row_in_place::<FMA>(row, scale);
     }
 }
 
+/// [`exp_rows_generic`] through its AVX2 build when `fma` (the CPU has AVX2 and FMA).
+fn exp_rows(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32], fma: bool) {
+    // SAFETY: `fma` is only true when the CPU has AVX2 and FMA (`has_avx2_fma`).
+    unsafe {
+        if fma {
+            exp_rows_fma(s, cols, scale, inv_sums)
+        } else {
+            exp_rows_plain(s, cols, scale, inv_sums)
+        }
+    }
+}
+
+/// The rows of `s` (at most [`ATTN_BLOCK`] of `cols` each) become `softmax(scale * row)` in place.
+fn softmax_block(s: &mut [f32], cols: usize, scale: f32, fma: bool) {
+    let mut inv_sums = [0f32; ATTN_BLOCK];
+    exp_rows(s, cols, scale, &mut inv_sums, fma);
+    for (row, inv) in s.chunks_exact_mut(cols).zip(&inv_sums) {
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
 unsafe fn exp_rows_plain(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
-    exp_rows::<false>(s, cols, scale, inv_sums)
+    exp_rows_generic::<false>(s, cols, scale, inv_sums)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_rows_fma(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
-    exp_rows::<true>(s, cols, scale, inv_sums)
+    exp_rows_generic::<true>(s, cols, scale, inv_sums)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn exp_rows_fma(s: &mut [f32], cols: usize, scale: f32, inv_sums: &mut [f32]) {
-    exp_rows::<false>(s, cols, scale, inv_sums)
+    exp_rows_generic::<false>(s, cols, scale, inv_sums)
 }
 
 /// Input gradients of [`attention`] (`data` = q, k, v, output, output gradient; only those
@@ -210,7 +227,6 @@ fn attention_backward(data: [&[f32]; 5], a: AttnDims, scale: f32, need: [bool; 3
         let vp = vd[bi * m * vc + h * dv..].as_ptr();
         let mut p = output_buffer(ATTN_BLOCK * m);
         let mut ds = output_buffer(ATTN_BLOCK * m);
-        let mut inv_sums = [0f32; ATTN_BLOCK];
         for (blk, r0) in (0..n).step_by(ATTN_BLOCK).enumerate() {
             let rows = ATTN_BLOCK.min(n - r0);
             let (p, ds) = (&mut p[..rows * m], &mut ds[..rows * m]);
@@ -222,14 +238,7 @@ fn attention_backward(data: [&[f32]; 5], a: AttnDims, scale: f32, need: [bool; 3
                 let o = od[(bi * n + r0) * vc + h * dv..].as_ptr();
                 // P = softmax(scale * Q_blk K^T)
                 head_gemm(rows, m, d, p.as_mut_ptr(), m, false, q_blk, 1, qc, kp, qc, 1);
-                if fma {
-                    exp_rows_fma(p, m, scale, &mut inv_sums);
-                } else {
-                    exp_rows_plain(p, m, scale, &mut inv_sums);
-                }
-                for (row, inv) in p.chunks_exact_mut(m).zip(&inv_sums) {
-                    row.iter_mut().for_each(|x| *x *= inv);
-                }
+                softmax_block(p, m, scale, fma);
                 // dV (+)= P^T dO_blk
                 if let Some(gv) = ptrs[2] {
                     let dst = gv.0.add(bi * m * vc + h * dv);
@@ -311,15 +320,7 @@ impl CustomOp2 for AttentionProbs {
                 let (qp, kp) = (qd[bi * n * qc + h * d..].as_ptr(), kd[bi * m * qc + h * d..].as_ptr());
                 head_gemm(n, m, d, p.as_mut_ptr(), m, false, qp, 1, qc, kp, qc, 1);
                 for rows in p.chunks_mut(ATTN_BLOCK * m) {
-                    let mut inv = [0f32; ATTN_BLOCK];
-                    if fma {
-                        exp_rows_fma(rows, m, self.scale, &mut inv);
-                    } else {
-                        exp_rows_plain(rows, m, self.scale, &mut inv);
-                    }
-                    for (row, inv) in rows.chunks_exact_mut(m).zip(&inv) {
-                        row.iter_mut().for_each(|x| *x *= inv);
-                    }
+                    softmax_block(rows, m, self.scale, fma);
                 }
             }
         });
@@ -446,6 +447,34 @@ impl CustomOp2 for AttentionApply {
 mod tests {
     use super::*;
 
+    /// The explicit computation the fused ops replace, through candle's differentiable ops:
+    /// heads split, scores, softmax from exp/sum, values, heads merged. Returns the
+    /// probabilities [B, H, N, M] and the output [B, N, H*dv].
+    fn explicit_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<(Tensor, Tensor)> {
+        let (b, n, qc) = q.dims3()?;
+        let dv = v.dim(2)? / heads;
+        let split = |x: &Tensor, e: usize| -> Result<Tensor> {
+            let t = x.dim(1)?;
+            x.reshape((b, t, heads, e))?.transpose(1, 2)?.contiguous()
+        };
+        let s = (split(q, qc / heads)?.matmul(&split(k, qc / heads)?.t()?)? * scale)?;
+        let e = s.broadcast_sub(&s.max_keepdim(candle_core::D::Minus1)?.detach())?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1)?)?;
+        let out = p.matmul(&split(v, dv)?)?.transpose(1, 2)?.reshape((b, n, heads * dv))?;
+        Ok((p, out))
+    }
+
+    /// Asserts that the gradients of q, k and v in `got` match `want` (2e-5 of their size).
+    fn assert_grads_match(got: &candle_core::backprop::GradStore, want: &candle_core::backprop::GradStore, vars: [&candle_core::Var; 3], case: &str) -> Result<()> {
+        for (name, x) in ["q", "k", "v"].iter().zip(vars) {
+            let (a, w) = (got.get(x.as_tensor()).unwrap(), want.get(x.as_tensor()).unwrap());
+            let err = (a - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let mag = w.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err <= 2e-5 * mag.max(1.0), "d{name} {case}: max error {err} (max {mag})");
+        }
+        Ok(())
+    }
+
     /// The fused multi-head attention against split heads, softmax(scale q k^T) v and merged
     /// heads through candle's ops.
     #[test]
@@ -479,7 +508,7 @@ mod tests {
     /// probabilities feed the attention losses, the output the diffusion loss).
     #[test]
     fn probe_ops_match_autograd() -> Result<()> {
-        use candle_core::{Device, Var, D};
+        use candle_core::{Device, Var};
         let dev = Device::Cpu;
         for (b, heads, n, m, d, dv) in [(2, 3, 70, 9, 4, 5), (1, 2, 130, 77, 8, 8)] {
             let q = Var::randn(0f32, 1.0, (b, n, heads * d), &dev)?;
@@ -488,14 +517,7 @@ mod tests {
             let rp = Tensor::randn(0f32, 1.0, (b, heads, n, m), &dev)?;
             let ro = Tensor::randn(0f32, 1.0, (b, n, heads * dv), &dev)?;
             let scale = 1.0 / (d as f64).sqrt();
-            let split = |x: &Tensor, e: usize| -> Result<Tensor> {
-                let t = x.dim(1)?;
-                x.reshape((b, t, heads, e))?.transpose(1, 2)?.contiguous()
-            };
-            let s = (split(&q, d)?.matmul(&split(&k, d)?.t()?)? * scale)?;
-            let e = s.broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?.exp()?;
-            let p_want = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-            let o_want = p_want.matmul(&split(&v, dv)?)?.transpose(1, 2)?.reshape((b, n, heads * dv))?;
+            let (p_want, o_want) = explicit_attention(&q, &k, &v, heads, scale)?;
             let loss = |p: &Tensor, o: &Tensor| -> Result<Tensor> { (p * &rp)?.sum_all()? + (o * &ro)?.sum_all()? };
             let gw = loss(&p_want, &o_want)?.backward()?;
             let p = q.as_tensor().apply_op2(k.as_tensor(), AttentionProbs { heads, scale: scale as f32 })?;
@@ -505,12 +527,7 @@ mod tests {
                 assert!(err < 2e-6, "{what} {:?}: {err}", (b, heads, n, m, d, dv));
             }
             let gg = loss(&p, &o)?.backward()?;
-            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-                let (a, w) = (gg.get(x.as_tensor()).unwrap(), gw.get(x.as_tensor()).unwrap());
-                let err = (a - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                let mag = w.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(err <= 2e-5 * mag.max(1.0), "d{name} {:?}: max error {err} (max {mag})", (b, heads, n, m, d, dv));
-            }
+            assert_grads_match(&gg, &gw, [&q, &k, &v], &format!("{:?}", (b, heads, n, m, d, dv)))?;
         }
         Ok(())
     }
@@ -519,7 +536,7 @@ mod tests {
     /// (split heads, scores, softmax from exp/sum, values, merge), through a random linear loss.
     #[test]
     fn fused_attention_gradients_match_autograd() -> Result<()> {
-        use candle_core::{Device, Var, D};
+        use candle_core::{Device, Var};
         let dev = Device::Cpu;
         for (b, heads, n, m, d, dv) in [(2, 3, 70, 9, 4, 5), (1, 2, 130, 130, 8, 8), (2, 1, 3, 1, 2, 2)] {
             let q = Var::randn(0f32, 1.0, (b, n, heads * d), &dev)?;
@@ -527,25 +544,13 @@ mod tests {
             let v = Var::randn(0f32, 1.0, (b, m, heads * dv), &dev)?;
             let r = Tensor::randn(0f32, 1.0, (b, n, heads * dv), &dev)?;
             let scale = 1.0 / (d as f64).sqrt();
-            let split = |x: &Tensor, e: usize| -> Result<Tensor> {
-                let t = x.dim(1)?;
-                x.reshape((b, t, heads, e))?.transpose(1, 2)?.contiguous()
-            };
-            let s = (split(&q, d)?.matmul(&split(&k, d)?.t()?)? * scale)?;
-            let e = s.broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?.exp()?;
-            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-            let want = p.matmul(&split(&v, dv)?)?.transpose(1, 2)?.reshape((b, n, heads * dv))?;
+            let (_, want) = explicit_attention(&q, &k, &v, heads, scale)?;
             let gw = (&want * &r)?.sum_all()?.backward()?;
             let got = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), FusedAttention { heads, scale: scale as f32 })?;
             let err = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 2e-6, "forward {:?}: {err}", (b, heads, n, m, d, dv));
             let gg = (&got * &r)?.sum_all()?.backward()?;
-            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-                let (a, w) = (gg.get(x.as_tensor()).unwrap(), gw.get(x.as_tensor()).unwrap());
-                let err = (a - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                let mag = w.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(err <= 2e-5 * mag.max(1.0), "d{name} {:?}: max error {err} (max {mag})", (b, heads, n, m, d, dv));
-            }
+            assert_grads_match(&gg, &gw, [&q, &k, &v], &format!("{:?}", (b, heads, n, m, d, dv)))?;
         }
         Ok(())
     }
