@@ -92,7 +92,7 @@ pub fn prepare(name: &str) -> Result<Case> {
                 let maps = crate::calibration::average_maps(&layers, 16)?;
                 let samples: Vec<_> = maps.into_iter().map(|m| (m, concepts.clone())).collect();
                 let l = cal.calibration.losses(&samples)?;
-                let loss = (diffusion + (l.total()? * cal.attn_weight)?)?;
+                let loss = ((diffusion + (&l.l_bind * cal.bind_weight)?)? + (&l.l_ss * cal.ss_weight)?)?;
                 let grads = loss.backward()?;
                 let g: Vec<Tensor> = opt.params().iter().map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone()).collect();
                 opt.step(&g)
@@ -110,7 +110,7 @@ pub fn prepare(name: &str) -> Result<Case> {
                 &model_dir,
                 &LoadOptions::default(),
                 &concepts,
-                crate::training::model::UNetTrainable::CrossAttnKV,
+                crate::training::method::UNetTrainable::CrossAttnKV,
             )?;
             let schedule = NoiseSchedule::new(model.sd.scheduler_config.clone());
             let mut opt = AdamW::new(model.trainable(true), AdamWConfig::default())?;

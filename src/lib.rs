@@ -9,6 +9,7 @@
 //! - [`pipelines`]: text-to-image generation.
 //! - [`toyworld`]: synthetic scenes with known ground truth, for a measurable benchmark.
 //! - [`formats`]: concept files.
+//! - [`patch`]: concept files (and next, LoRAs) applied to a loaded model in order, and undone.
 //! - [`cli`]: the `disendiff` command line.
 
 pub mod bench;
@@ -16,6 +17,7 @@ pub mod calibration;
 pub mod cli;
 pub mod formats;
 pub mod model;
+pub mod patch;
 pub mod pipelines;
 pub mod scheduler;
 pub mod toyworld;

@@ -10,7 +10,8 @@ use disendiff::model::sd::LoadOptions;
 use disendiff::scheduler::NoiseSchedule;
 use disendiff::training::adamw::{AdamW, AdamWConfig};
 use disendiff::training::concepts::{concept_positions, modifier_tokens_in, parse_concepts};
-use disendiff::training::model::{Personalized, UNetTrainable};
+use disendiff::training::method::UNetTrainable;
+use disendiff::training::model::Personalized;
 use disendiff::training::step::{forward_losses, LossConfig, MicroBatch};
 
 fn scalar(t: &Tensor) -> f64 {

@@ -1,8 +1,7 @@
 //! `disendiff attention`: heatmaps of each prompt token's cross-attention map (the paper's
 //! Fig. 4 view), as one PNG per token, an overview grid and an index.html that labels them.
 
-use super::generate::load_model;
-use super::ModelArgs;
+use super::{ConceptArgs, ModelArgs};
 use crate::pipelines::attention_maps::{grid, overlay, token_maps};
 use crate::pipelines::text2img::{latent_shape, Text2ImageParams};
 use crate::util;
@@ -13,23 +12,25 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// A concept file from `disendiff train`.
-    #[arg(long, value_name = "FILE")]
-    pub concepts: Option<PathBuf>,
+    #[command(flatten)]
+    pub concepts: ConceptArgs,
     /// The prompt whose tokens to show (a training caption or any prompt).
     #[arg(long)]
     pub prompt: String,
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 7.5)]
+    /// Number of DDIM steps the maps are averaged over.
+    #[arg(long, default_value_t = 50, visible_alias = "steps", alias = "num_inference_steps")]
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 7.5, alias = "guidance_scale")]
     pub guidance_scale: f64,
-    #[arg(long, default_value_t = 42)]
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = super::DEFAULT_SEED)]
     pub seed: u64,
     /// Query-grid side of the maps (default: latent side / 4, 16 for SD at 512x512).
     #[arg(long)]
     pub resolution: Option<usize>,
     /// Output folder.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", visible_alias = "output-dir", alias = "output_dir")]
     pub out: PathBuf,
 }
 
@@ -38,14 +39,15 @@ fn file_safe(s: &str) -> String {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let sd = load_model(&a.model, a.concepts.as_ref())?;
-    let mut p = Text2ImageParams::new(&sd, &a.prompt);
-    p.steps = a.steps;
+    let model = super::load_model(&a.model, &a.concepts)?;
+    let sd = &model.sd;
+    let mut p = Text2ImageParams::new(sd, &a.prompt);
+    p.steps = a.num_inference_steps;
     p.guidance_scale = a.guidance_scale;
     p.seed = a.seed;
-    let [_, _, lh, _] = latent_shape(&sd, &p)?;
+    let [_, _, lh, _] = latent_shape(sd, &p)?;
     let side = a.resolution.unwrap_or(lh / 4);
-    let maps = token_maps(&sd, &p, side)?;
+    let maps = token_maps(sd, &p, side)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let image = util::to_rgb8(&maps.images)?.remove(0);
     util::save_png(&image, &a.out.join("image.png"))?;
@@ -53,7 +55,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut html = format!(
         "<html><body><h3>{}</h3><p>cross-attention at {side}x{side}, mean over {} steps, heads and layers</p>\
          <table><tr><td><img src=\"image.png\" width=256><br>image</td>",
-        a.prompt, a.steps
+        a.prompt, a.num_inference_steps
     );
     for (i, (pos, label)) in maps.tokens.iter().enumerate() {
         let tile = overlay(&maps.maps.get(*pos)?, &image)?;

@@ -4,7 +4,8 @@
 
 use crate::pipelines::attention_maps::{grid, overlay, token_maps};
 use crate::pipelines::text2img::Text2ImageParams;
-use crate::toyworld::experiment::{self, default_toy_model, enlarge, ToyMethod, ToyTrainOptions};
+use crate::toyworld::experiment::{self, default_toy_model, enlarge, ToyTrainOptions};
+use crate::training::method::Method;
 use crate::toyworld::task::Task;
 use crate::util;
 use anyhow::{Context, Result};
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     /// Output folder (report.md, images, concepts).
-    #[arg(long, default_value = "demo-out", value_name = "DIR")]
+    #[arg(long, default_value = "demo-out", value_name = "DIR", visible_alias = "output-dir", alias = "output_dir")]
     pub out: PathBuf,
     /// The toy base model (default: the bundled assets/toy-model).
     #[arg(long, value_name = "DIR")]
@@ -23,19 +24,22 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub scene: u64,
     /// Training steps.
-    #[arg(long, default_value_t = 150)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 150, alias = "steps", alias = "max_train_steps")]
+    pub max_train_steps: usize,
+    /// AdamW learning rate (toy scale).
+    #[arg(long, default_value_t = 1e-3, alias = "learning_rate")]
     pub learning_rate: f64,
     /// Images per prompt.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, alias = "num_images")]
     pub num_images: usize,
     /// DDIM steps of the generated images.
-    #[arg(long, default_value_t = 30)]
-    pub sample_steps: usize,
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 30, alias = "sample-steps", alias = "num_inference_steps")]
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale of the generated images.
+    #[arg(long, default_value_t = 5.0, alias = "guidance_scale")]
     pub guidance_scale: f64,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of training (and, plus 100, of the generated images).
+    #[arg(long, default_value_t = super::DEFAULT_SEED)]
     pub seed: u64,
 }
 
@@ -47,11 +51,11 @@ pub fn run(a: Args) -> Result<()> {
     eprintln!("scene {}: \"{}\"", a.scene, task.caption());
     util::save_png(&enlarge(&task.image, 4), &a.out.join("scene.png"))?;
 
-    let mut opts = ToyTrainOptions::new(ToyMethod::DisenDiff);
-    opts.steps = a.steps;
+    let mut opts = ToyTrainOptions::new(Some(Method::Disendiff.preset(&[])?));
+    opts.steps = a.max_train_steps;
     opts.learning_rate = a.learning_rate;
     opts.seed = a.seed;
-    let pb = super::progress_bar(a.steps as u64, "training DisenDiff");
+    let pb = super::progress_bar(a.max_train_steps as u64, "training DisenDiff");
     let (model, seconds) = experiment::train(&model_dir, &task, &opts, &a.out.join("run"), |r| {
         pb.set_position(r.step as u64);
         pb.set_message(format!("loss {:.4} bind {:.3} ss {:.3}", r.loss, r.l_bind, r.l_ss));
@@ -75,12 +79,12 @@ pub fn run(a: Args) -> Result<()> {
         "The toy base model (`{}`) learned two concepts from one image with DisenDiff: \
          {} steps in {seconds:.0} s on this machine.\n",
         model_dir.display(),
-        a.steps
+        a.max_train_steps
     )?;
     writeln!(report, "Training image, caption `{}`:\n\n![scene](scene.png)\n", task.caption())?;
-    writeln!(report, "## Generated\n\n{} images per prompt, DDIM {} steps, guidance {}.\n", a.num_images, a.sample_steps, a.guidance_scale)?;
+    writeln!(report, "## Generated\n\n{} images per prompt, DDIM {} steps, guidance {}.\n", a.num_images, a.num_inference_steps, a.guidance_scale)?;
     for (i, (group, spec)) in all.iter().enumerate() {
-        let images = experiment::generate(&model, &spec.prompt, a.num_images, a.seed + 100, a.sample_steps, a.guidance_scale)?;
+        let images = experiment::generate(&model, &spec.prompt, a.num_images, a.seed + 100, a.num_inference_steps, a.guidance_scale)?;
         let big: Vec<_> = images.iter().map(|im| enlarge(im, 2)).collect();
         let name = format!("prompt-{:02}.png", i + 1);
         util::save_png(&grid(&big, big.len()), &a.out.join(&name))?;
@@ -91,7 +95,7 @@ pub fn run(a: Args) -> Result<()> {
 
     // Attention maps of the training caption (the paper's Fig. 4 view).
     let mut p = Text2ImageParams::new(&model.sd, &task.caption());
-    p.steps = a.sample_steps;
+    p.steps = a.num_inference_steps;
     p.guidance_scale = a.guidance_scale;
     p.seed = a.seed + 100;
     let latent = model.sd.default_size() / model.sd.vae_scale_factor();

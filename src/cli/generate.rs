@@ -1,9 +1,7 @@
 //! `disendiff generate`: text-to-image, writing `OUT/00000.png`, `00001.png`, ...
 
-use super::ModelArgs;
-use crate::model::sd::StableDiffusion;
+use super::{ConceptArgs, ModelArgs};
 use crate::pipelines::text2img::{self, Text2ImageParams};
-use crate::training::model::Personalized;
 use crate::util;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -19,19 +17,19 @@ pub struct Args {
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// Number of DDIM steps.
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
+    #[arg(long, default_value_t = 50, visible_alias = "steps", alias = "num_inference_steps")]
+    pub num_inference_steps: usize,
     /// Classifier-free guidance scale (1 or less disables guidance).
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, alias = "guidance_scale")]
     pub guidance_scale: f64,
     /// DDIM eta: 0 is deterministic, 1 is DDPM-like (the paper's evaluation used 1).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
     /// Seed of the initial noise (and of the eta noise).
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = super::DEFAULT_SEED)]
     pub seed: u64,
     /// Images to generate.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, alias = "num_images", alias = "num-images-per-prompt", alias = "num_images_per_prompt")]
     pub num_images: usize,
     /// Image height in pixels (default: the model's native size).
     #[arg(long)]
@@ -43,29 +41,11 @@ pub struct Args {
     /// (as diffusers' `latents=` argument), to compare with other implementations.
     #[arg(long, value_name = "FILE")]
     pub latents: Option<PathBuf>,
-    /// A concept file from `disendiff train` (its modifier tokens can then be used in the prompt).
-    #[arg(long, value_name = "FILE")]
-    pub concepts: Option<PathBuf>,
+    #[command(flatten)]
+    pub concepts: ConceptArgs,
     /// Output folder.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", visible_alias = "output-dir", alias = "output_dir")]
     pub out: PathBuf,
-}
-
-/// Loads the base model, with a concept file applied when one is given.
-pub fn load_model(model: &ModelArgs, concepts: Option<&PathBuf>) -> Result<StableDiffusion> {
-    let opts = model.load_options()?;
-    eprintln!("loading {}", model.model.display());
-    Ok(match concepts {
-        Some(file) => {
-            let p = Personalized::with_concept_file(&model.model, &opts, file)?;
-            eprintln!(
-                "concepts: {}",
-                p.concepts.iter().map(|c| format!("{} {}", c.modifier, c.class_word)).collect::<Vec<_>>().join(", ")
-            );
-            p.sd
-        }
-        None => StableDiffusion::load(&model.model, &opts)?,
-    })
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -84,10 +64,11 @@ pub fn run(a: Args) -> Result<()> {
         }
         None => None,
     };
-    let sd = load_model(&a.model, a.concepts.as_ref())?;
-    let mut p = Text2ImageParams::new(&sd, &a.prompt);
+    let model = super::load_model(&a.model, &a.concepts)?;
+    let sd = &model.sd;
+    let mut p = Text2ImageParams::new(sd, &a.prompt);
     p.negative_prompt = a.negative_prompt.clone();
-    p.steps = a.steps;
+    p.steps = a.num_inference_steps;
     p.guidance_scale = a.guidance_scale;
     p.eta = a.eta;
     p.seed = a.seed;
@@ -100,9 +81,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     p.latents = latents;
     // Validate before any work, and before creating the output folder.
-    text2img::latent_shape(&sd, &p)?;
+    text2img::latent_shape(sd, &p)?;
     if let Some(l) = &p.latents {
-        let want = text2img::latent_shape(&sd, &p)?;
+        let want = text2img::latent_shape(sd, &p)?;
         if l.dims() != want {
             bail!(
                 "{}: `latents` has shape {:?}, but {} image(s) of {}x{} need {:?}",
@@ -117,7 +98,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let pb = super::progress_bar(p.steps as u64, "sampling");
-    let images = text2img::generate(&sd, &p, |i, _| pb.set_position(i as u64))?;
+    let images = text2img::generate(sd, &p, |i, _| pb.set_position(i as u64))?;
     pb.finish_and_clear();
     for (i, img) in util::to_rgb8(&images)?.iter().enumerate() {
         let path = a.out.join(format!("{i:05}.png"));

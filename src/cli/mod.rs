@@ -8,9 +8,14 @@ mod toy;
 mod toy_bench;
 mod train;
 
+use crate::patch::{PatchedModel, TrainedBase};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// The seed every subcommand defaults to.
+pub const DEFAULT_SEED: u64 = 42;
 
 #[derive(Parser)]
 #[command(
@@ -56,15 +61,26 @@ pub fn run() -> Result<()> {
     }
 }
 
+/// Weight precision.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    #[value(alias = "fp32", alias = "float32")]
+    F32,
+    #[value(alias = "fp16", alias = "float16")]
+    F16,
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
 /// Device/dtype flags shared by the subcommands that load a model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
     /// Stable Diffusion model folder in diffusers layout.
-    #[arg(long, value_name = "DIR")]
-    pub model: std::path::PathBuf,
-    /// Weight precision: f32 (default), f16 or bf16.
-    #[arg(long, default_value = "f32", value_name = "DTYPE")]
-    pub dtype: String,
+    #[arg(long, value_name = "DIR", alias = "pretrained_model_name_or_path", alias = "pretrained-model-name-or-path")]
+    pub model: PathBuf,
+    /// Weight precision of the frozen weights (trainable ones are always f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
     /// Weight file variant to load, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors.
     #[arg(long, value_name = "NAME")]
     pub variant: Option<String>,
@@ -75,22 +91,54 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load_options(&self) -> Result<crate::model::sd::LoadOptions> {
-        let dtype = match self.dtype.as_str() {
-            "f32" | "fp32" | "float32" => DType::F32,
-            "f16" | "fp16" | "float16" => DType::F16,
-            "bf16" | "bfloat16" => DType::BF16,
-            other => bail!("unknown --dtype {other:?} (f32, f16 or bf16)"),
+        let dtype = match self.dtype {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
         };
         let device = match self.device.as_str() {
             "cpu" => Device::Cpu,
             d if d.starts_with("cuda") => {
-                let n = d.strip_prefix("cuda:").map(|n| n.parse::<usize>()).transpose()?.unwrap_or(0);
+                let n = match d.strip_prefix("cuda:") {
+                    Some(n) => n.parse::<usize>().map_err(|_| anyhow::anyhow!("--device {d}: expected cuda:N with N a GPU index"))?,
+                    None if d == "cuda" => 0,
+                    None => bail!("unknown --device {d:?} (cpu, cuda, cuda:N)"),
+                };
                 Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot use {d}: {e} (was disendiff built with --features cuda?)"))?
             }
             other => bail!("unknown --device {other:?} (cpu, cuda, cuda:N)"),
         };
         Ok(crate::model::sd::LoadOptions { dtype, device, variant: self.variant.clone() })
     }
+}
+
+/// Concept-file flags of the subcommands that generate.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ConceptArgs {
+    /// A concept file from `disendiff train` (its modifier tokens can then be used in the prompt).
+    #[arg(long, value_name = "FILE")]
+    pub concepts: Option<PathBuf>,
+    /// The model the concept file was trained on, to apply it to a different --model with the
+    /// same layers (e.g. an inpainting or fine-tuned model) as the difference from that base
+    /// (without it, a model other than the one trained on is refused).
+    #[arg(long, value_name = "DIR", requires = "concepts")]
+    pub concepts_base: Option<PathBuf>,
+}
+
+/// Loads `--model` with `--concepts` applied, printing what was applied and any warning.
+pub fn load_model(model: &ModelArgs, concepts: &ConceptArgs) -> Result<PatchedModel> {
+    let opts = model.load_options()?;
+    eprintln!("loading {}", model.model.display());
+    let mut m = PatchedModel::load(&model.model, &opts)?;
+    if let Some(file) = &concepts.concepts {
+        let base = concepts.concepts_base.clone().map_or(TrainedBase::Refuse, TrainedBase::Folder);
+        let (described, warnings) = m.add_concepts(file, base)?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        eprintln!("concepts: {described}");
+    }
+    Ok(m)
 }
 
 /// A progress bar on stderr.

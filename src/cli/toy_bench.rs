@@ -5,9 +5,9 @@
 //! the images are scored (`toyworld::score`): identity fidelity per set, leakage, prompt
 //! fidelity. Writes `OUT/report.json` and `OUT/report.md` (Fig. 6 form, with image grids).
 
-use crate::calibration::SeparationKind;
 use crate::pipelines::attention_maps::grid;
-use crate::toyworld::experiment::{self, default_toy_model, enlarge, ToyMethod, ToyTrainOptions};
+use crate::toyworld::experiment::{self, default_toy_model, enlarge, ToyTrainOptions};
+use crate::training::method::{Ablation, Method, Preset, UNetTrainable};
 use crate::toyworld::score::{MethodScores, Scorer, Tally};
 use crate::toyworld::task::Task;
 use crate::util;
@@ -21,35 +21,37 @@ pub struct BenchArgs {
     /// Number of personalization scenes.
     #[arg(long, default_value_t = 3)]
     pub scenes: usize,
-    /// First scene seed (scenes seed, seed+1, ...).
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    /// First scene (personalization scenes first-scene, first-scene+1, ...).
+    #[arg(long, default_value_t = 1, alias = "seed")]
+    pub first_scene: u64,
     /// Training steps of every method.
-    #[arg(long, default_value_t = 150)]
-    pub steps: usize,
-    /// Learning rate of DisenDiff and Custom Diffusion (K/V and embeddings; default 1e-3).
+    #[arg(long, default_value_t = 150, alias = "steps", alias = "max_train_steps")]
+    pub max_train_steps: usize,
+    /// Learning rate of the methods that train K/V (default 1e-3 on the toy model).
     /// Textual Inversion keeps its own (5e-3).
-    #[arg(long)]
+    #[arg(long, alias = "learning_rate")]
     pub learning_rate: Option<f64>,
-    /// Weight of DisenDiff's attention losses (default 0.01, as the paper).
-    #[arg(long)]
+    /// Weight of DisenDiff's attention losses, both L_bind and L_s&s (default 0.01, as the paper).
+    #[arg(long, alias = "attn_weight")]
     pub attn_weight: Option<f64>,
     /// Methods to run, comma-separated (default: disendiff, custom-diffusion,
     /// textual-inversion). `base` is the untrained model with the new tokens at their
-    /// initialisers (a reference for the leakage and composition columns). Single ablations of DisenDiff are named `disendiff/no-bind`,
-    /// `disendiff/no-ss`, `disendiff/separate-intersection`, `disendiff/no-suppression`,
-    /// `disendiff/twice-suppression`, `disendiff/no-gaussian`.
+    /// initialisers (a reference for the leakage and composition columns). Ablations are
+    /// written method/ablation, e.g. `disendiff/no-bind`, `disendiff/no-ss+no-gaussian`
+    /// (see `disendiff train --help` for the list).
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
-    /// Also run all six ablations of DisenDiff.
+    /// Also run the six single ablations of DisenDiff's losses.
     #[arg(long)]
     pub ablations: bool,
     /// Images per prompt.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, alias = "num_images")]
     pub num_images: usize,
-    #[arg(long, default_value_t = 30)]
-    pub sample_steps: usize,
-    #[arg(long, default_value_t = 5.0)]
+    /// DDIM steps of the generated images.
+    #[arg(long, default_value_t = 30, alias = "sample-steps", alias = "num_inference_steps")]
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale of the generated images.
+    #[arg(long, default_value_t = 5.0, alias = "guidance_scale")]
     pub guidance_scale: f64,
     /// The toy base model (default: the bundled assets/toy-model).
     #[arg(long, value_name = "DIR")]
@@ -58,56 +60,41 @@ pub struct BenchArgs {
     pub out: PathBuf,
 }
 
-/// The paper's ablations of DisenDiff, by name (`disendiff/NAME` in `--methods`).
-const ABLATIONS: [&str; 6] = ["no-bind", "no-ss", "separate-intersection", "no-suppression", "twice-suppression", "no-gaussian"];
-
-fn ablate(o: &mut ToyTrainOptions, name: &str) {
-    match name {
-        "no-bind" => o.calibration.bind = false,
-        "no-ss" => o.calibration.separate = false,
-        "separate-intersection" => o.calibration.separation = SeparationKind::Intersection,
-        "no-suppression" => o.calibration.suppression_power = 1,
-        "twice-suppression" => o.calibration.suppression_power = 4,
-        "no-gaussian" => o.calibration.gaussian = false,
-        _ => unreachable!("checked in run"),
-    }
+/// The ablations `--ablations` adds: those of DisenDiff's losses, one at a time (all-scales and
+/// train-q change what is captured or trained, and are run by naming them).
+fn loss_ablations() -> Vec<Ablation> {
+    Ablation::ALL.into_iter().filter(|a| !matches!(a, Ablation::AllScales | Ablation::TrainQ)).collect()
 }
 
-/// The method variants to run, in order: (name, options).
-fn variants(a: &BenchArgs) -> Vec<(String, ToyTrainOptions)> {
+/// The runs in order: `base` (untrained) or a method variant, with the toy settings.
+fn variants(a: &BenchArgs) -> Result<Vec<ToyTrainOptions>> {
     let mut names: Vec<String> = if a.methods.is_empty() {
-        ["disendiff", "custom-diffusion", "textual-inversion"].map(String::from).to_vec()
+        Method::ALL.map(|m| m.name().to_string()).to_vec()
     } else {
         a.methods.clone()
     };
     if a.ablations {
-        names.extend(ABLATIONS.iter().map(|n| format!("disendiff/{n}")).filter(|n| !a.methods.contains(n)));
+        let extra = loss_ablations().into_iter().map(|ab| format!("disendiff/{}", ab.name()));
+        names.extend(extra.filter(|n| !a.methods.contains(n)).collect::<Vec<_>>());
     }
     names
-        .into_iter()
+        .iter()
         .map(|name| {
-            let (method, ablation) = match name.split_once('/') {
-                Some((m, ab)) => (m, Some(ab)),
-                None => (name.as_str(), None),
+            let preset = match name.as_str() {
+                "base" => None,
+                v => Some(Preset::parse(v).map_err(|e| anyhow::anyhow!("--methods {v}: {e}"))?),
             };
-            let m = match method {
-                "disendiff" => ToyMethod::DisenDiff,
-                "custom-diffusion" => ToyMethod::CustomDiffusion,
-                "base" => ToyMethod::Base,
-                _ => ToyMethod::TextualInversion,
-            };
-            let mut o = ToyTrainOptions::new(m);
-            o.steps = a.steps;
-            if let (Some(lr), false) = (a.learning_rate, m == ToyMethod::TextualInversion) {
-                o.learning_rate = lr;
+            let mut o = ToyTrainOptions::new(preset);
+            o.steps = a.max_train_steps;
+            if let Some(p) = &mut o.preset {
+                if let (Some(lr), true) = (a.learning_rate, p.unet_trainable != UNetTrainable::Nothing) {
+                    o.learning_rate = lr;
+                }
+                if p.method == Method::Disendiff {
+                    p.set_loss_weights(a.attn_weight, None, None)?;
+                }
             }
-            if let Some(w) = a.attn_weight {
-                o.attn_weight = w;
-            }
-            if let Some(ab) = ablation {
-                ablate(&mut o, ab);
-            }
-            (name, o)
+            Ok(o)
         })
         .collect()
 }
@@ -116,32 +103,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.scenes == 0 || a.num_images == 0 {
         bail!("--scenes and --num-images must be at least 1");
     }
-    let known = ["disendiff", "custom-diffusion", "textual-inversion", "base"];
-    let is_known = |m: &str| known.contains(&m) || m.strip_prefix("disendiff/").is_some_and(|ab| ABLATIONS.contains(&ab));
-    if let Some(m) = a.methods.iter().find(|m| !is_known(m)) {
-        bail!(
-            "unknown method {m:?} in --methods (known: {}, and the ablations disendiff/{})",
-            known.join(", "),
-            ABLATIONS.join(", disendiff/")
-        );
-    }
+    let variants = variants(&a)?;
     let model_dir = a.model.clone().unwrap_or_else(default_toy_model);
     experiment::check_toy_model(&model_dir)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let variants = variants(&a);
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
     let mut md_images = String::new();
     let total = (a.scenes * variants.len()) as u64;
     let pb = super::progress_bar(total, "toy bench");
     for s in 0..a.scenes {
-        let task = Task::new(a.seed + s as u64);
+        let task = Task::new(a.first_scene + s as u64);
         let scorer = Scorer::new(&task);
         let scene_dir = a.out.join(format!("scene-{}", task.seed));
         std::fs::create_dir_all(&scene_dir)?;
         util::save_png(&enlarge(&task.image, 2), &scene_dir.join("scene.png"))?;
         writeln!(md_images, "### scene {} — `{}`\n\n![scene](scene-{}/scene.png)\n", task.seed, task.caption(), task.seed)?;
         let sets = task.prompt_sets();
-        for (name, opts) in &variants {
+        for opts in &variants {
+            let name = &opts.name();
             pb.set_message(format!("scene {} {name}", task.seed));
             let run_dir = scene_dir.join(name.replace('/', "_"));
             let (model, seconds) = experiment::train(&model_dir, &task, opts, &run_dir, |_| {})?;
@@ -153,7 +132,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let mut rows = Vec::new();
             for (set_name, set) in [("combined", &sets.combined), ("concept1", &sets.concept1), ("concept2", &sets.concept2)] {
                 for (p, spec) in set.iter().enumerate() {
-                    let images = experiment::generate(&model, &spec.prompt, a.num_images, 1000, a.sample_steps, a.guidance_scale)?;
+                    let images = experiment::generate(&model, &spec.prompt, a.num_images, 1000, a.num_inference_steps, a.guidance_scale)?;
                     for (i, img) in images.iter().enumerate() {
                         util::save_png(img, &run_dir.join(format!("images/{set_name}-{p}-{i}.png")))?;
                         tally.add(set_name, &scorer.score(img, spec));
@@ -175,8 +154,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let methods: BTreeMap<String, MethodScores> = tallies.iter().map(|(k, t)| (k.clone(), t.finish())).collect();
     let json = serde_json::json!({
         "methods": methods,
-        "settings": {"scenes": a.scenes, "seed": a.seed, "steps": a.steps, "num_images": a.num_images,
-                      "sample_steps": a.sample_steps, "guidance_scale": a.guidance_scale,
+        "settings": {"scenes": a.scenes, "first_scene": a.first_scene, "max_train_steps": a.max_train_steps, "num_images": a.num_images,
+                      "num_inference_steps": a.num_inference_steps, "guidance_scale": a.guidance_scale,
                       "learning_rate": a.learning_rate, "attn_weight": a.attn_weight,
                       "model": model_dir.display().to_string()},
     });
@@ -196,7 +175,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
          L_bind and L_s&s as DisenDiff defines them (lower = modifier bound to its class word / \
          the two class maps apart), and the soft IoU of each class word's map with its own \
          object's mask and with the other object's.\n",
-        a.scenes, a.seed, a.steps, a.num_images, a.sample_steps, a.guidance_scale
+        a.scenes, a.first_scene, a.max_train_steps, a.num_images, a.num_inference_steps, a.guidance_scale
     )?;
     writeln!(md, "| method | Combined | Concept1 | Concept2 | Mean | leakage | other object | look swap | composition | prompt fidelity | train s | L_bind | L_s&s | class IoU own | class IoU other |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;

@@ -2,120 +2,97 @@
 //! ablations as presets of the same trainer) and write `OUT/concepts.safetensors`.
 
 use super::ModelArgs;
-use crate::calibration::SeparationKind;
 use crate::pipelines::text2img::{self, Text2ImageParams};
 use crate::training::adamw::AdamWConfig;
 use crate::training::concepts::{class_word_pieces, default_initializers, modifier_tokens_in, parse_concepts};
 use crate::training::data::{self, RegImage};
-use crate::training::model::{Personalized, UNetTrainable};
-use crate::training::step::LossConfig;
+use crate::training::method::{Ablation, Initializers, Method};
+use crate::training::model::Personalized;
 use crate::training::trainer::{TrainConfig, Trainer};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
-    /// K/V + modifier embeddings with the attention calibration (L_bind + L_s&s).
-    Disendiff,
-    /// The same trainer without the attention losses.
-    CustomDiffusion,
-    /// Only the modifier embeddings (lr 5e-4, batch 4, 5000 steps by default).
-    TextualInversion,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ablation {
-    /// Drop L_bind.
-    NoBind,
-    /// Drop L_s&s.
-    NoSs,
-    /// L_separate: plain intersection of the class maps instead of their IoU (Eq. 4).
-    SeparateIntersection,
-    /// No squaring of the class maps.
-    NoSuppression,
-    /// Class maps to the 4th power.
-    TwiceSuppression,
-    /// No Gaussian filter.
-    NoGaussian,
-    /// Average the maps of every cross-attention layer, resized to --attn-resolution.
-    AllScales,
-    /// Train attn2.to_q as well as to_k/to_v.
-    TrainQ,
-}
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The photo with the concepts (PNG or JPEG; centre-cropped to a square).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", alias = "instance_data_dir")]
     pub image: PathBuf,
     /// Caption naming each concept by a modifier token before its class word,
     /// e.g. "<new1> cat and <new2> dog".
-    #[arg(long)]
+    #[arg(long, alias = "instance_prompt")]
     pub caption: String,
     /// Output folder: concepts.safetensors, train_log.jsonl, checkpoints/, validation/.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", visible_alias = "output-dir", alias = "output_dir")]
     pub out: PathBuf,
+    /// Training method (each a preset of the one trainer; see docs/method.md §8).
     #[arg(long, value_enum, default_value = "disendiff")]
     pub method: Method,
     /// Modifier tokens, '+'-separated (default: the <...> words of the caption, in order).
-    #[arg(long, value_name = "A+B")]
+    #[arg(long, value_name = "A+B", alias = "modifier-token", alias = "modifier_token")]
     pub modifier_tokens: Option<String>,
     /// Vocabulary tokens whose embeddings initialise the modifiers, '+'-separated
     /// (default: pll+ktn as the official code; the class words for textual-inversion).
-    #[arg(long, value_name = "A+B")]
+    #[arg(long, value_name = "A+B", alias = "initializer-token", alias = "initializer_token")]
     pub initializer_tokens: Option<String>,
     /// Prompt template around the caption ({} = the caption).
     #[arg(long, default_value = "photo of a {}")]
     pub template: String,
     /// Optimiser steps (default 250; 5000 for textual-inversion).
-    #[arg(long, alias = "steps")]
+    #[arg(long, alias = "steps", alias = "max_train_steps")]
     pub max_train_steps: Option<usize>,
     /// Samples per micro-batch (default 2; 4 for textual-inversion).
-    #[arg(long)]
+    #[arg(long, alias = "train_batch_size")]
     pub train_batch_size: Option<usize>,
-    /// Micro-batches accumulated per optimiser step.
-    #[arg(long, default_value_t = 4)]
-    pub gradient_accumulation_steps: usize,
+    /// Micro-batches accumulated per optimiser step (default 4).
+    #[arg(long, alias = "gradient_accumulation_steps")]
+    pub gradient_accumulation_steps: Option<usize>,
     /// AdamW learning rate as used (default 8e-5 = 1e-5 x batch 2 x accumulation 4 of the
     /// official run; 5e-4 for textual-inversion).
-    #[arg(long)]
+    #[arg(long, alias = "learning_rate")]
     pub learning_rate: Option<f64>,
     /// Multiply --learning-rate by batch size x accumulation steps (diffusers' --scale_lr).
-    #[arg(long)]
+    #[arg(long, alias = "scale_lr")]
     pub scale_lr: bool,
-    /// Weight of L_bind + L_s&s (official masked loss form: 0.01).
-    #[arg(long, default_value_t = 0.01)]
-    pub attn_weight: f64,
+    /// Weight of both attention losses, L_bind and L_s&s (official masked loss form: 0.01).
+    #[arg(long, alias = "attn_weight")]
+    pub attn_weight: Option<f64>,
+    /// Weight of L_bind alone (default: --attn-weight).
+    #[arg(long, alias = "bind_weight")]
+    pub bind_weight: Option<f64>,
+    /// Weight of L_s&s alone (default: --attn-weight; the paper uses 0.001 in some cases).
+    #[arg(long, alias = "ss_weight")]
+    pub ss_weight: Option<f64>,
     /// Query-grid side of the cross-attention maps used (default: latent side / 4, i.e. 16
     /// for SD at 512x512).
-    #[arg(long)]
+    #[arg(long, alias = "attn_resolution")]
     pub attn_resolution: Option<usize>,
     /// Paper ablations (repeatable).
     #[arg(long, value_enum)]
     pub ablation: Vec<Ablation>,
-    #[arg(long, default_value_t = 42)]
+    /// Seed of every random draw (augmentation, timesteps, noise, class images).
+    #[arg(long, default_value_t = super::DEFAULT_SEED)]
     pub seed: u64,
     /// Training image side in pixels (default: the model's native size).
     #[arg(long)]
     pub resolution: Option<usize>,
     /// Turn off Custom Diffusion's scale/crop augmentation.
-    #[arg(long)]
+    #[arg(long, alias = "noaug")]
     pub no_augment: bool,
     /// Regularisation images: a folder of images with captions (name.png + name.txt).
-    #[arg(long, value_name = "DIR", conflicts_with = "num_class_images")]
+    #[arg(long, value_name = "DIR", conflicts_with = "num_class_images", alias = "reg_dir")]
     pub reg_dir: Option<PathBuf>,
     /// Generate this many regularisation images with the base model from --class-prompt
     /// (cached in --class-data-dir).
-    #[arg(long)]
+    #[arg(long, alias = "num_class_images")]
     pub num_class_images: Option<usize>,
     /// Prompt of generated regularisation images (default: "a cat and a dog" from the class words).
-    #[arg(long)]
+    #[arg(long, alias = "class_prompt")]
     pub class_prompt: Option<String>,
     /// Cache folder of generated class images (default OUT/class_images).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", alias = "class_data_dir")]
     pub class_data_dir: Option<PathBuf>,
     /// Write a checkpoint every N steps (0: never).
     #[arg(long, default_value_t = 50)]
@@ -124,9 +101,10 @@ pub struct Args {
     #[arg(long)]
     pub resume: bool,
     /// Prompt of validation images written every --validation-steps steps.
-    #[arg(long)]
+    #[arg(long, alias = "validation_prompt")]
     pub validation_prompt: Option<String>,
-    #[arg(long, default_value_t = 50)]
+    /// Steps between validation images.
+    #[arg(long, default_value_t = 50, alias = "validation_steps")]
     pub validation_steps: usize,
 }
 
@@ -166,17 +144,17 @@ pub fn run(a: Args) -> Result<()> {
         Some(m) => split_plus(m),
         None => modifier_tokens_in(&a.caption),
     };
-    let ti = a.method == Method::TextualInversion;
+    let mut preset = a.method.preset(&a.ablation)?;
     if !a.template.contains("{}") {
         bail!("--template must contain {{}} where the caption goes, got {:?}", a.template);
     }
-    let initializers = match &a.initializer_tokens {
-        Some(i) => split_plus(i),
-        None if ti => parse_concepts(&a.caption, &modifiers, &vec![String::new(); modifiers.len()])?
+    let initializers = match (&a.initializer_tokens, preset.initializers) {
+        (Some(i), _) => split_plus(i),
+        (None, Initializers::ClassWords) => parse_concepts(&a.caption, &modifiers, &vec![String::new(); modifiers.len()])?
             .into_iter()
             .map(|c| c.class_word)
             .collect(),
-        None => default_initializers(modifiers.len().max(1))?,
+        (None, Initializers::Official) => default_initializers(modifiers.len().max(1))?,
     };
     let concepts = parse_concepts(&a.caption, &modifiers, &initializers)?;
     let reg = match &a.reg_dir {
@@ -188,15 +166,9 @@ pub fn run(a: Args) -> Result<()> {
         bail!("{} already exists: choose another --out, or --resume to continue that run", concepts_path.display());
     }
 
-    let mut trainable = if ti { UNetTrainable::Nothing } else { UNetTrainable::CrossAttnKV };
-    if a.ablation.contains(&Ablation::TrainQ) {
-        if ti {
-            bail!("--ablation train-q needs a method that trains the UNet");
-        }
-        trainable = UNetTrainable::CrossAttnQKV;
-    }
+    preset.set_loss_weights(a.attn_weight, a.bind_weight, a.ss_weight)?;
     eprintln!("loading {}", a.model.model.display());
-    let model = Personalized::load(&a.model.model, &opts, &concepts, trainable)?;
+    let model = Personalized::load(&a.model.model, &opts, &concepts, preset.unet_trainable)?;
     for c in &concepts {
         let pieces = class_word_pieces(&model.sd.tokenizer, &c.class_word);
         if pieces > 1 {
@@ -204,39 +176,23 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
 
-    let mut loss = LossConfig { attn_weight: if a.method == Method::Disendiff { a.attn_weight } else { 0.0 }, ..Default::default() };
-    for ab in &a.ablation {
-        match ab {
-            Ablation::NoBind => loss.calibration.bind = false,
-            Ablation::NoSs => loss.calibration.separate = false,
-            Ablation::SeparateIntersection => loss.calibration.separation = SeparationKind::Intersection,
-            Ablation::NoSuppression => loss.calibration.suppression_power = 1,
-            Ablation::TwiceSuppression => loss.calibration.suppression_power = 4,
-            Ablation::NoGaussian => loss.calibration.gaussian = false,
-            Ablation::AllScales => loss.all_scales = true,
-            Ablation::TrainQ => {}
-        }
-    }
-    if !a.ablation.is_empty() && a.method != Method::Disendiff {
-        eprintln!("note: ablations change the attention losses, which only --method disendiff uses");
-    }
     let resolution = a.resolution.unwrap_or(model.sd.default_size());
-    loss.attn_resolution = a.attn_resolution.unwrap_or(resolution / model.sd.vae_scale_factor() / 4);
-    let batch_size = a.train_batch_size.unwrap_or(if ti { 4 } else { 2 });
-    let mut lr = a.learning_rate.unwrap_or(if ti { 5e-4 } else { 8e-5 });
+    preset.loss.attn_resolution = a.attn_resolution.unwrap_or(resolution / model.sd.vae_scale_factor() / 4);
+    let defaults = preset.defaults;
+    let batch_size = a.train_batch_size.unwrap_or(defaults.train_batch_size);
+    let grad_accum = a.gradient_accumulation_steps.unwrap_or(defaults.gradient_accumulation_steps);
+    let mut lr = a.learning_rate.unwrap_or(defaults.learning_rate);
     if a.scale_lr {
-        lr *= (batch_size * a.gradient_accumulation_steps) as f64;
+        lr *= (batch_size * grad_accum) as f64;
     }
     let config = TrainConfig {
-        method: format!("{:?}", a.method).to_lowercase(),
         caption: a.caption.clone(),
         template: a.template.clone(),
-        steps: a.max_train_steps.unwrap_or(if ti { 5000 } else { 250 }),
+        steps: a.max_train_steps.unwrap_or(defaults.max_train_steps),
         batch_size,
-        grad_accum: a.gradient_accumulation_steps,
+        grad_accum,
         adamw: AdamWConfig { lr, ..Default::default() },
-        loss,
-        train_embeddings: true,
+        preset,
         resolution,
         augment: !a.no_augment,
         seed: a.seed,
@@ -254,7 +210,10 @@ pub fn run(a: Args) -> Result<()> {
         _ => reg,
     };
 
-    let mut trainer = Trainer::new(model, config, &a.image, reg, &a.out, &a.model.model.display().to_string())?;
+    // The base model is recorded by its absolute path, so the concept file can find it again
+    // when applied to a related model.
+    let base_path = a.model.model.canonicalize().unwrap_or_else(|_| a.model.model.clone());
+    let mut trainer = Trainer::new(model, config, &a.image, reg, &a.out, &base_path.display().to_string())?;
     let start = if a.resume { trainer.resume()? } else { 0 };
     if a.resume {
         eprintln!("resuming at step {start}");
@@ -264,7 +223,7 @@ pub fn run(a: Args) -> Result<()> {
         "training {} concept(s) ({}) with {}: {total} steps x {} micro-batches of {}, lr {:.1e}",
         concepts.len(),
         concepts.iter().map(|c| format!("{} {}", c.modifier, c.class_word)).collect::<Vec<_>>().join(", "),
-        trainer.config.method,
+        trainer.config.preset.name(),
         trainer.config.grad_accum,
         trainer.config.batch_size,
         trainer.config.adamw.lr

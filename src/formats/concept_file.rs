@@ -10,10 +10,9 @@
 //! Metadata (`__metadata__`, strings): `format` = `disendiff-concepts`, `version`, `concepts`
 //! (JSON list of {modifier, class_word, initializer}), `method`, `hyperparameters` (JSON),
 //! `base_model` (JSON: the folder it was trained on and a fingerprint of its weights).
-//! Loading onto another base model is an error that says which model the file was made for.
+//! Applying a file to a model is the patch layer's job (`crate::patch`): on the base model it
+//! was trained on, on a related base as a difference, or refused.
 
-use crate::model::sd::StableDiffusion;
-use crate::training::concepts::Concept;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -25,7 +24,7 @@ pub const VERSION: &str = "1";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BaseModelId {
-    /// The model folder as given at training time.
+    /// The model folder it was trained on (absolute where it could be resolved).
     pub path: String,
     /// FNV-1a 64 of the base values of the trained UNet weights and the text encoder table
     /// shape (hex); equal fingerprints mean the same base weights.
@@ -34,29 +33,22 @@ pub struct BaseModelId {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ConceptMeta {
-    pub concept: Vec<ConceptEntry>,
+    pub concept: Vec<Concept>,
     pub method: String,
     pub hyperparameters: serde_json::Value,
     pub base_model: BaseModelId,
 }
 
+/// One learned concept: its new token, the class word after it in the training caption
+/// (docs/method.md §3) and the vocabulary token that initialised its embedding.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ConceptEntry {
+pub struct Concept {
+    /// The new token, e.g. `<new1>`.
     pub modifier: String,
+    /// The class word after it in the caption, e.g. `cat`.
     pub class_word: String,
+    /// Vocabulary entry whose embedding row initialised the new token (e.g. `pll`).
     pub initializer: String,
-}
-
-impl From<&Concept> for ConceptEntry {
-    fn from(c: &Concept) -> Self {
-        Self { modifier: c.modifier.clone(), class_word: c.class_word.clone(), initializer: c.initializer.clone() }
-    }
-}
-
-impl ConceptEntry {
-    pub fn to_concept(&self) -> Concept {
-        Concept { modifier: self.modifier.clone(), class_word: self.class_word.clone(), initializer: self.initializer.clone() }
-    }
 }
 
 /// A loaded concept file.
@@ -75,20 +67,21 @@ fn fnv1a(hash: &mut u64, bytes: &[u8]) {
     }
 }
 
-/// Fingerprint of a base model for the given UNet weight names (their *base* values), taken
-/// before any concept is applied.
-pub fn fingerprint(sd: &StableDiffusion, names: &[String]) -> Result<String> {
+/// Fingerprint of a base model: the *base* values of the trained UNet weights (by name, in
+/// name order) and the shape of the text encoder's vocabulary table, taken before any concept
+/// is applied.
+pub fn fingerprint(weights: &[(String, Tensor)], token_table: (usize, usize)) -> Result<String> {
+    let mut sorted: Vec<&(String, Tensor)> = weights.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut h: u64 = 0xcbf29ce484222325;
-    let vars: HashMap<&str, &candle_core::Var> = sd.unet_vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    for name in names {
-        let v = vars.get(name.as_str()).with_context(|| format!("the model has no variable {name}"))?;
+    for (name, t) in sorted {
         fnv1a(&mut h, name.as_bytes());
-        let vals = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let vals = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         for x in vals {
             fnv1a(&mut h, &x.to_le_bytes());
         }
     }
-    let (rows, cols) = sd.text_encoder.token_embedding().dims2()?;
+    let (rows, cols) = token_table;
     fnv1a(&mut h, format!("{rows}x{cols}").as_bytes());
     Ok(format!("{h:016x}"))
 }
@@ -127,7 +120,7 @@ pub fn load(path: &Path) -> Result<ConceptFile> {
         bail!("{} is not a disendiff concept file (no `format: {FORMAT}` metadata)", path.display());
     }
     let get = |k: &str| info.get(k).with_context(|| format!("{}: metadata has no {k}", path.display()));
-    let concept: Vec<ConceptEntry> = serde_json::from_str(get("concepts")?)?;
+    let concept: Vec<Concept> = serde_json::from_str(get("concepts")?)?;
     let meta = ConceptMeta {
         concept,
         method: get("method")?.clone(),

@@ -39,8 +39,11 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub unet_config: UNetConfig,
-    /// UNet weights loaded as variables (trainable, or replaceable by a concept file).
+    /// UNet weights loaded as trainable variables.
     pub unet_vars: Vec<(String, Var)>,
+    /// Frozen UNet weights that the patch layer may change and restore in place (see
+    /// [`is_patchable`]), by diffusers name.
+    pub unet_patchable: Vec<(String, Var)>,
     pub vae: AutoencoderKL,
     pub vae_config: VaeConfig,
     pub scheduler_config: SchedulerConfig,
@@ -88,6 +91,12 @@ pub fn open_component(root: &Path, component: &str, opts: &LoadOptions) -> Resul
     WeightStore::open(&files, opts.dtype, &opts.device)
 }
 
+/// The UNet weights every loaded model can have patched in place: the cross-attention
+/// projections that concept files replace (`attn2.to_q/to_k/to_v.weight`).
+pub fn is_patchable(name: &str) -> bool {
+    ["attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight"].iter().any(|s| name.ends_with(s))
+}
+
 fn config_path(root: &Path, component: &str, file: &str) -> Result<PathBuf> {
     let p = root.join(component).join(file);
     if !p.is_file() {
@@ -125,11 +134,12 @@ impl StableDiffusion {
         }
 
         let unet_config = UNetConfig::from_file(&config_path(root, "unet", "config.json")?)?;
-        let unet_store = Arc::new(open_component(root, "unet", opts)?.with_trainable(unet_trainable));
+        let unet_store = Arc::new(open_component(root, "unet", opts)?.with_trainable(unet_trainable).with_patchable(is_patchable));
         let unet = UNet2DConditionModel::new(unet_store.root(), &unet_config)
             .with_context(|| format!("loading the UNet from {}", root.join("unet").display()))?;
         unet_store.finish()?;
         let unet_vars = unet_store.vars();
+        let unet_patchable = unet_store.patchable_vars();
         if unet_config.cross_attention_dim != te_cfg.hidden_size {
             bail!(
                 "the UNet's cross_attention_dim is {} but the text encoder's hidden_size is {}",
@@ -152,6 +162,7 @@ impl StableDiffusion {
             unet,
             unet_config,
             unet_vars,
+            unet_patchable,
             vae,
             vae_config,
             scheduler_config,
@@ -159,6 +170,12 @@ impl StableDiffusion {
             dtype: opts.dtype,
             device: opts.device.clone(),
         })
+    }
+
+    /// The variable holding UNet weight `name`, trainable or patchable (`None` for a weight
+    /// loaded as a plain frozen tensor).
+    pub fn unet_weight_var(&self, name: &str) -> Option<&Var> {
+        self.unet_vars.iter().chain(&self.unet_patchable).find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
     /// Pixels per latent pixel (8 for SD).

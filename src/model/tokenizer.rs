@@ -227,6 +227,22 @@ impl ClipTokenizer {
         Ok(id)
     }
 
+    /// Removes an added token again. Only the newest one can go, so the ids of the others stay
+    /// contiguous (the patch layer reverts in reverse order of application).
+    pub fn remove_added_token(&mut self, token: &str) -> Result<()> {
+        let Some(&id) = self.encoder.get(token) else { bail!("token {token:?} is not in the vocabulary") };
+        if !self.added.iter().any(|(t, _)| t == token) {
+            bail!("token {token:?} belongs to the base vocabulary and cannot be removed");
+        }
+        if id as usize + 1 != self.vocab_size() {
+            bail!("token {token:?} (id {id}) is not the newest added token; remove newer ones first");
+        }
+        self.encoder.remove(token);
+        self.decoder.remove(&id);
+        self.added.retain(|(t, _)| t != token);
+        Ok(())
+    }
+
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.decoder.keys().max().map_or(0, |m| *m as usize + 1)

@@ -8,7 +8,10 @@
 //!
 //! Weights are memory-mapped and converted to the requested dtype on load. Names matching the
 //! store's trainable predicate come back as [`Var`]s, so gradients reach them; all other weights
-//! are plain tensors that record no gradient.
+//! are plain tensors that record no gradient. Names matching the patchable predicate are held
+//! in a [`Var`] too, but the model gets an untracked view of its storage: the patch layer
+//! (`crate::patch`) can then change them in place (`Var::set`) and restore them, while
+//! inference keeps its untracked fast path.
 
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
@@ -30,7 +33,9 @@ pub struct WeightStore {
     dtype: DType,
     device: Device,
     trainable: Option<TrainablePredicate>,
+    patchable: Option<TrainablePredicate>,
     vars: Mutex<Vec<(String, Var)>>,
+    patchable_vars: Mutex<Vec<(String, Var)>>,
     frozen: Mutex<Vec<(String, Tensor)>>,
     /// Benchmark mode: every requested tensor is made up (see [`WeightStore::random`]).
     random: Option<Mutex<rand::rngs::StdRng>>,
@@ -77,7 +82,9 @@ impl WeightStore {
             dtype,
             device: device.clone(),
             trainable: None,
+            patchable: None,
             vars: Mutex::new(Vec::new()),
+            patchable_vars: Mutex::new(Vec::new()),
             frozen: Mutex::new(Vec::new()),
             random,
         }
@@ -110,6 +117,14 @@ impl WeightStore {
     /// Tensors whose full name satisfies `pred` are loaded as trainable [`Var`]s (in f32).
     pub fn with_trainable(mut self, pred: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
         self.trainable = Some(Box::new(pred));
+        self
+    }
+
+    /// Tensors whose full name satisfies `pred` (and are not trainable) are held in a
+    /// [`Var`] of the store's dtype that the patch layer can set; the model gets an untracked
+    /// view of the same storage.
+    pub fn with_patchable(mut self, pred: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.patchable = Some(Box::new(pred));
         self
     }
 
@@ -163,6 +178,12 @@ impl WeightStore {
             let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
             self.vars.lock().unwrap().push((name.to_string(), var.clone()));
             Ok(var.as_tensor().clone())
+        } else if self.patchable.as_ref().is_some_and(|p| p(name)) {
+            let var = Var::from_tensor(&t.to_dtype(self.dtype)?)?;
+            self.patchable_vars.lock().unwrap().push((name.to_string(), var.clone()));
+            let view = var.as_detached_tensor();
+            self.frozen.lock().unwrap().push((name.to_string(), view.clone()));
+            Ok(view)
         } else {
             let t = t.to_dtype(self.dtype)?;
             self.frozen.lock().unwrap().push((name.to_string(), t.clone()));
@@ -179,6 +200,11 @@ impl WeightStore {
     /// The trainable variables created so far, in load order.
     pub fn vars(&self) -> Vec<(String, Var)> {
         self.vars.lock().unwrap().clone()
+    }
+
+    /// The patchable (frozen, settable) weights created so far, in load order.
+    pub fn patchable_vars(&self) -> Vec<(String, Var)> {
+        self.patchable_vars.lock().unwrap().clone()
     }
 
     /// Fails if the files hold tensors the model never asked for (a sign of a config or

@@ -9,7 +9,8 @@ use crate::pipelines::text2img::{self, Text2ImageParams};
 use crate::training::adamw::AdamWConfig;
 use crate::training::concepts::Concept;
 use crate::training::data::RegImage;
-use crate::training::model::{Personalized, UNetTrainable};
+use crate::training::method::{Initializers, Preset, UNetTrainable};
+use crate::training::model::Personalized;
 use crate::training::step::LossConfig;
 use crate::training::trainer::{StepRecord, TrainConfig, Trainer};
 use crate::util;
@@ -37,38 +38,17 @@ pub fn check_toy_model(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The methods compared on the toy world.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ToyMethod {
-    DisenDiff,
-    CustomDiffusion,
-    TextualInversion,
-    /// No training: the base model with the modifier tokens at their initialisers, the
-    /// reference for how often the base model itself draws both classes or the other one.
-    Base,
-}
-
-impl ToyMethod {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::DisenDiff => "disendiff",
-            Self::CustomDiffusion => "custom-diffusion",
-            Self::TextualInversion => "textual-inversion",
-            Self::Base => "base",
-        }
-    }
-}
-
-/// Settings of a toy personalization run.
+/// Settings of a toy personalization run. The method is a preset of
+/// [`crate::training::method`]; `None` is the untrained base model with the modifier tokens at
+/// their initialisers, the reference for how often the base model itself draws both classes
+/// or the other one. Steps, learning rate and batch are toy-scale, not the presets' SD ones.
 #[derive(Clone, Debug)]
 pub struct ToyTrainOptions {
-    pub method: ToyMethod,
+    pub preset: Option<Preset>,
     pub steps: usize,
     pub learning_rate: f64,
     pub batch_size: usize,
     pub grad_accum: usize,
-    pub attn_weight: f64,
-    pub calibration: CalibrationConfig,
     pub seed: u64,
     pub augment: bool,
     /// Regularisation scenes of the training world (real images with captions, as the
@@ -77,19 +57,24 @@ pub struct ToyTrainOptions {
 }
 
 impl ToyTrainOptions {
-    pub fn new(method: ToyMethod) -> Self {
+    pub fn new(preset: Option<Preset>) -> Self {
+        // Embedding-only training (Textual Inversion) needs a larger step on the toy model.
+        let embeddings_only = preset.as_ref().is_some_and(|p| p.unet_trainable == UNetTrainable::Nothing);
         Self {
-            method,
+            preset,
             steps: 150,
-            learning_rate: if method == ToyMethod::TextualInversion { 5e-3 } else { 1e-3 },
+            learning_rate: if embeddings_only { 5e-3 } else { 1e-3 },
             batch_size: 2,
             grad_accum: 2,
-            attn_weight: 0.01,
-            calibration: CalibrationConfig::default(),
             seed: 0,
             augment: false,
             reg_images: 16,
         }
+    }
+
+    /// The preset's name, or `base` for the untrained model.
+    pub fn name(&self) -> String {
+        self.preset.as_ref().map_or("base".to_string(), Preset::name)
     }
 }
 
@@ -111,12 +96,13 @@ pub fn write_reg_scenes(task: &Task, n: usize, dir: &Path) -> Result<Vec<RegImag
     Ok(out)
 }
 
-/// Trains `opts.method` on `task`; files (scene, reg images, log, concepts) go under `out`.
+/// Trains `opts.preset` on `task` (or loads the untrained model); files (scene, reg images, log, concepts) go under `out`.
 pub fn train(model_dir: &Path, task: &Task, opts: &ToyTrainOptions, out: &Path, on_step: impl FnMut(&StepRecord)) -> Result<(Personalized, f64)> {
     check_toy_model(model_dir)?;
     std::fs::create_dir_all(out)?;
     let image_path = out.join("scene.png");
     util::save_png(&task.image, &image_path)?;
+    let initializers = opts.preset.as_ref().map_or(Initializers::Official, |p| p.initializers);
     let concepts: Vec<Concept> = task
         .concepts
         .iter()
@@ -124,42 +110,34 @@ pub fn train(model_dir: &Path, task: &Task, opts: &ToyTrainOptions, out: &Path, 
         .map(|(k, (token, class))| Concept {
             modifier: token.clone(),
             class_word: class.word().to_string(),
-            initializer: match opts.method {
-                ToyMethod::TextualInversion => class.word().to_string(),
-                _ => ["pll", "ktn"][k % 2].to_string(),
+            initializer: match initializers {
+                Initializers::ClassWords => class.word().to_string(),
+                Initializers::Official => ["pll", "ktn"][k % 2].to_string(),
             },
         })
         .collect();
-    let trainable = match opts.method {
-        ToyMethod::TextualInversion | ToyMethod::Base => UNetTrainable::Nothing,
-        _ => UNetTrainable::CrossAttnKV,
-    };
+    let trainable = opts.preset.as_ref().map_or(UNetTrainable::Nothing, |p| p.unet_trainable);
     let model = Personalized::load(model_dir, &LoadOptions::default(), &concepts, trainable)?;
-    if opts.method == ToyMethod::Base {
+    let Some(preset) = &opts.preset else {
         return Ok((model, 0.0));
-    }
+    };
     let resolution = model.sd.default_size();
     let latent = resolution / model.sd.vae_scale_factor();
-    let reg = if opts.reg_images > 0 && opts.method != ToyMethod::TextualInversion {
+    let reg = if opts.reg_images > 0 && preset.unet_trainable != UNetTrainable::Nothing {
         write_reg_scenes(task, opts.reg_images, &out.join("reg"))?
     } else {
         Vec::new()
     };
+    let mut preset = preset.clone();
+    preset.loss.attn_resolution = latent;
     let config = TrainConfig {
-        method: opts.method.name().to_string(),
+        preset,
         caption: task.caption(),
         template: "{}".into(),
         steps: opts.steps,
         batch_size: opts.batch_size,
         grad_accum: opts.grad_accum,
         adamw: AdamWConfig { lr: opts.learning_rate, ..Default::default() },
-        loss: LossConfig {
-            attn_weight: if opts.method == ToyMethod::DisenDiff { opts.attn_weight } else { 0.0 },
-            calibration: opts.calibration.clone(),
-            attn_resolution: latent,
-            all_scales: false,
-        },
-        train_embeddings: true,
         resolution,
         augment: opts.augment,
         seed: opts.seed,
@@ -221,7 +199,7 @@ pub fn attention_diagnostics(model: &Personalized, task: &Task) -> Result<Attent
         targets: vec![Some(positions.clone()); b],
     };
     let schedule = crate::scheduler::NoiseSchedule::new(sd.scheduler_config.clone());
-    let cfg = LossConfig { attn_weight: 1.0, calibration: CalibrationConfig::default(), attn_resolution: s, all_scales: false };
+    let cfg = LossConfig { bind_weight: 1.0, ss_weight: 1.0, calibration: CalibrationConfig::default(), attn_resolution: s, ..Default::default() };
     let l = forward_losses(model, &schedule, &batch, &cfg)?;
     // ground-truth masks, average-pooled to the map grid
     let masks: Vec<Tensor> = render(&task.scene)

@@ -10,16 +10,7 @@ use anyhow::{bail, Result};
 pub const OFFICIAL_INITIALIZERS: [&str; 2] = ["pll", "ktn"];
 pub const THIRD_INITIALIZER: &str = "ucd</w>";
 
-/// One concept to learn.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Concept {
-    /// The new token, e.g. `<new1>`.
-    pub modifier: String,
-    /// The class word after it in the caption, e.g. `cat`.
-    pub class_word: String,
-    /// Vocabulary entry whose embedding row initialises the new token (e.g. `pll`).
-    pub initializer: String,
-}
+pub use crate::formats::concept_file::Concept;
 
 /// Finds the modifier tokens of a caption: words written `<...>`, in order of appearance.
 pub fn modifier_tokens_in(caption: &str) -> Vec<String> {

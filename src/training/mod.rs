@@ -1,9 +1,10 @@
-//! DisenDiff training: concepts and prompts, data augmentation, the loss of one micro-batch,
-//! AdamW, and the training loop with checkpoints.
+//! DisenDiff training: the methods and ablations as presets, concepts and prompts, data
+//! augmentation, the loss of one micro-batch, AdamW, and the training loop with checkpoints.
 
 pub mod adamw;
 pub mod concepts;
 pub mod data;
+pub mod method;
 pub mod model;
 pub mod step;
 pub mod trainer;

@@ -2,32 +2,11 @@
 //! rows, and the trainable UNet weights (method.md §2) as variables; everything else frozen.
 
 use super::concepts::Concept;
+use super::method::UNetTrainable;
 use crate::model::sd::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use std::path::Path;
-
-/// Which UNet weights train.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UNetTrainable {
-    /// None (Textual Inversion).
-    Nothing,
-    /// `attn2.to_k` and `attn2.to_v` of every cross-attention (Custom Diffusion, DisenDiff).
-    CrossAttnKV,
-    /// Also `attn2.to_q` (the paper's ablation "training Q as well").
-    CrossAttnQKV,
-}
-
-impl UNetTrainable {
-    pub fn matches(self, name: &str) -> bool {
-        let kv = name.ends_with("attn2.to_k.weight") || name.ends_with("attn2.to_v.weight");
-        match self {
-            Self::Nothing => false,
-            Self::CrossAttnKV => kv,
-            Self::CrossAttnQKV => kv || name.ends_with("attn2.to_q.weight"),
-        }
-    }
-}
 
 pub struct Personalized {
     pub sd: StableDiffusion,
@@ -58,12 +37,11 @@ impl Personalized {
     /// Loads the base model, adds the modifier tokens and marks the trainable weights.
     pub fn load(root: &Path, opts: &LoadOptions, concepts: &[Concept], unet_trainable: UNetTrainable) -> Result<Self> {
         let sd = StableDiffusion::load_with(root, opts, move |n| unet_trainable.matches(n))?;
-        Self::from_model(sd, concepts, None)
+        Self::from_model(sd, concepts)
     }
 
-    /// Adds the concepts' tokens to a loaded model. `rows` gives their embeddings (from a
-    /// concept file); otherwise they copy the initialisers' rows.
-    pub fn from_model(mut sd: StableDiffusion, concepts: &[Concept], rows: Option<Tensor>) -> Result<Self> {
+    /// Adds the concepts' tokens to a loaded model, their rows copied from the initialisers'.
+    pub fn from_model(mut sd: StableDiffusion, concepts: &[Concept]) -> Result<Self> {
         let mut modifier_ids = Vec::new();
         let mut init_rows = Vec::new();
         for c in concepts {
@@ -78,10 +56,7 @@ impl Personalized {
         if modifier_ids.first().is_some_and(|&id| id != base) {
             bail!("the tokenizer's new ids start at {}, but the text encoder table has {base} rows", modifier_ids[0]);
         }
-        let rows = match rows {
-            Some(r) => r,
-            None => Tensor::stack(&init_rows, 0)?,
-        };
+        let rows = Tensor::stack(&init_rows, 0)?;
         let embeddings = Var::from_tensor(&rows.to_dtype(DType::F32)?.to_device(&sd.device)?)?;
         sd.text_encoder.set_extra_embeddings(Some(embeddings.as_tensor().clone()))?;
         let mut unet_vars = sd.unet_vars.clone();
@@ -105,43 +80,3 @@ impl Personalized {
     }
 }
 
-
-impl Personalized {
-    /// Loads a base model with a concept file applied: its UNet weights replace the base ones,
-    /// its tokens are added with their learned rows. A file made for another base model is
-    /// refused, naming the model it was made for.
-    pub fn with_concept_file(root: &Path, opts: &LoadOptions, file: &Path) -> Result<Self> {
-        let cf = crate::formats::concept_file::load(file)?;
-        let names: Vec<String> = cf.unet_weights.keys().cloned().collect();
-        let wanted = names.clone();
-        let sd = StableDiffusion::load_with(root, opts, move |n| wanted.iter().any(|w| w == n))?;
-        let have: Vec<&String> = sd.unet_vars.iter().map(|(n, _)| n).collect();
-        if let Some(missing) = names.iter().find(|n| !have.contains(n)) {
-            bail!(
-                "{} holds {missing}, which the UNet of {} does not have: the file was made for {}",
-                file.display(),
-                root.display(),
-                cf.meta.base_model.path
-            );
-        }
-        let fp = crate::formats::concept_file::fingerprint(&sd, &names)?;
-        if fp != cf.meta.base_model.fingerprint {
-            bail!(
-                "{} was trained on the base model {} (fingerprint {}), but {} is a different model (fingerprint {fp})",
-                file.display(),
-                cf.meta.base_model.path,
-                cf.meta.base_model.fingerprint,
-                root.display()
-            );
-        }
-        for (name, var) in &sd.unet_vars {
-            let w = &cf.unet_weights[name];
-            if w.dims() != var.dims() {
-                bail!("{}: {name} has shape {:?}, the model {:?}", file.display(), w.dims(), var.dims());
-            }
-            var.set(&w.to_device(var.device())?.to_dtype(var.dtype())?)?;
-        }
-        let concepts: Vec<Concept> = cf.meta.concept.iter().map(|c| c.to_concept()).collect();
-        Self::from_model(sd, &concepts, Some(cf.embeddings))
-    }
-}

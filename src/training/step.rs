@@ -5,13 +5,17 @@
 //!   context = text_encoder(emb)
 //!   x_t     = sqrt(a_t) x0 + sqrt(1 - a_t) eps,  t ~ U{0..999} per sample
 //!   eps_hat = UNet(x_t, t, context)   (start-token K/V detached, 16x16 attention captured)
-//!   L       = mean_b( Σ_{c,h,w} (eps_hat − eps)² · mask / Σ_{h,w} mask ) + w · (L_bind + L_s&s)
+//!   L       = mean_b( Σ_{c,h,w} (eps_hat − eps)² · mask / Σ_{h,w} mask )
+//!             + w_bind · L_bind + w_ss · L_s&s
 //! ```
 //!
 //! The diffusion term is the official masked form (4x the per-element mean for 4 latent
-//! channels), with which the official attention weight is w = 0.01. The attention terms come
-//! from [`crate::calibration`] over the target samples only.
+//! channels), with which the official attention weight is w_bind = w_ss = 0.01 (the paper
+//! mentions 0.001 for L_s&s in some cases). The attention terms come from
+//! [`crate::calibration`] over the target samples only. The two gradient masks are the
+//! preset's ([`GradientMasks`]).
 
+use super::method::GradientMasks;
 use super::model::Personalized;
 use crate::calibration::{self, CalibrationConfig, ConceptPositions};
 use crate::model::unet::{AttentionProbe, ForwardOptions};
@@ -19,22 +23,40 @@ use crate::scheduler::NoiseSchedule;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-/// How the losses are formed.
+/// How the losses and the gradients of a step are formed.
 #[derive(Clone, Debug)]
 pub struct LossConfig {
-    /// Weight w of L_bind + L_s&s (0 = Custom Diffusion / Textual Inversion).
-    pub attn_weight: f64,
+    /// Weight of L_bind (0 = Custom Diffusion / Textual Inversion).
+    pub bind_weight: f64,
+    /// Weight of L_s&s.
+    pub ss_weight: f64,
     pub calibration: CalibrationConfig,
     /// Side of the query grid whose cross-attention maps are used (16 for SD1.5 at 512).
     pub attn_resolution: usize,
     /// Ablation "all-scale maps": average every cross-attention layer, resized to
     /// `attn_resolution`.
     pub all_scales: bool,
+    pub masks: GradientMasks,
 }
 
 impl Default for LossConfig {
+    /// DisenDiff's official settings.
     fn default() -> Self {
-        Self { attn_weight: 0.01, calibration: CalibrationConfig::default(), attn_resolution: 16, all_scales: false }
+        Self {
+            bind_weight: 0.01,
+            ss_weight: 0.01,
+            calibration: CalibrationConfig::default(),
+            attn_resolution: 16,
+            all_scales: false,
+            masks: GradientMasks::default(),
+        }
+    }
+}
+
+impl LossConfig {
+    /// Whether the attention terms enter the loss.
+    pub fn uses_attention(&self) -> bool {
+        self.bind_weight != 0.0 || self.ss_weight != 0.0
     }
 }
 
@@ -64,10 +86,14 @@ pub struct StepLosses {
     pub maps: Vec<Tensor>,
 }
 
-/// The text-encoder context with Custom Diffusion's gradient mask on the embeddings.
-pub fn masked_context(model: &Personalized, ids: &Tensor) -> Result<Tensor> {
+/// The text-encoder context, with Custom Diffusion's gradient mask on the embeddings when
+/// `modifier_rows_only`: gradients reach the embedding only at modifier-token positions.
+pub fn masked_context(model: &Personalized, ids: &Tensor, modifier_rows_only: bool) -> Result<Tensor> {
     let te = &model.sd.text_encoder;
     let emb = te.embed(ids)?;
+    if !modifier_rows_only {
+        return Ok(te.encode_embeddings(&emb)?);
+    }
     let ids_v = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
     let (b, t) = ids.dims2()?;
     let m: Vec<f32> =
@@ -83,12 +109,12 @@ pub fn forward_losses(model: &Personalized, noise_schedule: &NoiseSchedule, batc
     if batch.targets.len() != b {
         bail!("{} target descriptions for a batch of {b}", batch.targets.len());
     }
-    let context = masked_context(model, &batch.ids)?;
+    let context = masked_context(model, &batch.ids, cfg.masks.modifier_rows_only)?;
     let noisy = noise_schedule.add_noise(&batch.x0, &batch.noise, &batch.timesteps)?;
     let target = noise_schedule.training_target(&batch.x0, &batch.noise, &batch.timesteps)?;
-    let use_attention = cfg.attn_weight != 0.0 && batch.targets.iter().any(|t| t.is_some());
+    let use_attention = cfg.uses_attention() && batch.targets.iter().any(|t| t.is_some());
     let probe = use_attention.then(|| AttentionProbe { resolutions: if cfg.all_scales { vec![] } else { vec![cfg.attn_resolution] } });
-    let opts = ForwardOptions { probe, detach_start_token_kv: true };
+    let opts = ForwardOptions { probe, detach_start_token_kv: cfg.masks.detach_start_token_kv };
     let out = model.sd.unet.forward_with(&noisy.to_dtype(model.sd.dtype)?, &batch.timesteps, &context, &opts)?;
     let pred = out.sample.to_dtype(DType::F32)?;
 
@@ -119,6 +145,6 @@ pub fn forward_losses(model: &Personalized, noise_schedule: &NoiseSchedule, batc
     } else {
         (zero.clone(), zero, Vec::new())
     };
-    let total = (&diffusion + ((&l_bind + &l_ss)? * cfg.attn_weight)?)?;
+    let total = ((&diffusion + (&l_bind * cfg.bind_weight)?)? + (&l_ss * cfg.ss_weight)?)?;
     Ok(StepLosses { total, diffusion, l_bind, l_ss, maps })
 }

@@ -7,9 +7,10 @@
 use super::adamw::{AdamW, AdamWConfig};
 use super::concepts::{concept_positions, Concept};
 use super::data::{self, RegImage};
+use super::method::Preset;
 use super::model::Personalized;
-use super::step::{forward_losses, LossConfig, MicroBatch};
-use crate::formats::concept_file::{self, BaseModelId, ConceptEntry, ConceptMeta};
+use super::step::{forward_losses, MicroBatch};
+use crate::formats::concept_file::{self, BaseModelId, ConceptMeta};
 use crate::scheduler::NoiseSchedule;
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -23,7 +24,9 @@ use std::path::{Path, PathBuf};
 /// Everything a run needs besides the model.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
-    pub method: String,
+    /// The method and its ablations: what trains, masks, losses ([`Preset::loss`], with the
+    /// attention resolution set for the model).
+    pub preset: Preset,
     /// The user's caption, e.g. `<new1> cat and <new2> dog`.
     pub caption: String,
     /// Template around it, `{}` marking the caption (official: `photo of a {}`).
@@ -32,8 +35,6 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub adamw: AdamWConfig,
-    pub loss: LossConfig,
-    pub train_embeddings: bool,
     /// Image side used for training (the model's native size by default).
     pub resolution: usize,
     /// Custom Diffusion's scale/crop augmentation of the target image.
@@ -44,17 +45,20 @@ pub struct TrainConfig {
 
 impl TrainConfig {
     pub fn to_json(&self) -> serde_json::Value {
+        let loss = &self.preset.loss;
         serde_json::json!({
-            "method": self.method, "caption": self.caption, "template": self.template,
+            "method": self.preset.name(), "caption": self.caption, "template": self.template,
             "steps": self.steps, "batch_size": self.batch_size, "gradient_accumulation_steps": self.grad_accum,
             "learning_rate": self.adamw.lr, "adam_beta1": self.adamw.beta1, "adam_beta2": self.adamw.beta2,
             "adam_epsilon": self.adamw.eps, "adam_weight_decay": self.adamw.weight_decay,
-            "attn_weight": self.loss.attn_weight, "attn_resolution": self.loss.attn_resolution,
-            "all_scales": self.loss.all_scales, "bind": self.loss.calibration.bind,
-            "separate": self.loss.calibration.separate,
-            "separation": format!("{:?}", self.loss.calibration.separation),
-            "suppression_power": self.loss.calibration.suppression_power,
-            "gaussian": self.loss.calibration.gaussian, "train_embeddings": self.train_embeddings,
+            "bind_weight": loss.bind_weight, "ss_weight": loss.ss_weight, "attn_resolution": loss.attn_resolution,
+            "all_scales": loss.all_scales, "bind": loss.calibration.bind,
+            "separate": loss.calibration.separate,
+            "separation": format!("{:?}", loss.calibration.separation),
+            "suppression_power": loss.calibration.suppression_power,
+            "gaussian": loss.calibration.gaussian, "masks": loss.masks,
+            "unet_trainable": format!("{:?}", self.preset.unet_trainable),
+            "train_embeddings": self.preset.train_embeddings,
             "resolution": self.resolution, "augment": self.augment, "seed": self.seed,
         })
     }
@@ -105,10 +109,11 @@ impl Trainer {
             let img = data::center_crop_square(&util::load_rgb(&r.path)?);
             reg_images.push((img, r.caption));
         }
-        let names: Vec<String> = model.unet_vars.iter().map(|(n, _)| n.clone()).collect();
-        let base = BaseModelId { path: base_path.to_string(), fingerprint: concept_file::fingerprint(&model.sd, &names)? };
+        let base_values: Vec<(String, Tensor)> = model.unet_vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let table = model.sd.text_encoder.token_embedding().dims2()?;
+        let base = BaseModelId { path: base_path.to_string(), fingerprint: concept_file::fingerprint(&base_values, table)? };
         let schedule = NoiseSchedule::new(model.sd.scheduler_config.clone());
-        let opt = AdamW::new(model.trainable(config.train_embeddings), config.adamw)?;
+        let opt = AdamW::new(model.trainable(config.preset.train_embeddings), config.adamw)?;
         if opt.params().is_empty() {
             bail!("nothing to train: the method trains neither UNet weights nor embeddings");
         }
@@ -183,7 +188,7 @@ impl Trainer {
         let (mut loss, mut diff, mut bind, mut ss) = (0.0, 0.0, 0.0, 0.0);
         for micro in 0..accum {
             let batch = self.micro_batch(step, micro)?;
-            let l = forward_losses(&self.model, &self.schedule, &batch, &self.config.loss)?;
+            let l = forward_losses(&self.model, &self.schedule, &batch, &self.config.preset.loss)?;
             let grads = (&l.total / accum as f64)?.backward()?;
             for (i, (name, var)) in params.iter().enumerate() {
                 let Some(g) = grads.get(var.as_tensor()) else {
@@ -206,8 +211,8 @@ impl Trainer {
 
     fn meta(&self) -> ConceptMeta {
         ConceptMeta {
-            concept: self.model.concepts.iter().map(ConceptEntry::from).collect(),
-            method: self.config.method.clone(),
+            concept: self.model.concepts.clone(),
+            method: self.config.preset.name(),
             hyperparameters: self.config.to_json(),
             base_model: self.base.clone(),
         }
