@@ -159,21 +159,6 @@ impl UNetTrainable {
     }
 }
 
-/// Custom Diffusion's two gradient masks (docs/method.md §2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct GradientMasks {
-    /// Detach the text-embedding output at every position but the modifier tokens'.
-    pub modifier_rows_only: bool,
-    /// Detach the start token's key and value inside every cross-attention.
-    pub detach_start_token_kv: bool,
-}
-
-impl Default for GradientMasks {
-    fn default() -> Self {
-        Self { modifier_rows_only: true, detach_start_token_kv: true }
-    }
-}
-
 /// Where the modifier tokens' embeddings start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Initializers {
@@ -292,6 +277,7 @@ impl Preset {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::training::step::GradientMasks;
 
     #[test]
     fn names_round_trip_and_presets_are_complete() {

@@ -15,13 +15,27 @@
 //! [`crate::calibration`] over the target samples only. The two gradient masks are the
 //! preset's ([`GradientMasks`]).
 
-use super::method::GradientMasks;
 use super::model::Personalized;
 use crate::calibration::{self, CalibrationConfig, ConceptPositions};
 use crate::model::unet::{AttentionProbe, ForwardOptions};
 use crate::scheduler::NoiseSchedule;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+
+/// Custom Diffusion's two gradient masks (docs/method.md §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GradientMasks {
+    /// Detach the text-embedding output at every position but the modifier tokens'.
+    pub modifier_rows_only: bool,
+    /// Detach the start token's key and value inside every cross-attention.
+    pub detach_start_token_kv: bool,
+}
+
+impl Default for GradientMasks {
+    fn default() -> Self {
+        Self { modifier_rows_only: true, detach_start_token_kv: true }
+    }
+}
 
 /// How the losses and the gradients of a step are formed.
 #[derive(Clone, Debug)]
