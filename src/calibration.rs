@@ -1,6 +1,6 @@
 //! DisenDiff's attention calibration: cross-attention maps -> L_bind and L_s&s.
 //!
-//! Read this file against the paper (Sec. 3.2-3.3, Eq. 3-6) and `shared/spec/method.md` §5:
+//! Read this file against the paper (Sec. 3.2-3.3, Eq. 3-6) and `docs/method.md` §5:
 //!
 //! ```text
 //!   A      = mean over heads and selected layers of softmax(QK^T/sqrt(d))[:, token]   (§5.1)
@@ -219,7 +219,7 @@ impl CalibrationConfig {
 ///
 /// Each element of `probs` is one layer's [B, heads, h*w, T] with its grid (h, w). The result
 /// is, per sample, the plain mean over all heads and all given layers, as [T, side, side]
-/// (method.md §5.1). Layers of another grid size (the "all scales" ablation) are first brought
+/// (docs/method.md §5.1). Layers of another grid size (the "all scales" ablation) are first brought
 /// to `side`: average pooling for larger grids, nearest upsampling for smaller ones.
 pub fn average_maps(probs: &[(Tensor, usize, usize)], side: usize) -> Result<Vec<Tensor>> {
     if probs.is_empty() {
@@ -264,7 +264,7 @@ mod tests {
 
     #[test]
     fn gaussian_kernel_is_the_official_one() {
-        // The 2-D kernel of method.md §5.2, entry by entry.
+        // The 2-D kernel of docs/method.md §5.2, entry by entry.
         let want = [[0.04491922, 0.12210311, 0.04491922], [0.12210311, 0.33191066, 0.12210311]];
         for (r, row) in want.iter().enumerate() {
             for (c, v) in row.iter().enumerate() {

@@ -1,5 +1,5 @@
 //! The CLIP tokenizer against transformers' `CLIPTokenizer` (golden/tokenizer.json, made by
-//! tools/reference/make_sd_fixtures.py) and the ids known from candle-notes.md.
+//! tools/reference/make_sd_fixtures.py) and the ids known from docs/candle.md §6.
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! Differentiable building-block ops.
 //!
-//! candle's fused softmax and layer norm record no backward (candle-notes.md, "Silent gradient
+//! candle's fused softmax and layer norm record no backward (docs/candle.md §1, "Silent gradient
 //! traps"): a model built on them trains, but W_K and new token embeddings silently get no
 //! gradient. Here each op takes the fast fused path when its input is not part of an autograd
 //! graph, and otherwise computes the fused result on a detached copy and re-attaches it to the

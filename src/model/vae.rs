@@ -2,7 +2,7 @@
 //! Synthesis with Latent Diffusion Models"), with diffusers' module and weight names.
 //!
 //! `encode` maps an image in [-1, 1] to the diagonal Gaussian posterior over latents; training
-//! latents are a *sample* of it times [`AutoencoderKL::scaling_factor`] (method.md, section 1).
+//! latents are a *sample* of it times [`AutoencoderKL::scaling_factor`] (docs/method.md §1).
 //! `decode` takes unscaled latents back to an image in about [-1, 1].
 
 use super::nn::{Conv2d, GroupNorm, Linear};

@@ -4,7 +4,7 @@
 //! (`down_blocks.0.attentions.0.proj_in.weight`), so files load with no renaming table. Unlike a
 //! permissive loader, the [`WeightStore`] checks every request: a missing key or a wrong shape is
 //! an error naming the file, the key and both shapes, and [`WeightStore::finish`] fails on keys
-//! the model never asked for. Nothing loads half-right in silence (formats.md, "Known pitfalls").
+//! the model never asked for. Nothing loads half-right in silence (docs/formats.md §1.1).
 //!
 //! Weights are memory-mapped and converted to the requested dtype on load. Names matching the
 //! store's trainable predicate come back as [`Var`]s, so gradients reach them; all other weights

@@ -15,7 +15,7 @@ pub struct AdamWConfig {
 }
 
 impl Default for AdamWConfig {
-    /// PyTorch's defaults, with the method's learning rate 8e-5 (method.md §2).
+    /// PyTorch's defaults, with the method's learning rate 8e-5 (docs/method.md §2).
     fn default() -> Self {
         Self { lr: 8e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }

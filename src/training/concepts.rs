@@ -1,11 +1,11 @@
 //! Concepts of a training caption: modifier tokens (`<new1>`, `<new2>`, ...), the class word
-//! that follows each (method.md §3), their initialiser tokens, and where they sit in a prompt.
+//! that follows each (docs/method.md §3), their initialiser tokens, and where they sit in a prompt.
 
 use crate::calibration::ConceptPositions;
 use crate::model::tokenizer::ClipTokenizer;
 use anyhow::{bail, Result};
 
-/// Initialiser tokens of the official code, in order (method.md §3): `pll`, `ktn`; the third
+/// Initialiser tokens of the official code, in order (docs/method.md §3): `pll`, `ktn`; the third
 /// concept of a three-concept run takes `ucd</w>`.
 pub const OFFICIAL_INITIALIZERS: [&str; 2] = ["pll", "ktn"];
 pub const THIRD_INITIALIZER: &str = "ucd</w>";

@@ -1,5 +1,5 @@
 //! Training images: the target photo with Custom Diffusion's augmentation and latent loss mask
-//! (method.md §4), and the regularisation ("prior preservation") set.
+//! (docs/method.md §4), and the regularisation ("prior preservation") set.
 //!
 //! Augmentation of a target image of side S (S = 512 for SD1.5), latent factor f:
 //! - draw s: with probability 2/3 from U{S/3..S}, else from U{1.2S..1.4S}; make it even;

@@ -1,5 +1,5 @@
 //! A base model prepared for personalization: new modifier tokens with trainable embedding
-//! rows, and the trainable UNet weights (method.md §2) as variables; everything else frozen.
+//! rows, and the trainable UNet weights (docs/method.md §2) as variables; everything else frozen.
 
 use super::concepts::Concept;
 use super::method::UNetTrainable;

@@ -1,4 +1,4 @@
-//! One DisenDiff forward pass on a micro-batch, up to the losses (method.md §2, §5):
+//! One DisenDiff forward pass on a micro-batch, up to the losses (docs/method.md §2, §5):
 //!
 //! ```text
 //!   emb     = token_embedding(ids) + position_embedding, detached except at modifier tokens

@@ -136,7 +136,7 @@ impl Trainer {
         let dev = &sd.device;
         let (size, f) = (self.config.resolution, sd.vae_scale_factor());
         let n = self.config.batch_size;
-        // Half of every batch from the regularisation set when there is one (method.md §4).
+        // Half of every batch from the regularisation set when there is one (docs/method.md §4).
         let n_reg = if self.reg.is_empty() { 0 } else { n / 2 };
         let mut pixels = Vec::new();
         let mut masks = Vec::new();
