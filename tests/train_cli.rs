@@ -166,3 +166,45 @@ fn three_concepts_and_generated_class_images() {
     let caption = std::fs::read_to_string(out.join("class_images/00001.txt")).unwrap();
     assert_eq!(caption, "a cat, a dog and a cow");
 }
+
+/// diffusers' `train_custom_diffusion.py` spellings work, and `--help` shows the new names.
+#[test]
+fn diffusers_spellings_and_help() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let (m, img) = (model(), image());
+    let (ok, err) = common::disendiff(&[
+        "train", "--pretrained_model_name_or_path", &m, "--instance_data_dir", &img,
+        "--instance_prompt", "<new1> cat and <new2> dog", "--output_dir", out.to_str().unwrap(),
+        "--modifier_token", "<new1>+<new2>", "--initializer_token", "pll+ktn", "--noaug",
+        "--max_train_steps", "1", "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
+        "--resolution", "64", "--attn_resolution", "8", "--learning_rate", "1e-5", "--scale_lr",
+        "--ss_weight", "0.001",
+    ]);
+    assert!(ok, "{err}");
+    let (_, header) = {
+        let bytes = std::fs::read(out.join("concepts.safetensors")).unwrap();
+        let (n, h) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        (n, h)
+    };
+    let hp: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["hyperparameters"]).unwrap();
+    assert_eq!(hp["ss_weight"], 0.001);
+    assert_eq!(hp["bind_weight"], 0.01);
+    assert_eq!(hp["augment"], false);
+    assert!((hp["learning_rate"].as_f64().unwrap() - 1e-5).abs() < 1e-12, "{hp}");
+
+    for (cmd, flags) in [
+        ("generate", &["--num-inference-steps", "--output-dir", "--concepts-base", "--seed <SEED>"][..]),
+        ("train", &["--max-train-steps", "--bind-weight", "--ss-weight", "--method <METHOD>"][..]),
+        ("demo", &["--max-train-steps", "--num-inference-steps"][..]),
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_disendiff")).args([cmd, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&o.stdout);
+        for f in flags {
+            assert!(help.contains(f), "`{cmd} --help` lacks {f}:\n{help}");
+        }
+    }
+    // A loss weight for a method without attention losses is an error naming the flag.
+    let (ok, err) = train(&tmp.path().join("cd"), &["--method", "custom-diffusion", "--bind-weight", "0.1"]);
+    assert!(!ok && err.contains("--bind-weight"), "{err}");
+}
