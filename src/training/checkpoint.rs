@@ -166,8 +166,11 @@ pub fn resolve(out: &Path, path: &Path) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path.to_path_buf());
     }
+    if path.is_absolute() {
+        bail!("the checkpoint {} does not exist", path.display());
+    }
     let inside = folder(out).join(path);
-    if path.is_relative() && inside.is_file() {
+    if inside.is_file() {
         return Ok(inside);
     }
     bail!("the checkpoint {} does not exist (nor {})", path.display(), inside.display())
