@@ -12,8 +12,19 @@ fn tune_allocator() {
     }
 }
 
+/// Lets a write past the file-size limit (`ulimit -f`) fail with EFBIG, which training reports
+/// naming the file and the checkpoint to resume from, instead of SIGXFSZ killing the process
+/// with nothing said (and, like a full disk, it is tested that way).
+fn ignore_sigxfsz() {
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 fn main() {
     tune_allocator();
+    ignore_sigxfsz();
     if let Err(e) = disendiff::cli::run() {
         eprintln!("error: {e}");
         for cause in e.chain().skip(1) {

@@ -17,14 +17,32 @@ pub fn seeded_rng(seed: u64) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(seed)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename, so
-/// a reader never sees a half-written file.
+/// Writes `bytes` to `path` atomically and durably: a temporary file in the same folder, synced
+/// to the disk, renamed over `path`, then the folder synced (best effort: not every file
+/// system can sync a folder), so a reader, a crash or a power cut never leaves a half-written
+/// file under `path`. On any error the temporary file is removed and the error names `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // The temporary file may not exist (creating it failed); nothing else can be done here.
+        let _ = std::fs::remove_file(&tmp);
+        bail!("writing {} failed: {e}", path.display());
+    }
+    // Makes the rename itself durable; a folder that cannot be opened or synced (some network
+    // and Windows file systems) still holds the complete file.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 

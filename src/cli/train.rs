@@ -4,6 +4,7 @@
 use super::ModelArgs;
 use crate::pipelines::text2img::{self, Text2ImageParams};
 use crate::training::adamw::AdamWConfig;
+use crate::training::checkpoint::{self, ResumeFrom};
 use crate::training::concepts::{class_word_pieces, default_initializers, modifier_tokens_in, parse_concepts};
 use crate::training::data::{self, RegImage};
 use crate::training::method::{Ablation, Initializers, Method};
@@ -95,11 +96,19 @@ pub struct Args {
     #[arg(long, value_name = "DIR", alias = "class_data_dir")]
     pub class_data_dir: Option<PathBuf>,
     /// Write a checkpoint every N steps (0: never).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, alias = "checkpointing_steps")]
     pub checkpointing_steps: usize,
-    /// Continue from the newest checkpoint in OUT/checkpoints.
-    #[arg(long)]
+    /// Keep only the newest N checkpoints (diffusers' --checkpoints_total_limit; default: all).
+    #[arg(long, alias = "checkpoints_total_limit", value_name = "N")]
+    pub checkpoints_total_limit: Option<usize>,
+    /// Continue from the newest readable checkpoint in OUT/checkpoints (= --resume-from-checkpoint latest).
+    #[arg(long, conflicts_with = "resume_from_checkpoint")]
     pub resume: bool,
+    /// Continue from `latest` (the newest checkpoint of OUT/checkpoints that can be read, older
+    /// ones standing in for damaged ones) or from exactly the checkpoint file PATH (a path, or a
+    /// file name in OUT/checkpoints).
+    #[arg(long, alias = "resume_from_checkpoint", value_name = "latest|PATH")]
+    pub resume_from_checkpoint: Option<String>,
     /// Prompt of validation images written every --validation-steps steps.
     #[arg(long, alias = "validation_prompt")]
     pub validation_prompt: Option<String>,
@@ -161,9 +170,19 @@ pub fn run(a: Args) -> Result<()> {
         Some(d) => data::read_reg_folder(d)?,
         None => Vec::new(),
     };
+    let resume = match &a.resume_from_checkpoint {
+        Some(s) => Some(ResumeFrom::parse(s)),
+        None => a.resume.then_some(ResumeFrom::Latest),
+    };
+    if a.checkpoints_total_limit == Some(0) {
+        bail!("--checkpoints-total-limit must be at least 1");
+    }
     let concepts_path = a.out.join("concepts.safetensors");
-    if concepts_path.exists() && !a.resume {
+    if concepts_path.exists() && resume.is_none() {
         bail!("{} already exists: choose another --out, or --resume to continue that run", concepts_path.display());
+    }
+    if resume.is_none() && !checkpoint::list(&a.out)?.is_empty() {
+        bail!("{} holds checkpoints of an earlier run: --resume to continue it, or choose another --out", checkpoint::folder(&a.out).display());
     }
 
     preset.set_loss_weights(a.attn_weight, a.bind_weight, a.ss_weight)?;
@@ -214,8 +233,12 @@ pub fn run(a: Args) -> Result<()> {
     // when applied to a related model.
     let base_path = a.model.model.canonicalize().unwrap_or_else(|_| a.model.model.clone());
     let mut trainer = Trainer::new(model, config, &a.image, reg, &a.out, &base_path.display().to_string())?;
-    let start = if a.resume { trainer.resume()? } else { 0 };
-    if a.resume {
+    trainer.checkpoints_total_limit = a.checkpoints_total_limit;
+    let start = match &resume {
+        Some(from) => trainer.resume(from)?,
+        None => 0,
+    };
+    if resume.is_some() {
         eprintln!("resuming at step {start}");
     }
     let total = trainer.config.steps;

@@ -2,6 +2,7 @@
 //! augmentation, the loss of one micro-batch, AdamW, and the training loop with checkpoints.
 
 pub mod adamw;
+pub mod checkpoint;
 pub mod concepts;
 pub mod data;
 pub mod method;

@@ -5,6 +5,7 @@
 //! run resumed from a checkpoint after step k continues exactly as the uninterrupted run.
 
 use super::adamw::{AdamW, AdamWConfig};
+use super::checkpoint::{self, ResumeFrom};
 use super::concepts::{concept_positions, Concept};
 use super::data::{self, RegImage};
 use super::method::Preset;
@@ -13,11 +14,10 @@ use super::step::{forward_losses, MicroBatch};
 use crate::formats::concept_file::{self, BaseModelId, ConceptMeta};
 use crate::scheduler::NoiseSchedule;
 use crate::util;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 use rand::Rng;
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -84,6 +84,8 @@ pub struct Trainer {
     schedule: NoiseSchedule,
     opt: AdamW,
     base: BaseModelId,
+    /// Keep only the newest N checkpoints (diffusers' `checkpoints_total_limit`; `None`: all).
+    pub checkpoints_total_limit: Option<usize>,
 }
 
 fn mix(seed: u64, a: u64, b: u64) -> u64 {
@@ -117,7 +119,7 @@ impl Trainer {
         if opt.params().is_empty() {
             bail!("nothing to train: the method trains neither UNet weights nor embeddings");
         }
-        Ok(Self { model, config, out: out.to_path_buf(), target, reg: reg_images, schedule, opt, base })
+        Ok(Self { model, config, out: out.to_path_buf(), target, reg: reg_images, schedule, opt, base, checkpoints_total_limit: None })
     }
 
     /// The training prompt of the target image.
@@ -227,53 +229,51 @@ impl Trainer {
         concept_file::save(path, &self.meta(), &self.unet_weights(), self.model.embeddings.as_tensor())
     }
 
-    /// `OUT/checkpoints/step-NNNNNN.safetensors`: weights, embeddings, AdamW state, step.
+    /// `OUT/checkpoints/step-NNNNNN.safetensors`: weights, embeddings, AdamW state, step
+    /// (see [`checkpoint`]), pruned to `checkpoints_total_limit`.
     pub fn save_checkpoint(&self, step: usize) -> Result<PathBuf> {
-        let dir = self.out.join("checkpoints");
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("step-{step:06}.safetensors"));
-        let mut tensors: HashMap<String, Tensor> = self.opt.state_tensors();
+        let mut tensors = self.opt.state_tensors();
         for (name, var) in self.opt.params() {
             tensors.insert(format!("param.{name}"), var.as_tensor().clone());
         }
-        let mut info = HashMap::new();
-        info.insert("step".to_string(), step.to_string());
-        info.insert("config".to_string(), self.config.to_json().to_string());
-        let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(info))?;
-        util::write_atomic(&path, &bytes)?;
-        Ok(path)
+        checkpoint::write(&self.out, step, &tensors, &self.config.to_json(), self.checkpoints_total_limit)
     }
 
-    /// Restores the newest checkpoint under `OUT/checkpoints`; returns its step (0 if none).
-    pub fn resume(&mut self) -> Result<usize> {
-        let dir = self.out.join("checkpoints");
-        let mut found: Vec<PathBuf> = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect(),
-            Err(_) => return Ok(0),
+    /// Restores a checkpoint (`Latest`: the newest readable one under `OUT/checkpoints`, falling
+    /// back past unreadable ones); returns its step (0 if there is none).
+    pub fn resume(&mut self, from: &ResumeFrom) -> Result<usize> {
+        let expected: Vec<(String, Vec<usize>)> = self
+            .opt
+            .params()
+            .iter()
+            .flat_map(|(n, v)| ["param.", "adam.m.", "adam.v."].map(|p| (format!("{p}{n}"), v.dims().to_vec())))
+            .collect();
+        let device = self.model.sd.device.clone();
+        let ckpt = match from {
+            ResumeFrom::Latest => match checkpoint::read_latest(&self.out, &expected, &device)? {
+                Some(c) => c,
+                None => return Ok(0),
+            },
+            ResumeFrom::Path(p) => checkpoint::read(&checkpoint::resolve(&self.out, p)?, &expected, &device)?,
         };
-        found.sort();
-        let Some(path) = found.pop() else { return Ok(0) };
-        let bytes = std::fs::read(&path)?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .with_context(|| format!("{} is not a readable checkpoint", path.display()))?;
-        let info = header.metadata().clone().unwrap_or_default();
-        let step: usize = info.get("step").and_then(|s| s.parse().ok()).context("checkpoint without step")?;
-        let saved: serde_json::Value = serde_json::from_str(info.get("config").context("checkpoint without config")?)?;
+        let path = &ckpt.path;
         let mut now = self.config.to_json();
-        let mut then = saved.clone();
+        let mut then = ckpt.config.clone();
         // The step count may be raised on resume; everything else must match.
         now["steps"] = serde_json::Value::Null;
         then["steps"] = serde_json::Value::Null;
         if now != then {
             bail!("{} was written by a run with other settings; resume with the same settings or use another --out", path.display());
         }
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &self.model.sd.device)?;
+        if ckpt.step > self.config.steps {
+            bail!("{} is at step {}, past --max-train-steps {}", path.display(), ckpt.step, self.config.steps);
+        }
         for (name, var) in self.opt.params() {
-            let t = tensors.get(&format!("param.{name}")).with_context(|| format!("checkpoint has no {name}"))?;
+            let t = ckpt.tensors.get(&format!("param.{name}")).with_context(|| format!("checkpoint has no {name}"))?;
             var.set(&t.to_dtype(var.dtype())?)?;
         }
-        self.opt.load_state(&tensors, step)?;
-        Ok(step)
+        self.opt.load_state(&ckpt.tensors, ckpt.step)?;
+        Ok(ckpt.step)
     }
 
     /// Runs from `start` to the configured number of steps, reporting each step (with the
@@ -281,20 +281,25 @@ impl Trainer {
     pub fn run(&mut self, start: usize, mut on_step: impl FnMut(&StepRecord, &Personalized) -> Result<()>) -> Result<PathBuf> {
         std::fs::create_dir_all(&self.out).with_context(|| format!("creating {}", self.out.display()))?;
         let log_path = self.out.join("train_log.jsonl");
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        // Steps after the checkpoint resumed from are trained again: their old lines go.
+        checkpoint::trim_log(&log_path, start)?;
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
         for step in start..self.config.steps {
             let rec = self.train_step(step)?;
             if !rec.loss.is_finite() {
                 bail!("the loss became {} at step {}: lower the learning rate", rec.loss, rec.step);
             }
-            writeln!(log, "{}", serde_json::to_string(&rec)?)?;
+            writeln!(log, "{}", serde_json::to_string(&rec)?)
+                .map_err(|e| anyhow!("writing {} failed: {e}; {}", log_path.display(), checkpoint::resume_hint(&self.out)))?;
             on_step(&rec, &self.model)?;
             if self.config.checkpoint_every > 0 && rec.step % self.config.checkpoint_every == 0 && rec.step < self.config.steps {
+                // The log on disk covers every step a checkpoint does.
+                log.sync_data().map_err(|e| anyhow!("writing {} failed: {e}; {}", log_path.display(), checkpoint::resume_hint(&self.out)))?;
                 self.save_checkpoint(rec.step)?;
             }
         }
         let path = self.out.join("concepts.safetensors");
-        self.save_concepts(&path)?;
+        self.save_concepts(&path).map_err(|e| anyhow!("{e:#}; {}", checkpoint::resume_hint(&self.out)))?;
         Ok(path)
     }
 }
