@@ -39,15 +39,21 @@ pub struct CheckArgs {
     /// --unnamed-share F` for each F given (the shipped model saw 0 and then 0.25).
     #[arg(long, default_value_t = 1)]
     pub train_seed: u64,
+    /// Scenes in each of those training sets (`toy scenes --n`).
     #[arg(long, default_value_t = 20000)]
     pub train_n: usize,
+    /// Unnamed-look shares of those training sets (`toy scenes --unnamed-share`).
     #[arg(long, value_delimiter = ',', default_value = "0,0.25", value_name = "F,..")]
     pub train_unnamed_shares: Vec<f32>,
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 5.0)]
+    /// DDIM steps of each generated image.
+    #[arg(long, default_value_t = 30, visible_alias = "steps", alias = "num_inference_steps")]
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 5.0, alias = "guidance_scale")]
     pub guidance_scale: f64,
-    #[arg(long, default_value_t = 7)]
+    /// Seed of the prompts, scenes and noise (the numbers in tools/toyworld/README.md were
+    /// measured with --seed 7).
+    #[arg(long, default_value_t = super::DEFAULT_SEED)]
     pub seed: u64,
 }
 
@@ -57,7 +63,7 @@ fn check_model(a: CheckArgs) -> Result<()> {
     let sd = crate::model::sd::StableDiffusion::load(&dir, &Default::default())?;
     let seen = crate::toyworld::model_check::training_captions(a.train_seed, a.train_n, &a.train_unnamed_shares)?;
     eprintln!("{} distinct training captions", seen.len());
-    let r = crate::toyworld::model_check::check(&sd, &seen, a.n, a.steps, a.guidance_scale, a.seed)?;
+    let r = crate::toyworld::model_check::check(&sd, &seen, a.n, a.num_inference_steps, a.guidance_scale, a.seed)?;
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }
@@ -68,7 +74,7 @@ pub struct ScenesArgs {
     #[arg(long, value_name = "N")]
     pub n: usize,
     /// Seed; scene i depends only on (seed, i).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = super::DEFAULT_SEED)]
     pub seed: u64,
     /// Output folder (created if needed; existing scene files are overwritten).
     #[arg(long, value_name = "DIR")]

@@ -56,7 +56,8 @@ pub struct BenchArgs {
     /// The toy base model (default: the bundled assets/toy-model).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    #[arg(long, value_name = "DIR")]
+    /// Output folder: report.md, report.json, scene-K/METHOD/ runs and images.
+    #[arg(long, value_name = "DIR", visible_alias = "output-dir", alias = "output_dir")]
     pub out: PathBuf,
 }
 
