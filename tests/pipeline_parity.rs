@@ -25,6 +25,7 @@ fn params(sd: &StableDiffusion, name: &str) -> Text2ImageParams {
 }
 
 fn check(name: &str) {
+    common::assert_kernel_switch_honoured();
     let sd = StableDiffusion::load(&common::fixture(&format!("{name}-tiny")), &LoadOptions::default()).unwrap();
     let g = common::load_golden(name);
     let p = params(&sd, name);
@@ -59,4 +60,11 @@ fn sd1_pipeline_matches_diffusers() {
 #[test]
 fn sd2_pipeline_matches_diffusers() {
     check("sd2");
+}
+
+/// Both pipelines again on the generic candle path (fused CPU kernels off, in a child
+/// process): same tolerances.
+#[test]
+fn pipelines_match_diffusers_with_kernels_off() {
+    common::run_with_kernels_off(&["sd1_pipeline_matches_diffusers", "sd2_pipeline_matches_diffusers"]);
 }

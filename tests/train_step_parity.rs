@@ -137,3 +137,15 @@ fn one_step_matches_pytorch() {
         }
     }
 }
+
+/// [`one_step_matches_pytorch`] again on the generic candle path: this test re-runs it and
+/// itself in a child process with the fused CPU kernels off (same tolerances); in that child
+/// (`DISENDIFF_KERNELS=off`) it asserts that the library took the switch.
+#[test]
+fn one_step_matches_pytorch_with_kernels_off() {
+    if common::kernels_switched_off() {
+        common::assert_kernel_switch_honoured();
+        return;
+    }
+    common::run_with_kernels_off(&["one_step_matches_pytorch", "one_step_matches_pytorch_with_kernels_off"]);
+}

@@ -17,6 +17,7 @@ fn load(name: &str, cfg: &VaeConfig) -> anyhow::Result<(AutoencoderKL, Arc<Weigh
 }
 
 fn check(name: &str) {
+    common::assert_kernel_switch_honoured();
     let cfg = VaeConfig::from_file(common::fixture(&format!("{name}-tiny/vae/config.json"))).unwrap();
     let (vae, store) = load(name, &cfg).unwrap();
     store.finish().unwrap();
@@ -72,4 +73,11 @@ fn config_weight_mismatches_are_errors() {
     let (_, store) = load("sd1", &cfg).unwrap();
     let err = format!("{:#}", store.finish().unwrap_err());
     assert!(err.contains("mid_block.attentions.0"), "{err}");
+}
+
+/// Both VAEs again on the generic candle path (fused CPU kernels off, in a child process):
+/// same tolerances.
+#[test]
+fn vaes_match_diffusers_with_kernels_off() {
+    common::run_with_kernels_off(&["sd1_vae_matches_diffusers", "sd2_vae_matches_diffusers"]);
 }

@@ -5,6 +5,10 @@
 //! gradient. Here each op takes the fast fused path when its input is not part of an autograd
 //! graph, and otherwise computes the fused result on a detached copy and re-attaches it to the
 //! input through [`Attach`], a custom op whose backward is the exact analytic gradient.
+//!
+//! On the CPU in f32 the ops dispatch to the fused kernels of [`super::kernels`] (where
+//! [`kernels_apply`] or [`fast_cpu`] says so); with the kernels switched off
+//! (`DISENDIFF_KERNELS=off`) they take the generic candle path that f16, bf16 and CUDA take.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
@@ -114,7 +118,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `softmax(scale * x)` over the last dimension, differentiable; the fused f32 CPU kernel of
 /// [`super::kernels`] where it applies.
 pub fn softmax_last_dim_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
-    if x.dtype() == DType::F32 && x.device().is_cpu() {
+    if kernels_apply(&[x]) {
         return x.contiguous()?.apply_op1(super::kernels::ScaledSoftmax { scale: scale as f32 });
     }
     softmax_last_dim(&(x * scale)?)
@@ -123,7 +127,7 @@ pub fn softmax_last_dim_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
 /// `x * sigmoid(x)`, differentiable; the fused f32 CPU kernel of [`super::kernels`] where it
 /// applies.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::F32 && x.device().is_cpu() {
+    if kernels_apply(&[x]) {
         return x.contiguous()?.apply_op1(super::kernels::Silu);
     }
     x.silu()
@@ -146,10 +150,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     Ok(None)
 }
 
-/// Whether the attention kernels apply: every tensor f32 on the CPU (inside the autograd
-/// graph or not).
+/// Whether the attention kernels apply: see [`kernels_apply`].
 pub fn attention_kernels_apply(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+    kernels_apply(ts)
 }
 
 /// The attention probabilities of every head, [B, H, N, M], from q [B, N, H*d] and k
@@ -169,7 +172,7 @@ pub fn attention_apply(p: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
 /// GEGLU: the last dimension split as `[h, g]` -> `h * gelu_erf(g)`, differentiable; the
 /// fused f32 CPU kernel of [`super::kernels`] where it applies.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::F32 && x.device().is_cpu() {
+    if kernels_apply(&[x]) {
         return x.contiguous()?.apply_op1(super::kernels::Geglu);
     }
     let half = x.dim(D::Minus1)? / 2;
@@ -179,7 +182,7 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 /// Normalises the last dimension to zero mean and unit variance (no affine), differentiable.
 pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
-    if x.dtype() == DType::F32 && x.device().is_cpu() {
+    if kernels_apply(&[&x]) {
         return x.apply_op1(super::kernels::LayerNorm { affine: None, eps: eps as f32 });
     }
     let dim = x.dim(D::Minus1)?;
@@ -328,10 +331,18 @@ pub fn conv2d_accumulate_untracked(
     Ok(Some(Tensor::from_vec(v, shape, x.device())?))
 }
 
-/// Whether the fused f32 CPU kernels of [`super::kernels`] apply: every tensor f32, on the
-/// CPU and outside the autograd graph.
+/// Whether the differentiable fused kernels of [`super::kernels`] apply: the kernels are on
+/// ([`super::kernels::enabled`], `DISENDIFF_KERNELS`) and every tensor is f32 on the CPU
+/// (inside the autograd graph or not). Every kernel dispatch of the model goes through this
+/// or [`fast_cpu`].
+pub(crate) fn kernels_apply(ts: &[&Tensor]) -> bool {
+    super::kernels::enabled() && ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+}
+
+/// Whether the kernels of [`super::kernels`] for tensors outside the autograd graph apply:
+/// [`kernels_apply`], and no tensor tracked.
 pub(crate) fn fast_cpu(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op())
+    kernels_apply(ts) && ts.iter().all(|t| !t.track_op())
 }
 
 /// Whether the im2col convolution kernel applies: [`fast_cpu`] operands and a square kernel
@@ -354,7 +365,7 @@ fn conv_untracked(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, st
 /// (and in `w`, `b` when they are trainable): the one-pass kernel of [`super::kernels`] for
 /// f32 CPU tensors with a frozen affine part, [`normalize_last_dim`] + [`affine`] otherwise.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.dtype() == DType::F32 && x.device().is_cpu() && fast_cpu(&[w, b]) {
+    if kernels_apply(&[x]) && fast_cpu(&[w, b]) {
         let op = super::kernels::LayerNorm { affine: Some((w.contiguous()?, b.contiguous()?)), eps: eps as f32 };
         return x.contiguous()?.apply_op1(op);
     }

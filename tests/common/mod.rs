@@ -1,4 +1,5 @@
-//! Shared helpers of the golden tests: fixture paths, golden tensors, relative error.
+//! Shared helpers of the golden tests: fixture paths, golden tensors, relative error, and the
+//! re-run of a test binary's golden tests with the fused CPU kernels off.
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor};
@@ -52,4 +53,43 @@ pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
             std::fs::copy(e.path(), to).unwrap();
         }
     }
+}
+
+/// Whether this process runs with the fused CPU kernels switched off (`DISENDIFF_KERNELS=off`,
+/// as [`run_with_kernels_off`] starts its child).
+pub fn kernels_switched_off() -> bool {
+    std::env::var("DISENDIFF_KERNELS").is_ok_and(|v| v == "off")
+}
+
+/// For a golden test: when the kernels are switched off, asserts that the library sees it, so
+/// the test provably took the generic candle path (the one f16, bf16 and CUDA take).
+pub fn assert_kernel_switch_honoured() {
+    if kernels_switched_off() {
+        assert!(!disendiff::model::kernels::enabled(), "DISENDIFF_KERNELS=off but the kernels are enabled");
+    }
+}
+
+/// Runs the tests `names` of this test binary again in a child process (the binary itself,
+/// `--exact`, one thread) with `DISENDIFF_KERNELS=off`, and fails unless the child succeeded,
+/// reported each of them as passed and ran exactly that many (a name that matches no test
+/// fails). Returns the child's output (its tests' printed errors).
+pub fn run_with_kernels_off(names: &[&str]) -> String {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let out = std::process::Command::new(&exe)
+        .args(["--exact", "--test-threads=1", "--show-output"])
+        .args(names)
+        .env("DISENDIFF_KERNELS", "off")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let report = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{names:?} with DISENDIFF_KERNELS=off failed:\n{report}");
+    for name in names {
+        let line = format!("test {name} ... ok");
+        assert!(stdout.lines().any(|l| l.trim_end() == line), "the child did not pass {name}:\n{report}");
+    }
+    let summary = format!("test result: ok. {} passed; 0 failed;", names.len());
+    assert!(stdout.contains(&summary), "the child did not run exactly {} tests ({summary:?} missing):\n{report}", names.len());
+    println!("{report}");
+    report
 }

@@ -7,8 +7,10 @@
 //!   probabilities are an output (the calibration losses read them), as two graph nodes
 //!   instead of the explicit path's eight.
 
-use super::*;
-use candle_core::{CustomOp2, CustomOp3, Shape};
+use super::buffers::{contiguous_f32, output_buffer, with_f32};
+use super::gradients::softmax_grad_rows_dispatch;
+use super::simd::{exp_row_in_place, has_avx2_fma, SendPtr, PARALLEL_MIN};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Query rows per work item of [`attention`].
 const ATTN_BLOCK: usize = 64;
@@ -335,7 +337,7 @@ impl CustomOp2 for AttentionProbs {
         let (q, k, p, grad) = (q.contiguous()?, k.contiguous()?, p.contiguous()?, grad.contiguous()?);
         let need = [q.track_op(), k.track_op()];
         let mut ds = output_buffer(b * heads * n * m);
-        with_f32(&p, |pd| with_f32(&grad, |gd| Ok(super::gradients::softmax_grad_rows_dispatch(pd, gd, &mut ds, m, self.scale))))?;
+        with_f32(&p, |pd| with_f32(&grad, |gd| Ok(softmax_grad_rows_dispatch(pd, gd, &mut ds, m, self.scale))))?;
         let mut grads = [need[0].then(|| output_buffer(b * n * qc)), need[1].then(|| output_buffer(b * m * qc))];
         let ptrs = grads.each_mut().map(|g| g.as_mut().map(|g| SendPtr(g.as_mut_ptr())));
         with_f32(&q, |qd| {

@@ -1,8 +1,9 @@
 //! Convolution as im2col + one matrix product per image (for tensors outside the graph).
 
-use super::products::gemm_rows;
-use super::*;
-use candle_core::{CustomOp1, Shape};
+use super::buffers::{contiguous_f32, output_buffer, with_f32};
+use super::products::{gemm_rows, Accumulator};
+use super::simd::{SendPtr, PARALLEL_MIN};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// Unfolds a [B, C, H, W] image into the [B, C*k*k, OH*OW] matrix of its k x k patches
 /// (im2col; row `(c, i, j)`, column `(oy, ox)`, zero outside the image). No backward: only for
@@ -115,68 +116,6 @@ fn shifted_plane(src: &[f32], dst: &mut [f32], h: usize, w: usize, dy: isize, dx
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
     let (out, shape) = conv2d_vec(x, w, Accumulator { bias: b, residual: None }, padding, stride)?;
     Tensor::from_vec(out, shape, x.device())
-}
-
-/// What a product's output starts from before the product is accumulated into it: a bias per
-/// output channel ([O]) or per image and channel ([B, O], e.g. the bias plus a resnet's time
-/// embedding), and a residual of the output's shape. Adding them this way costs no pass of
-/// its own (the output is written once before the product anyway).
-#[derive(Clone, Copy, Default)]
-pub struct Accumulator<'a> {
-    pub bias: Option<&'a Tensor>,
-    pub residual: Option<&'a Tensor>,
-}
-
-impl Accumulator<'_> {
-    /// Writes the start values into `out`, `images` blocks (images, or rows of a linear
-    /// layer) of `channels` runs of `run` elements (one run per bias value); false when there
-    /// is nothing to start from (the product then overwrites `out`).
-    pub(super) fn write(&self, out: &mut [f32], images: usize, channels: usize, run: usize) -> Result<bool> {
-        if out.len() != images * channels * run {
-            candle_core::bail!("kernel: output of {} elements for {images} x {channels} x {run}", out.len());
-        }
-        if let Some(r) = self.residual {
-            if r.elem_count() != out.len() {
-                candle_core::bail!("kernel: residual {:?} for an output of {} elements", r.dims(), out.len());
-            }
-        }
-        let per_image = match self.bias {
-            Some(b) if b.dims() == [channels] => false,
-            Some(b) if b.dims() == [images, channels] => true,
-            Some(b) => candle_core::bail!("kernel: bias {:?} for {images} x {channels} outputs", b.dims()),
-            None => false,
-        };
-        let fill = |bias: Option<&[f32]>, res: Option<&[f32]>, out: &mut [f32]| {
-            let block = channels * run;
-            for (i, ob) in out.chunks_exact_mut(block).enumerate() {
-                let b = bias.map(|b| if per_image { &b[i * channels..(i + 1) * channels] } else { b });
-                let r = res.map(|r| &r[i * block..(i + 1) * block]);
-                match (b, r, run) {
-                    (Some(b), None, 1) => ob.copy_from_slice(b),
-                    (None, Some(r), _) => ob.copy_from_slice(r),
-                    (Some(b), Some(r), 1) => ob.iter_mut().zip(r).zip(b).for_each(|((o, r), b)| *o = r + b),
-                    (Some(b), r, _) => {
-                        for (c, o) in ob.chunks_exact_mut(run).enumerate() {
-                            match r {
-                                Some(r) => o.iter_mut().zip(&r[c * run..(c + 1) * run]).for_each(|(o, r)| *o = r + b[c]),
-                                None => o.fill(b[c]),
-                            }
-                        }
-                    }
-                    (None, None, _) => {}
-                }
-            }
-        };
-        match (self.bias, self.residual) {
-            (None, None) => return Ok(false),
-            (Some(b), None) => with_f32(&b.contiguous()?, |b| Ok(fill(Some(b), None, out)))?,
-            (None, Some(r)) => with_f32(&r.contiguous()?, |r| Ok(fill(None, Some(r), out)))?,
-            (Some(b), Some(r)) => {
-                with_f32(&b.contiguous()?, |b| with_f32(&r.contiguous()?, |r| Ok(fill(Some(b), Some(r), out))))?
-            }
-        }
-        Ok(true)
-    }
 }
 
 /// [`conv2d`] with its output starting from `acc` (bias [O] or [B, O], residual

@@ -1,9 +1,10 @@
 //! Softmax(scale·x), SiLU and GEGLU as single passes over rows, with exact backward passes;
 //! group norm (+ SiLU) in one pass for tensors outside the graph.
 
-use super::*;
+use super::buffers::{contiguous_f32, output_buffer, with_f32};
 use super::gradients::{GradOf, Gradient};
-use candle_core::{CustomOp1, Shape};
+use super::simd::{erfc, exp, has_avx2_fma, madd, row_kernels, run_rows, softmax_rows_fma, softmax_rows_plain, SendPtr, PARALLEL_MIN};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 #[inline(always)]
 fn silu_slice<const FMA: bool>(src: &[f32], dst: &mut [f32]) {

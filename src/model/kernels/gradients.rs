@@ -1,43 +1,12 @@
-//! The backward passes of the element-wise kernels (`elementwise`) and of layer norm
-//! (`layer_norm`) as single passes: each
+//! The backward passes of the element-wise kernels (`elementwise`) as single passes: each
 //! was 4-11 candle ops (a pass and an allocation each; GEGLU's with scalar libm `erf`/`exp`),
-//! together about a tenth of a training step. Each takes the forward's input (or output) and
-//! the incoming gradient, row by row, and writes the input gradient.
+//! together about a tenth of a training step (layer norm's, the rest of it, is in
+//! `layer_norm`). Each takes the forward's input (or output) and the incoming gradient, row by
+//! row, and writes the input gradient.
 
-use super::*;
-use candle_core::{CustomOp2, Shape};
-
-/// A kernel over rows of two inputs: (`a`, `b`, `dst`, row length of `a`, parameter); `b` and
-/// `dst` rows are as many as `a`'s, each `b.len() / rows` and `dst.len() / rows` long.
-type RowKernel2 = unsafe fn(&[f32], &[f32], &mut [f32], usize, f32);
-
-/// As [`run_rows`] for kernels of two inputs.
-fn run_rows2(a: &[f32], b: &[f32], dst: &mut [f32], cols: usize, param: f32, fma: RowKernel2, plain: RowKernel2) {
-    let rows = a.len() / cols.max(1);
-    let bcols = b.len() / rows.max(1);
-    let kernel = if has_avx2_fma() { fma } else { plain };
-    for_dst_rows(rows, cols, dst, |r0, n, d| {
-        // SAFETY: the AVX2 kernel is only chosen when the CPU has AVX2 and FMA.
-        unsafe { kernel(&a[r0 * cols..(r0 + n) * cols], &b[r0 * bcols..(r0 + n) * bcols], d, cols, param) }
-    });
-}
-
-macro_rules! row_kernels2 {
-    ($generic:ident => $plain:ident, $fma:ident) => {
-        unsafe fn $plain(a: &[f32], b: &[f32], d: &mut [f32], cols: usize, p: f32) {
-            $generic::<false>(a, b, d, cols, p)
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $fma(a: &[f32], b: &[f32], d: &mut [f32], cols: usize, p: f32) {
-            $generic::<true>(a, b, d, cols, p)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        unsafe fn $fma(a: &[f32], b: &[f32], d: &mut [f32], cols: usize, p: f32) {
-            $generic::<false>(a, b, d, cols, p)
-        }
-    };
-}
+use super::buffers::{contiguous_f32, output_buffer};
+use super::simd::{erfc, exp, madd, row_kernels2, run_rows2};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 
 /// Softmax: rows of the output `y` and the gradient `g` -> `scale * y * (g - sum(g * y))`.
 #[inline(always)]
@@ -97,7 +66,7 @@ fn geglu_grad_rows<const FMA: bool>(x: &[f32], dy: &[f32], d: &mut [f32], cols: 
 row_kernels2!(geglu_grad_rows => geglu_grad_rows_plain, geglu_grad_rows_fma);
 
 /// Which backward pass a [`Gradient`] computes.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 pub enum GradOf {
     /// First operand: softmax's output; parameter: the scale.
     ScaledSoftmax(f32),
@@ -105,8 +74,6 @@ pub enum GradOf {
     Silu,
     /// First operand: GEGLU's input `[h, g]`.
     Geglu,
-    /// First operand: layer norm's input; its frozen weight [D] (`None`: plain normalisation).
-    LayerNorm { weight: Option<Tensor>, eps: f32 },
 }
 
 /// The input gradient of an element-wise kernel: `first.apply_op2_no_bwd(grad, &Gradient(..))`.
@@ -137,13 +104,6 @@ impl CustomOp2 for Gradient {
             }
             GradOf::Silu => run_rows2(a, g, &mut dst, cols, 0.0, silu_grad_rows_fma, silu_grad_rows_plain),
             GradOf::Geglu => run_rows2(a, g, &mut dst, cols, 0.0, geglu_grad_rows_fma, geglu_grad_rows_plain),
-            GradOf::LayerNorm { weight: None, eps } => super::layer_norm::input_grad(a, g, &mut dst, cols, None, *eps),
-            GradOf::LayerNorm { weight: Some(w), eps } => {
-                if w.dims() != [cols] {
-                    candle_core::bail!("layer norm gradient: weight {:?} for rows of {cols}", w.dims());
-                }
-                with_f32(w, |w| Ok(super::layer_norm::input_grad(a, g, &mut dst, cols, Some(w), *eps)))?
-            }
         }
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }

@@ -4,9 +4,9 @@
 //! and an allocation; the backward is also the one of `ops::normalize_last_dim` (group norm
 //! on the training path), with no affine part.
 
-use super::*;
-use super::gradients::{GradOf, Gradient};
-use candle_core::{CustomOp1, Shape};
+use super::buffers::{contiguous_f32, output_buffer, with_f32};
+use super::simd::{for_dst_rows, has_avx2_fma, madd};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// Mean and 1/sigma of a row (two passes: the variance of the centred values), 8 lanes.
 #[inline(always)]
@@ -125,7 +125,7 @@ fn forward(x: &[f32], cols: usize, p: Params) -> Vec<f32> {
 
 /// Writes into `dx` the input gradient of layer norm with the frozen weight `w` (`None`:
 /// plain normalisation), for rows of `cols` of the input `x` and the output gradient `g`.
-pub(super) fn input_grad(x: &[f32], g: &[f32], dx: &mut [f32], cols: usize, w: Option<&[f32]>, eps: f32) {
+fn input_grad(x: &[f32], g: &[f32], dx: &mut [f32], cols: usize, w: Option<&[f32]>, eps: f32) {
     let p = Params { w, b: None, eps };
     let fma = has_avx2_fma();
     for_dst_rows(x.len() / cols, cols, dx, |r0, n, ds| {
@@ -182,7 +182,44 @@ impl CustomOp1 for LayerNorm {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let op = Gradient(GradOf::LayerNorm { weight: self.affine.as_ref().map(|(w, _)| w.clone()), eps: self.eps });
+        let op = InputGrad { weight: self.affine.as_ref().map(|(w, _)| w.clone()), eps: self.eps };
         Ok(Some(x.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &op)?))
+    }
+}
+
+/// The input gradient of [`LayerNorm`]: `x.apply_op2_no_bwd(grad, &InputGrad { .. })` with
+/// the forward's input `x` and the output gradient, in one pass over rows.
+struct InputGrad {
+    /// The frozen weight [D] (`None`: plain normalisation).
+    weight: Option<Tensor>,
+    eps: f32,
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "layer-norm-gradient"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "layer norm gradient")?;
+        let g = contiguous_f32(s2, l2, "layer norm gradient")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("layer norm gradient: input {:?} and gradient {:?} do not match", l1.shape(), l2.shape());
+        }
+        let cols = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut dx = output_buffer(x.len());
+        if x.is_empty() {
+            return Ok((CpuStorage::F32(dx), l1.shape().clone()));
+        }
+        match &self.weight {
+            None => input_grad(x, g, &mut dx, cols, None, self.eps),
+            Some(w) => {
+                if w.dims() != [cols] {
+                    candle_core::bail!("layer norm gradient: weight {:?} for rows of {cols}", w.dims());
+                }
+                with_f32(w, |w| Ok(input_grad(x, g, &mut dx, cols, Some(w), self.eps)))?
+            }
+        }
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

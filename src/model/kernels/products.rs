@@ -1,8 +1,9 @@
-//! Matrix products as row blocks on candle's thread pool.
+//! Matrix products as row blocks on candle's thread pool, and what their outputs start from
+//! (a bias, a residual), written before the product accumulates into them.
 
-use super::conv::Accumulator;
-use super::*;
-use candle_core::Shape;
+use super::buffers::{output_buffer, with_f32};
+use super::simd::SendPtr;
+use candle_core::{Result, Shape, Tensor};
 
 /// `dst[m, n] (+)= lhs[m, k] . rhs[k, n]` (dst row-major and contiguous; lhs and rhs given by
 /// row and column strides), its rows split over candle's thread pool: a product must not go
@@ -91,6 +92,68 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         })
     })?;
     Tensor::from_vec(out, (m, n), a.device())
+}
+
+/// What a product's output starts from before the product is accumulated into it: a bias per
+/// output channel ([O]) or per image and channel ([B, O], e.g. the bias plus a resnet's time
+/// embedding), and a residual of the output's shape. Adding them this way costs no pass of
+/// its own (the output is written once before the product anyway).
+#[derive(Clone, Copy, Default)]
+pub struct Accumulator<'a> {
+    pub bias: Option<&'a Tensor>,
+    pub residual: Option<&'a Tensor>,
+}
+
+impl Accumulator<'_> {
+    /// Writes the start values into `out`, `images` blocks (images, or rows of a linear
+    /// layer) of `channels` runs of `run` elements (one run per bias value); false when there
+    /// is nothing to start from (the product then overwrites `out`).
+    pub(super) fn write(&self, out: &mut [f32], images: usize, channels: usize, run: usize) -> Result<bool> {
+        if out.len() != images * channels * run {
+            candle_core::bail!("kernel: output of {} elements for {images} x {channels} x {run}", out.len());
+        }
+        if let Some(r) = self.residual {
+            if r.elem_count() != out.len() {
+                candle_core::bail!("kernel: residual {:?} for an output of {} elements", r.dims(), out.len());
+            }
+        }
+        let per_image = match self.bias {
+            Some(b) if b.dims() == [channels] => false,
+            Some(b) if b.dims() == [images, channels] => true,
+            Some(b) => candle_core::bail!("kernel: bias {:?} for {images} x {channels} outputs", b.dims()),
+            None => false,
+        };
+        let fill = |bias: Option<&[f32]>, res: Option<&[f32]>, out: &mut [f32]| {
+            let block = channels * run;
+            for (i, ob) in out.chunks_exact_mut(block).enumerate() {
+                let b = bias.map(|b| if per_image { &b[i * channels..(i + 1) * channels] } else { b });
+                let r = res.map(|r| &r[i * block..(i + 1) * block]);
+                match (b, r, run) {
+                    (Some(b), None, 1) => ob.copy_from_slice(b),
+                    (None, Some(r), _) => ob.copy_from_slice(r),
+                    (Some(b), Some(r), 1) => ob.iter_mut().zip(r).zip(b).for_each(|((o, r), b)| *o = r + b),
+                    (Some(b), r, _) => {
+                        for (c, o) in ob.chunks_exact_mut(run).enumerate() {
+                            match r {
+                                Some(r) => o.iter_mut().zip(&r[c * run..(c + 1) * run]).for_each(|(o, r)| *o = r + b[c]),
+                                None => o.fill(b[c]),
+                            }
+                        }
+                    }
+                    (None, None, _) => {}
+                }
+            }
+        };
+        match (self.bias, self.residual) {
+            (None, None) => return Ok(false),
+            (Some(b), None) => with_f32(&b.contiguous()?, |b| Ok(fill(Some(b), None, out)))?,
+            (None, Some(r)) => with_f32(&r.contiguous()?, |r| Ok(fill(None, Some(r), out)))?,
+            (Some(b), Some(r)) => {
+                with_f32(&b.contiguous()?, |b| with_f32(&r.contiguous()?, |r| Ok(fill(Some(b), Some(r), out))))?
+            }
+        }
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
