@@ -51,6 +51,8 @@ enum Command {
 /// Parses the command line and runs the subcommand.
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
+    // A misspelt DISENDIFF_KERNELS is an error here rather than a warning deep in a run.
+    crate::model::kernels::setting()?;
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
