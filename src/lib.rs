@@ -6,7 +6,8 @@
 //!   probe, VAE), loaded strictly from diffusers folders.
 //! - [`calibration`]: the paper's contribution, attention maps -> L_bind and L_s&s.
 //! - [`scheduler`]: DDPM training noise and the DDIM sampler.
-//! - [`pipelines`]: text-to-image generation.
+//! - [`pipelines`]: one denoising loop under text-to-image, image-to-image, attention maps and
+//!   class-image generation.
 //! - [`toyworld`]: synthetic scenes with known ground truth, for a measurable benchmark.
 //! - [`formats`]: concept files.
 //! - [`patch`]: concept files (and next, LoRAs) applied to a loaded model in order, and undone.

@@ -2,17 +2,18 @@
 //! ablations as presets of the same trainer) and write `OUT/concepts.safetensors`.
 
 use super::ModelArgs;
+use crate::pipelines::class_images::class_images;
 use crate::pipelines::text2img::{self, Text2ImageParams};
 use crate::training::adamw::AdamWConfig;
 use crate::training::checkpoint::{self, ResumeFrom};
 use crate::training::concepts::{class_word_pieces, default_initializers, modifier_tokens_in, parse_concepts};
-use crate::training::data::{self, RegImage};
+use crate::training::data;
 use crate::training::method::{Ablation, Initializers, Method};
 use crate::training::model::Personalized;
 use crate::training::trainer::{TrainConfig, Trainer};
 use crate::util;
-use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -121,29 +122,6 @@ fn split_plus(s: &str) -> Vec<String> {
     s.split('+').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
 }
 
-/// Generates (or reuses) `n` class images from `prompt` in `dir`.
-fn class_images(model: &Personalized, prompt: &str, n: usize, dir: &Path, seed: u64) -> Result<Vec<RegImage>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let pb = super::progress_bar(n as u64, "class images");
-    let mut out = Vec::new();
-    for i in 0..n {
-        let path = dir.join(format!("{i:05}.png"));
-        let txt = path.with_extension("txt");
-        let cached = path.is_file() && std::fs::read_to_string(&txt).is_ok_and(|t| t.trim() == prompt);
-        if !cached {
-            let mut p = Text2ImageParams::new(&model.sd, prompt);
-            p.seed = seed.wrapping_add(i as u64);
-            let img = text2img::generate(&model.sd, &p, |_, _| {})?;
-            util::save_png(&util::to_rgb8(&img)?[0], &path)?;
-            util::write_atomic(&txt, prompt.as_bytes())?;
-        }
-        out.push(RegImage { path, caption: prompt.to_string() });
-        pb.set_position(i as u64 + 1);
-    }
-    pb.finish_and_clear();
-    Ok(out)
-}
-
 pub fn run(a: Args) -> Result<()> {
     let opts = a.model.load_options()?;
     // Validate everything cheap before loading anything.
@@ -224,7 +202,10 @@ pub fn run(a: Args) -> Result<()> {
                 concepts.iter().map(|c| format!("a {}", c.class_word)).collect::<Vec<_>>().join(" and ")
             });
             let dir = a.class_data_dir.clone().unwrap_or_else(|| a.out.join("class_images"));
-            class_images(&model, &prompt, n, &dir, a.seed)?
+            let pb = super::progress_bar(n as u64, "class images");
+            let images = class_images(&model.sd, &prompt, n, &dir, a.seed, |i, _| pb.set_position(i as u64))?;
+            pb.finish_and_clear();
+            images
         }
         _ => reg,
     };

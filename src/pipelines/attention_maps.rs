@@ -5,9 +5,10 @@
 //! averaged over steps, heads, layers and images. Each prompt token's map is then drawn as a
 //! heatmap over the generated image.
 
+use super::denoise::Hooks;
 use super::text2img::{self, Text2ImageParams};
 use crate::model::sd::StableDiffusion;
-use crate::model::unet::AttentionProbe;
+use crate::model::unet::{AttentionProbe, CapturedAttention};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use image::{imageops, Rgb, RgbImage};
@@ -21,33 +22,43 @@ pub struct TokenMaps {
     pub images: Tensor,
 }
 
+/// Sums the conditional branch's cross-attention maps of the layers with a `side` x `side`
+/// query grid over steps, heads, layers and images (the loop's observer).
+struct MapSum {
+    side: usize,
+    sum: Option<Tensor>,
+    count: usize,
+}
+
+impl Hooks for MapSum {
+    fn probe(&self) -> Option<AttentionProbe> {
+        Some(AttentionProbe { resolutions: vec![self.side] })
+    }
+
+    fn observe(&mut self, captured: &[CapturedAttention]) -> Result<()> {
+        let side = self.side;
+        for a in captured {
+            if a.height != side || a.width != side {
+                continue;
+            }
+            let (n, _, _, t) = a.probs.dims4()?;
+            // mean over images and heads -> [HW, T] -> [T, side, side]
+            let m = a.probs.to_dtype(DType::F32)?.mean(1)?.sum(0)?.t()?.reshape((t, side, side))?;
+            self.sum = Some(match self.sum.take() {
+                None => m,
+                Some(s) => (s + m)?,
+            });
+            self.count += n;
+        }
+        Ok(())
+    }
+}
+
 /// Samples `p` and averages the cross-attention maps at a `side` x `side` query grid.
 pub fn token_maps(sd: &StableDiffusion, p: &Text2ImageParams, side: usize) -> Result<TokenMaps> {
-    let mut sum: Option<Tensor> = None;
-    let mut count = 0usize;
-    let probe = AttentionProbe { resolutions: vec![side] };
-    let latents = text2img::sample_latents_observed(
-        sd,
-        p,
-        Some(probe),
-        |captured| {
-            for a in captured {
-                if a.height != side || a.width != side {
-                    continue;
-                }
-                let (n, _, _, t) = a.probs.dims4()?;
-                // mean over images and heads -> [HW, T] -> [T, side, side]
-                let m = a.probs.to_dtype(DType::F32)?.mean(1)?.sum(0)?.t()?.reshape((t, side, side))?;
-                sum = Some(match sum.take() {
-                    None => m,
-                    Some(s) => (s + m)?,
-                });
-                count += n;
-            }
-            Ok(())
-        },
-        |_, _| {},
-    )?;
+    let mut acc = MapSum { side, sum: None, count: 0 };
+    let latents = text2img::sample_latents_with(sd, p, &mut acc, |_, _| {})?;
+    let MapSum { sum, count, .. } = acc;
     let Some(sum) = sum else {
         bail!("no cross-attention layer of this UNet has a {side}x{side} query grid at this image size");
     };

@@ -2,13 +2,14 @@
 //! `StableDiffusionPipeline` with a `DDIMScheduler`:
 //!
 //! 1. encode the prompt and the negative prompt (empty by default) with the text encoder;
-//! 2. start from Gaussian latents [N, 4, H/8, W/8] (or given ones);
-//! 3. for each DDIM timestep: run the UNet on [uncond; cond], guide
-//!    `eps = eps_u + g (eps_c - eps_u)`, take a DDIM step with `eta`;
+//! 2. start from Gaussian latents [N, 4, H/8, W/8] (or given ones) times `init_noise_sigma`;
+//! 3. run every DDIM timestep of the shared loop ([`super::denoise`]) on the latents;
 //! 4. decode `latents / scaling_factor (+ shift)` with the VAE to an image in [0, 1].
 
+use super::denoise::{Denoise, Hooks, Plain, PromptEmbeddings};
+pub use super::denoise::encode_prompt;
+pub use super::latents::decode_latents;
 use crate::model::sd::StableDiffusion;
-use crate::model::unet::{AttentionProbe, CapturedAttention, ForwardOptions};
 use crate::scheduler::DdimScheduler;
 use crate::util;
 use anyhow::{bail, Result};
@@ -48,15 +49,6 @@ impl Text2ImageParams {
     }
 }
 
-/// Context embeddings [N, 77, D] of a prompt, repeated for `n` images.
-pub fn encode_prompt(sd: &StableDiffusion, prompt: &str, n: usize) -> Result<Tensor> {
-    let ids = sd.tokenizer.encode_warn(prompt);
-    let len = ids.len();
-    let ids = Tensor::from_vec(ids, (1, len), &sd.device)?;
-    let hidden = sd.text_encoder.forward(&ids)?;
-    Ok(hidden.repeat((n, 1, 1))?.to_dtype(sd.dtype)?)
-}
-
 /// The latent shape for `params`, checking the size against the VAE factor.
 pub fn latent_shape(sd: &StableDiffusion, p: &Text2ImageParams) -> Result<[usize; 4]> {
     let f = sd.vae_scale_factor();
@@ -70,17 +62,15 @@ pub fn latent_shape(sd: &StableDiffusion, p: &Text2ImageParams) -> Result<[usize
 /// Runs the sampler and returns the final latents (scaled, as the UNet sees them).
 /// `on_step(i, total)` is called after each step.
 pub fn sample_latents(sd: &StableDiffusion, p: &Text2ImageParams, on_step: impl FnMut(usize, usize)) -> Result<Tensor> {
-    sample_latents_observed(sd, p, None, |_| Ok(()), on_step)
+    sample_latents_with(sd, p, &mut Plain, on_step)
 }
 
-/// [`sample_latents`] with the UNet's attention probe on: `observe` sees each step's captured
-/// cross-attention of the conditional branch ([N, heads, HW, T] per layer).
-pub fn sample_latents_observed(
+/// [`sample_latents`] with the loop's hooks (e.g. an attention observer).
+pub fn sample_latents_with(
     sd: &StableDiffusion,
     p: &Text2ImageParams,
-    probe: Option<AttentionProbe>,
-    mut observe: impl FnMut(&[CapturedAttention]) -> Result<()>,
-    mut on_step: impl FnMut(usize, usize),
+    hooks: &mut impl Hooks,
+    on_step: impl FnMut(usize, usize),
 ) -> Result<Tensor> {
     if p.num_images == 0 {
         bail!("num_images must be at least 1");
@@ -90,7 +80,7 @@ pub fn sample_latents_observed(
     }
     let shape = latent_shape(sd, p)?;
     let mut rng = util::seeded_rng(p.seed);
-    let mut latents = match &p.latents {
+    let latents = match &p.latents {
         Some(l) => {
             if l.dims() != shape {
                 bail!("the latents have shape {:?}, but these settings need {:?}", l.dims(), shape);
@@ -100,53 +90,10 @@ pub fn sample_latents_observed(
         None => util::randn(&mut rng, &shape, &sd.device)?,
     };
     let scheduler = DdimScheduler::new(&sd.scheduler_config, p.steps)?;
-    latents = (latents * scheduler.init_noise_sigma())?;
-
-    let guided = p.guidance_scale > 1.0;
-    let cond = encode_prompt(sd, &p.prompt, p.num_images)?;
-    let context = if guided {
-        let uncond = encode_prompt(sd, &p.negative_prompt, p.num_images)?;
-        Tensor::cat(&[&uncond, &cond], 0)?
-    } else {
-        cond
-    };
-    let n = p.num_images;
-    let total = scheduler.timesteps().len();
-    for (i, &t) in scheduler.timesteps().iter().enumerate() {
-        let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-        let ts = Tensor::new(vec![t as f32; input.dim(0)?], &sd.device)?;
-        let opts = ForwardOptions { probe: probe.clone(), detach_start_token_kv: false };
-        let result = sd.unet.forward_with(&input.to_dtype(sd.dtype)?, &ts, &context, &opts)?;
-        if probe.is_some() {
-            let cond: Vec<CapturedAttention> = result
-                .attention
-                .iter()
-                .map(|a| {
-                    let probs = if guided { a.probs.narrow(0, n, n)? } else { a.probs.clone() };
-                    Ok(CapturedAttention { probs, ..a.clone() })
-                })
-                .collect::<Result<_>>()?;
-            observe(&cond)?;
-        }
-        let out = result.sample.to_dtype(DType::F32)?;
-        let eps = if guided {
-            let (u, c) = (out.narrow(0, 0, n)?, out.narrow(0, n, n)?);
-            (&u + ((c - &u)? * p.guidance_scale)?)?
-        } else {
-            out
-        };
-        let noise = if p.eta > 0.0 { Some(util::randn(&mut rng, &shape, &sd.device)?) } else { None };
-        latents = scheduler.step(&eps, t, &latents, p.eta, noise.as_ref())?;
-        on_step(i + 1, total);
-    }
-    Ok(latents)
-}
-
-/// Decodes scaled latents to images [N, 3, H, W] in [0, 1].
-pub fn decode_latents(sd: &StableDiffusion, latents: &Tensor) -> Result<Tensor> {
-    let z = ((latents / sd.vae.scaling_factor())? + sd.vae.shift_factor())?;
-    let img = sd.vae.decode(&z.to_dtype(sd.dtype)?)?.to_dtype(DType::F32)?;
-    Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    let latents = (latents * scheduler.init_noise_sigma())?;
+    let prompt = PromptEmbeddings::new(sd, &p.prompt, &p.negative_prompt, p.num_images, p.guidance_scale)?;
+    let run = Denoise { sd, prompt: &prompt, scheduler: &scheduler, timesteps: scheduler.timesteps(), eta: p.eta };
+    run.run(latents, &mut rng, hooks, on_step)
 }
 
 /// The whole pipeline: prompt -> images [N, 3, H, W] in [0, 1].

@@ -527,6 +527,9 @@ def main():
     for name, v in VARIANTS.items():
         build_pipeline(name, v, args.vocab_dir, out)
     build_inpaint(args.vocab_dir, out)
+    import make_img2img_fixtures  # a sibling script; reads the folders written above
+
+    make_img2img_fixtures.build_all(out)
 
     print("== files")
     total = 0

@@ -1,0 +1,82 @@
+//! The guided DDIM image-to-image pipeline against diffusers' StableDiffusionImg2ImgPipeline:
+//! same picture, same added noise, prompt, steps, strength, guidance and eta = 0, the VAE
+//! posterior read at its mean in both (goldens `img2img.*` in golden/img2img-<name>.*, made by
+//! tools/reference/make_img2img_fixtures.py).
+
+mod common;
+
+use disendiff::model::sd::{LoadOptions, StableDiffusion};
+use disendiff::pipelines::img2img::{self, Img2ImgParams};
+use disendiff::pipelines::latents::{decode_latents, encode_image};
+
+fn check(name: &str) {
+    let sd = StableDiffusion::load(&common::fixture(&format!("{name}-tiny")), &LoadOptions::default()).unwrap();
+    let g = common::load_golden(&format!("img2img-{name}"));
+    let text = std::fs::read_to_string(common::fixture(&format!("golden/img2img-{name}.json"))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let s = &v["img2img"];
+
+    let init = encode_image(&sd, &g["img2img.image"]).unwrap();
+    let err = common::rel_err(&init, &g["img2img.init_latents"]);
+    println!("{name}: image latents rel err {err:.3e}");
+    assert!(err <= 1e-4, "{name}: image latents rel err {err}");
+
+    let mut p = Img2ImgParams::new(s["prompt"].as_str().unwrap(), g["img2img.image"].clone());
+    p.negative_prompt = s["negative_prompt"].as_str().unwrap().to_string();
+    p.steps = s["steps"].as_u64().unwrap() as usize;
+    p.strength = s["strength"].as_f64().unwrap();
+    p.guidance_scale = s["guidance_scale"].as_f64().unwrap();
+    p.eta = s["eta"].as_f64().unwrap();
+    p.num_images = s["num_images_per_prompt"].as_u64().unwrap() as usize;
+    p.noise = Some(g["img2img.noise"].clone());
+
+    let mut visited = 0;
+    let latents = img2img::sample_latents(&sd, &p, |i, total| {
+        assert_eq!(i, visited + 1);
+        visited = i;
+        assert_eq!(total, g["img2img.timesteps"].dim(0).unwrap());
+    })
+    .unwrap();
+    assert_eq!(visited, g["img2img.timesteps"].dim(0).unwrap(), "{name}: steps run");
+    let err = common::rel_err(&latents, &g["img2img.out_latents"]);
+    println!("{name}: final latents rel err {err:.3e} after {visited} steps (strength {})", p.strength);
+    assert!(err <= 1e-3, "{name}: final latents rel err {err}");
+
+    let images = decode_latents(&sd, &latents).unwrap();
+    let want = g["img2img.out_image"].permute((0, 3, 1, 2)).unwrap();
+    let err = common::rel_err(&images, &want);
+    println!("{name}: decoded image rel err {err:.3e}");
+    assert!(err <= 1e-3, "{name}: image rel err {err}");
+}
+
+#[test]
+fn sd1_img2img_matches_diffusers() {
+    check("sd1");
+}
+
+#[test]
+fn sd2_img2img_matches_diffusers() {
+    check("sd2");
+}
+
+#[test]
+fn img2img_rejects_bad_settings() {
+    let sd = StableDiffusion::load(&common::fixture("sd1-tiny"), &LoadOptions::default()).unwrap();
+    let g = common::load_golden("img2img-sd1");
+    let mut p = Img2ImgParams::new("a cat", g["img2img.image"].clone());
+    p.steps = 4;
+    p.strength = 0.2; // int(4 * 0.2) = 0 steps
+    let e = img2img::sample_latents(&sd, &p, |_, _| {}).unwrap_err();
+    assert!(format!("{e:#}").contains("strength"), "{e:#}");
+    p.strength = 1.5;
+    assert!(format!("{:#}", img2img::sample_latents(&sd, &p, |_, _| {}).unwrap_err()).contains("strength"));
+    p.strength = 0.5;
+    p.num_images = 3;
+    p.image = g["img2img.image"].repeat((2, 1, 1, 1)).unwrap();
+    let e = img2img::sample_latents(&sd, &p, |_, _| {}).unwrap_err();
+    assert!(format!("{e:#}").contains("2 start images for 3"), "{e:#}");
+    p.image = g["img2img.image"].narrow(3, 0, 60).unwrap();
+    p.num_images = 1;
+    let e = img2img::sample_latents(&sd, &p, |_, _| {}).unwrap_err();
+    assert!(format!("{e:#}").contains("multiples of 8"), "{e:#}");
+}

@@ -1,0 +1,135 @@
+"""Golden image-to-image fixtures for disendiff's `pipelines::img2img` (contract: FIXTURES.md).
+
+Runs diffusers' StableDiffusionImg2ImgPipeline (DDIM, `strength` < 1, classifier-free guidance,
+eta 0) on the tiny folders that make_sd_fixtures.py wrote, on the CPU in float32:
+
+    python tools/reference/make_img2img_fixtures.py --out tests/fixtures
+
+make_sd_fixtures.py calls it at its end (it rewrites golden/), so a full regeneration keeps these.
+Two things of the pipeline are pinned so that an independent implementation can reproduce it:
+- the VAE posterior is read at its mean (`retrieve_latents(..., sample_mode="argmax")`; the
+  pipeline samples it by default), as disendiff's img2img does;
+- the noise that `prepare_latents` adds to the image latents is a seeded tensor stored in the
+  golden file (`randn_tensor` of the pipeline module is replaced by one returning it).
+Writes golden/img2img-<name>.safetensors and golden/img2img-<name>.json for sd1 and sd2.
+"""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("MKL_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from safetensors.torch import save_file
+
+import diffusers
+import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
+import transformers
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+torch.set_num_threads(2)
+torch.use_deterministic_algorithms(True)
+diffusers.utils.logging.set_verbosity_error()
+transformers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()
+
+CALL = dict(
+    prompt="a red ball and a blue box",
+    negative_prompt="blurry",
+    num_inference_steps=10,
+    guidance_scale=7.5,
+    eta=0.0,
+    num_images_per_prompt=2,
+)
+VARIANTS = {"sd1": dict(seed=1100, strength=0.65), "sd2": dict(seed=2100, strength=0.8)}
+SIDE = 64
+
+
+def test_picture(seed):
+    """A 64x64 RGB picture with smooth regions and edges (gradient sky, a disc, a box), uint8."""
+    g = np.random.default_rng(seed)
+    y, x = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32) / (SIDE - 1)
+    img = np.stack([0.3 + 0.5 * y, 0.5 + 0.3 * x, 0.9 - 0.4 * y], axis=-1)
+    disc = (x - 0.3) ** 2 + (y - 0.6) ** 2 < 0.04
+    img[disc] = [0.85, 0.15, 0.1]
+    box = (x > 0.55) & (x < 0.85) & (y > 0.35) & (y < 0.75)
+    img[box] = [0.1, 0.2, 0.8]
+    img = img + 0.03 * g.standard_normal(img.shape)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def build(name, v, fixtures):
+    folder = fixtures / f"{name}-tiny"
+    base = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe = StableDiffusionImg2ImgPipeline(**base.components)
+    pipe.set_progress_bar_config(disable=True)
+    seed = v["seed"]
+    picture = PIL.Image.fromarray(test_picture(seed))
+    image = pipe.image_processor.preprocess(picture)  # [1, 3, 64, 64] in [-1, 1], as the pipeline sees it
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn([CALL["num_images_per_prompt"], 4, SIDE // 8, SIDE // 8], generator=g)
+
+    def fixed_noise(shape, generator=None, device=None, dtype=None, layout=None):
+        assert tuple(shape) == tuple(noise.shape), (shape, noise.shape)
+        return noise.clone()
+
+    retrieve, randn = img2img_module.retrieve_latents, img2img_module.randn_tensor
+    img2img_module.randn_tensor = fixed_noise
+    img2img_module.retrieve_latents = lambda out, generator=None, sample_mode="sample": retrieve(out, generator, "argmax")
+
+    call = dict(CALL, image=picture, strength=v["strength"])
+    with torch.no_grad():
+        init_latents = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor
+        out_latents = pipe(**call, output_type="latent").images
+        img_np = pipe(**call, output_type="np").images
+    pipe.scheduler.set_timesteps(CALL["num_inference_steps"])
+    timesteps, _ = pipe.get_timesteps(CALL["num_inference_steps"], v["strength"], "cpu")
+    img = torch.from_numpy(np.ascontiguousarray(img_np)).float()
+    assert img.shape == (CALL["num_images_per_prompt"], SIDE, SIDE, 3)
+    # the output depends on the picture: a different start gives different latents
+    with torch.no_grad():
+        other = pipe(**dict(call, image=PIL.Image.fromarray(255 - test_picture(seed))), output_type="latent").images
+    assert (other - out_latents).abs().max() > 1e-2
+    img2img_module.randn_tensor = randn
+    img2img_module.retrieve_latents = retrieve
+
+    gold = {"image": image, "noise": noise, "init_latents": init_latents, "timesteps": timesteps.to(torch.int64),
+            "out_latents": out_latents, "out_image": img}
+    golden = fixtures / "golden"
+    save_file({f"img2img.{k}": t.contiguous() for k, t in gold.items()}, str(golden / f"img2img-{name}.safetensors"),
+              metadata={"generator": "tools/reference/make_img2img_fixtures.py"})
+    settings = {
+        "img2img": {"prompt": CALL["prompt"], "negative_prompt": CALL["negative_prompt"],
+                    "steps": CALL["num_inference_steps"], "strength": v["strength"],
+                    "guidance_scale": CALL["guidance_scale"], "eta": CALL["eta"],
+                    "num_images_per_prompt": CALL["num_images_per_prompt"], "scheduler": "DDIMScheduler",
+                    "vae_latents": "posterior mean", "timesteps": [int(t) for t in timesteps]},
+        "output_stds": {"out_latents": float(out_latents.std()), "out_image": float(img.std()),
+                        "init_latents": float(init_latents.std())},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+    }
+    (golden / f"img2img-{name}.json").write_text(json.dumps(settings, indent=2) + "\n")
+    print(f"== img2img {name}: strength {v['strength']}, timesteps {settings['img2img']['timesteps']}, "
+          f"out_latents std {settings['output_stds']['out_latents']:.4f}")
+
+
+def build_all(fixtures):
+    for name, v in VARIANTS.items():
+        build(name, v, fixtures)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True, type=Path, help="the fixtures folder (holds sd1-tiny, sd2-tiny, golden)")
+    build_all(ap.parse_args().out)
+
+
+if __name__ == "__main__":
+    main()
