@@ -1,17 +1,21 @@
 //! disendiff: DisenDiff (attention calibration for disentangled text-to-image
 //! personalization, CVPR 2024) on a Stable Diffusion implemented in Rust with candle.
 //!
-//! Layout:
+//! Layout (each part uses only parts listed before it):
 //! - [`model`]: Stable Diffusion itself (tokenizer, CLIP text encoder, UNet with an attention
-//!   probe, VAE), loaded strictly from diffusers folders.
-//! - [`calibration`]: the paper's contribution, attention maps -> L_bind and L_s&s.
-//! - [`scheduler`]: DDPM training noise and the DDIM sampler.
+//!   probe, VAE), loaded strictly from diffusers folders; [`scheduler`]: DDPM training noise and
+//!   the DDIM sampler.
+//! - [`formats`]: the files users exchange (the concept file).
+//! - [`patch`]: concept files (next, LoRAs) applied to a loaded model in order, and undone.
+//! - [`calibration`]: the paper's contribution, attention maps -> L_bind and L_s&s (Eq. 3-6).
+//! - [`training`]: every method and ablation as a preset, data, the loss of a micro-batch,
+//!   AdamW, the loop with checkpoints.
 //! - [`pipelines`]: one denoising loop under text-to-image, image-to-image, attention maps and
 //!   class-image generation.
 //! - [`toyworld`]: synthetic scenes with known ground truth, for a measurable benchmark.
-//! - [`formats`]: concept files.
-//! - [`patch`]: concept files (and next, LoRAs) applied to a loaded model in order, and undone.
 //! - [`cli`]: the `disendiff` command line.
+//!
+//! The project's own account of the method, the formats and the candle facts is in `docs/`.
 
 pub mod bench;
 pub mod calibration;
