@@ -1,6 +1,6 @@
 //! A found object: its pixels with their colours and depths (distance to the blob's edge), its
 //! box and centroid. The rest of the oracle (shape fits, named colours, appearance descriptors)
-//! reads objects only through this type, whether they came from [`segment`](super::segment) or
+//! reads objects only through this type, whether they came from [`segment`](fn@super::segment) or
 //! from a ground-truth mask.
 
 use super::distance::edt;
