@@ -1,44 +1,23 @@
-//! Appearance: colours (CIE Lab), pattern signatures, named colours and patterns.
+//! Appearance: an object's tones (CIE Lab), its pattern signature, and its nearest named colour
+//! and pattern; the descriptor and similarity that the benchmark's identity scores compare.
 
-use super::segment::Blob;
+use super::blob::Blob;
+use super::lab::{dist3, srgb_to_lab};
 use super::shape::class_geometry;
 use crate::toyworld::vocab::{Class, NamedColor, Pattern};
 use serde::{Deserialize, Serialize};
-
-/// sRGB (0-255) to CIE L*a*b* (D65).
-pub fn srgb_to_lab(c: [f32; 3]) -> [f32; 3] {
-    let lin = |v: f32| {
-        let v = (v / 255.0).clamp(0.0, 1.0);
-        if v <= 0.04045 {
-            v / 12.92
-        } else {
-            ((v + 0.055) / 1.055).powf(2.4)
-        }
-    };
-    let (r, g, b) = (lin(c[0]), lin(c[1]), lin(c[2]));
-    let x = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047;
-    let y = 0.2126 * r + 0.7152 * g + 0.0722 * b;
-    let z = (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883;
-    let f = |t: f32| if t > 0.008856 { t.cbrt() } else { 7.787 * t + 16.0 / 116.0 };
-    let (fx, fy, fz) = (f(x), f(y), f(z));
-    [116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)]
-}
-
-fn d3(a: [f32; 3], b: [f32; 3]) -> f32 {
-    ((a[0] - b[0]).powi(2) + (a[1] - b[1]).powi(2) + (a[2] - b[2]).powi(2)).sqrt()
-}
 
 /// Projection parameter of `p` on the segment a -> b (unclamped) and distance to the segment.
 fn project(p: [f32; 3], a: [f32; 3], b: [f32; 3]) -> (f32, f32) {
     let ab = [b[0] - a[0], b[1] - a[1], b[2] - a[2]];
     let len2 = ab[0] * ab[0] + ab[1] * ab[1] + ab[2] * ab[2];
     if len2 < 1e-6 {
-        return (0.0, d3(p, a));
+        return (0.0, dist3(p, a));
     }
     let t = ((p[0] - a[0]) * ab[0] + (p[1] - a[1]) * ab[1] + (p[2] - a[2]) * ab[2]) / len2;
     let tc = t.clamp(0.0, 1.0);
     let q = [a[0] + tc * ab[0], a[1] + tc * ab[1], a[2] + tc * ab[2]];
-    (t, d3(p, q))
+    (t, dist3(p, q))
 }
 
 fn median_of(v: &mut [f32]) -> f32 {
@@ -58,13 +37,13 @@ fn median3(points: &[[f32; 3]]) -> [f32; 3] {
 fn two_means(points: &[[f32; 3]]) -> ([f32; 3], [f32; 3], Vec<bool>) {
     let n = points.len().max(1) as f32;
     let mean = [0, 1, 2].map(|c| points.iter().map(|p| p[c]).sum::<f32>() / n);
-    let far = |from: [f32; 3]| *points.iter().max_by(|x, y| d3(**x, from).total_cmp(&d3(**y, from))).unwrap_or(&from);
+    let far = |from: [f32; 3]| *points.iter().max_by(|x, y| dist3(**x, from).total_cmp(&dist3(**y, from))).unwrap_or(&from);
     let mut a = far(mean);
     let mut b = far(a);
     let mut labels = vec![false; points.len()];
     for _ in 0..12 {
         for (l, p) in labels.iter_mut().zip(points) {
-            *l = d3(*p, b) < d3(*p, a);
+            *l = dist3(*p, b) < dist3(*p, a);
         }
         let mut sums = [[0f32; 3]; 2];
         let mut counts = [0f32; 2];
@@ -122,7 +101,7 @@ pub(super) fn descriptor_of(blob: &Blob) -> AppearanceDescriptor {
     let n = labels.len().max(1);
     let nb = labels.iter().filter(|&&l| l).count();
     let minor = nb.min(labels.len() - nb) as f32 / n as f32;
-    let one_tone = d3(ca, cb) < ONE_TONE_DE || minor < 0.04;
+    let one_tone = dist3(ca, cb) < ONE_TONE_DE || minor < 0.04;
     let (ta, tb) = if one_tone {
         let t = median3(&rgb);
         (t, t)
@@ -231,10 +210,10 @@ fn line_distance(x: [f32; 3], a: [f32; 3], b: [f32; 3]) -> f32 {
     let ab = [b[0] - a[0], b[1] - a[1], b[2] - a[2]];
     let len2 = ab[0] * ab[0] + ab[1] * ab[1] + ab[2] * ab[2];
     if len2 < 400.0 {
-        return d3(x, [0.5 * (a[0] + b[0]), 0.5 * (a[1] + b[1]), 0.5 * (a[2] + b[2])]);
+        return dist3(x, [0.5 * (a[0] + b[0]), 0.5 * (a[1] + b[1]), 0.5 * (a[2] + b[2])]);
     }
     let t = ((x[0] - a[0]) * ab[0] + (x[1] - a[1]) * ab[1] + (x[2] - a[2]) * ab[2]) / len2;
-    d3(x, [a[0] + t * ab[0], a[1] + t * ab[1], a[2] + t * ab[2]])
+    dist3(x, [a[0] + t * ab[0], a[1] + t * ab[1], a[2] + t * ab[2]])
 }
 
 /// Colour distance between two appearances (RGB units): how far each one's tones lie from the
@@ -243,8 +222,8 @@ fn line_distance(x: [f32; 3], a: [f32; 3], b: [f32; 3]) -> f32 {
 pub fn tone_distance(a: &AppearanceDescriptor, b: &AppearanceDescriptor) -> f32 {
     let [a1, a2] = a.tones;
     let [b1, b2] = b.tones;
-    let straight = 0.5 * (d3(a1, b1) + d3(a2, b2));
-    let crossed = 0.5 * (d3(a1, b2) + d3(a2, b1));
+    let straight = 0.5 * (dist3(a1, b1) + dist3(a2, b2));
+    let crossed = 0.5 * (dist3(a1, b2) + dist3(a2, b1));
     let ends = straight.min(crossed);
     let line = 0.25 * (line_distance(a1, b1, b2) + line_distance(a2, b1, b2) + line_distance(b1, a1, a2) + line_distance(b2, a1, a2));
     line + 0.35 * (ends - line).max(0.0)

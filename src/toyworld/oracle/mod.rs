@@ -35,17 +35,31 @@
 //! four degradations; the harsh condition is reported only. Background colour was 100% right
 //! in every condition.
 
-mod appearance;
+// The segmenter's stages, each in its own file, and the pipeline that runs them (`segment`).
+mod background;
+mod blob;
+mod distance;
+mod edges;
+mod grid;
+mod lab;
+mod merge;
+mod necks;
+mod rings;
 mod segment;
+mod split_colour;
+mod tones;
+// What is read off a found object.
+mod appearance;
 mod shape;
 
 pub use appearance::{
     appearance_descriptor, appearance_distance, appearance_similarity, classify, named_color_among, named_color_of, named_pattern_of,
-    srgb_to_lab, tone_distance, AppearanceDescriptor,
+    tone_distance, AppearanceDescriptor,
 };
-pub use segment::{
-    estimate_background, foreground_threshold, segment, segment_with, BackgroundModel, Blob, SegmentOptions,
-};
+pub use background::{estimate_background, foreground_threshold, BackgroundModel};
+pub use blob::Blob;
+pub use lab::srgb_to_lab;
+pub use segment::{segment, segment_with, SegmentOptions};
 pub use shape::ShapeFit;
 
 use super::render::render;

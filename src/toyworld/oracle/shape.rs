@@ -248,3 +248,9 @@ pub(super) fn fit_set(w: usize, h: usize, pixels: &[usize]) -> ShapeFit {
     }
     fit_pixels(&mask, w, h, pixels)
 }
+
+/// Area-weighted best IoU of a set of parts (how well they fit shapes, each on its own).
+pub(super) fn parts_fit(w: usize, h: usize, parts: &[&[usize]]) -> f32 {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    parts.iter().map(|p| fit_set(w, h, p).best().1 * p.len() as f32).sum::<f32>() / total.max(1) as f32
+}
