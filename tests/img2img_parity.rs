@@ -80,3 +80,51 @@ fn img2img_rejects_bad_settings() {
     let e = img2img::sample_latents(&sd, &p, |_, _| {}).unwrap_err();
     assert!(format!("{e:#}").contains("multiples of 8"), "{e:#}");
 }
+
+/// `disendiff generate --image --strength` with the golden picture (a PNG holds it exactly: the
+/// reference made it from 8-bit pixels) and the golden noise as `--latents`: the PNGs are within
+/// 1/255 of diffusers' images on average.
+#[test]
+fn generate_with_image_matches_diffusers_through_the_cli() {
+    let g = common::load_golden("img2img-sd1");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/img2img-sd1.json")).unwrap()).unwrap();
+    let s = &v["img2img"];
+    let tmp = tempfile::tempdir().unwrap();
+    let pixels = ((&g["img2img.image"].squeeze(0).unwrap() + 1.0).unwrap() * 127.5).unwrap().round().unwrap();
+    let (_, h, w) = pixels.dims3().unwrap();
+    let data: Vec<u8> = pixels.permute((1, 2, 0)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| *x as u8).collect();
+    let picture = tmp.path().join("picture.png");
+    image::RgbImage::from_raw(w as u32, h as u32, data).unwrap().save(&picture).unwrap();
+    let noise = tmp.path().join("noise.safetensors");
+    candle_core::safetensors::save(&std::collections::HashMap::from([("latents".to_string(), g["img2img.noise"].clone())]), &noise)
+        .unwrap();
+    let out = tmp.path().join("out");
+    let n = s["num_images_per_prompt"].to_string();
+    let (steps, strength, guidance) = (s["steps"].to_string(), s["strength"].to_string(), s["guidance_scale"].to_string());
+    let (ok, err) = common::disendiff(&[
+        "generate", "--model", common::fixture("sd1-tiny").to_str().unwrap(),
+        "--prompt", s["prompt"].as_str().unwrap(), "--negative-prompt", s["negative_prompt"].as_str().unwrap(),
+        "--image", picture.to_str().unwrap(), "--strength", &strength, "--num-inference-steps", &steps,
+        "--guidance-scale", &guidance, "--eta", "0", "--num-images", &n, "--latents", noise.to_str().unwrap(),
+        "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let want = g["img2img.out_image"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let per = h * w * 3;
+    for i in 0..s["num_images_per_prompt"].as_u64().unwrap() as usize {
+        let ours = image::open(out.join(format!("{i:05}.png"))).unwrap().to_rgb8();
+        let theirs = &want[i * per..(i + 1) * per];
+        let mad: f64 = ours.as_raw().iter().zip(theirs).map(|(a, b)| (*a as f64 - (*b as f64 * 255.0).round()).abs()).sum::<f64>() / per as f64;
+        println!("img2img image {i}: mean abs diff {mad:.4}/255");
+        assert!(mad <= 1.0, "image {i}: mean abs diff {mad}/255");
+    }
+    // A strength outside [0, 1] is refused before anything is written.
+    let bad = tmp.path().join("bad");
+    let (ok, err) = common::disendiff(&[
+        "generate", "--model", common::fixture("sd1-tiny").to_str().unwrap(), "--prompt", "a ball",
+        "--image", picture.to_str().unwrap(), "--strength", "1.5", "--out", bad.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("--strength"), "{err}");
+    assert!(!bad.exists());
+}

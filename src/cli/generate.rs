@@ -1,6 +1,8 @@
-//! `disendiff generate`: text-to-image, writing `OUT/00000.png`, `00001.png`, ...
+//! `disendiff generate`: text-to-image, or image-to-image with `--image` and `--strength`,
+//! writing `OUT/00000.png`, `00001.png`, ...
 
 use super::{ConceptArgs, ModelArgs};
+use crate::pipelines::img2img::{self, Img2ImgParams};
 use crate::pipelines::text2img::{self, Text2ImageParams};
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -32,13 +34,22 @@ pub struct Args {
     #[arg(long, default_value_t = 1, alias = "num_images", alias = "num-images-per-prompt", alias = "num_images_per_prompt")]
     pub num_images: usize,
     /// Image height in pixels (default: the model's native size).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "image")]
     pub height: Option<usize>,
     /// Image width in pixels (default: the model's native size).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "image")]
     pub width: Option<usize>,
+    /// Image-to-image: start from this picture (PNG or JPEG; its size is the output size, a
+    /// multiple of 8), noised by --strength, as diffusers' StableDiffusionImg2ImgPipeline.
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// With --image: how far the picture is noised, 0 (kept) to 1 (ignored); the last
+    /// int(steps x strength) DDIM steps run.
+    #[arg(long, default_value_t = 0.8, requires = "image")]
+    pub strength: f64,
     /// Initial noise: a safetensors file with one tensor `latents` [N, 4, H/8, W/8]
-    /// (as diffusers' `latents=` argument), to compare with other implementations.
+    /// (as diffusers' `latents=` argument), to compare with other implementations; with
+    /// --image, the noise added to the picture's latents.
     #[arg(long, value_name = "FILE")]
     pub latents: Option<PathBuf>,
     #[command(flatten)]
@@ -48,58 +59,89 @@ pub struct Args {
     pub out: PathBuf,
 }
 
+/// Reads the tensor `latents` of a safetensors file.
+pub(super) fn read_latents(path: &std::path::Path, device: &candle_core::Device) -> Result<candle_core::Tensor> {
+    if !path.is_file() {
+        bail!("latents file {} does not exist", path.display());
+    }
+    let mut map = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
+    map.remove("latents").with_context(|| format!("{} has no tensor named `latents`", path.display()))
+}
+
+/// Checks a `--latents` tensor against the shape the run needs.
+fn check_latents(l: &candle_core::Tensor, want: &[usize], path: &std::path::Path, what: &str) -> Result<()> {
+    if l.dims() != want {
+        bail!("{}: `latents` has shape {:?}, but {what} need {want:?}", path.display(), l.dims());
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
     let opts = a.model.load_options()?;
-    let latents = match &a.latents {
-        Some(path) => {
-            if !path.is_file() {
-                bail!("latents file {} does not exist", path.display());
-            }
-            let mut map = candle_core::safetensors::load(path, &opts.device)
-                .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
-            let t = map
-                .remove("latents")
-                .with_context(|| format!("{} has no tensor named `latents`", path.display()))?;
-            Some(t)
-        }
-        None => None,
-    };
+    let latents = a.latents.as_ref().map(|p| read_latents(p, &opts.device)).transpose()?;
+    if a.image.is_some() && !(0.0..=1.0).contains(&a.strength) {
+        bail!("--strength must be in [0, 1], got {}", a.strength);
+    }
+    let picture = a.image.as_ref().map(|p| util::load_rgb(p)).transpose()?;
     let model = super::load_model(&a.model, &a.concepts)?;
     let sd = &model.sd;
-    let mut p = Text2ImageParams::new(sd, &a.prompt);
-    p.negative_prompt = a.negative_prompt.clone();
-    p.steps = a.num_inference_steps;
-    p.guidance_scale = a.guidance_scale;
-    p.eta = a.eta;
-    p.seed = a.seed;
-    p.num_images = a.num_images;
-    if let Some(h) = a.height {
-        p.height = h;
-    }
-    if let Some(w) = a.width {
-        p.width = w;
-    }
-    p.latents = latents;
-    // Validate before any work, and before creating the output folder.
-    text2img::latent_shape(sd, &p)?;
-    if let Some(l) = &p.latents {
-        let want = text2img::latent_shape(sd, &p)?;
-        if l.dims() != want {
-            bail!(
-                "{}: `latents` has shape {:?}, but {} image(s) of {}x{} need {:?}",
-                a.latents.as_ref().unwrap().display(),
-                l.dims(),
-                p.num_images,
-                p.height,
-                p.width,
-                want
-            );
+    let images = match picture {
+        Some(picture) => {
+            let f = sd.vae_scale_factor();
+            let (w, h) = (picture.width() as usize, picture.height() as usize);
+            if w % f != 0 || h % f != 0 || w == 0 || h == 0 {
+                bail!("{}: the picture is {w}x{h}; image-to-image needs sides that are multiples of {f}", a.image.as_ref().unwrap().display());
+            }
+            let mut p = Img2ImgParams::new(&a.prompt, util::rgb_to_tensor(&picture, &sd.device)?);
+            p.negative_prompt = a.negative_prompt.clone();
+            p.steps = a.num_inference_steps;
+            p.strength = a.strength;
+            p.guidance_scale = a.guidance_scale;
+            p.eta = a.eta;
+            p.seed = a.seed;
+            p.num_images = a.num_images;
+            if let (Some(l), Some(path)) = (&latents, &a.latents) {
+                let c = sd.vae_config.latent_channels;
+                check_latents(l, &[p.num_images, c, h / f, w / f], path, &format!("{} image(s) of {w}x{h}", p.num_images))?;
+            }
+            p.noise = latents;
+            std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+            let pb = super::progress_bar(p.steps as u64, "sampling");
+            let images = img2img::generate(sd, &p, |i, total| {
+                pb.set_length(total as u64);
+                pb.set_position(i as u64)
+            })?;
+            pb.finish_and_clear();
+            images
         }
-    }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let pb = super::progress_bar(p.steps as u64, "sampling");
-    let images = text2img::generate(sd, &p, |i, _| pb.set_position(i as u64))?;
-    pb.finish_and_clear();
+        None => {
+            let mut p = Text2ImageParams::new(sd, &a.prompt);
+            p.negative_prompt = a.negative_prompt.clone();
+            p.steps = a.num_inference_steps;
+            p.guidance_scale = a.guidance_scale;
+            p.eta = a.eta;
+            p.seed = a.seed;
+            p.num_images = a.num_images;
+            if let Some(h) = a.height {
+                p.height = h;
+            }
+            if let Some(w) = a.width {
+                p.width = w;
+            }
+            // Validate before any work, and before creating the output folder.
+            let want = text2img::latent_shape(sd, &p)?;
+            if let (Some(l), Some(path)) = (&latents, &a.latents) {
+                check_latents(l, &want, path, &format!("{} image(s) of {}x{}", p.num_images, p.height, p.width))?;
+            }
+            p.latents = latents;
+            std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+            let pb = super::progress_bar(p.steps as u64, "sampling");
+            let images = text2img::generate(sd, &p, |i, _| pb.set_position(i as u64))?;
+            pb.finish_and_clear();
+            images
+        }
+    };
     for (i, img) in util::to_rgb8(&images)?.iter().enumerate() {
         let path = a.out.join(format!("{i:05}.png"));
         util::save_png(img, &path)?;
