@@ -114,6 +114,17 @@ fn textual_inversion_trains_embeddings_only() {
     let mut keys: Vec<_> = t.keys().cloned().collect();
     keys.sort();
     assert_eq!(keys, vec!["<new1>", "<new2>"]);
+    // Initialised from the class words as a prompt tokenizes them (`cat</w>`, id 2368 in the
+    // real CLIP vocabulary), not from the word-start piece `cat`.
+    let bytes = std::fs::read(tmp.path().join("concepts.safetensors")).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let concepts: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["concepts"]).unwrap();
+    assert_eq!(concepts[0]["initializer"], "cat</w>");
+    assert_eq!(concepts[1]["initializer"], "dog</w>");
+    let sd = disendiff::model::sd::StableDiffusion::load(&common::fixture("sd1-tiny"), &Default::default()).unwrap();
+    let prompt_id = sd.tokenizer.encode("cat").ids[1];
+    assert_eq!(disendiff::training::model::initializer_id(&sd, "cat</w>").unwrap(), prompt_id);
+    assert_eq!(prompt_id, 2368);
 }
 
 

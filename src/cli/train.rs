@@ -6,9 +6,9 @@ use crate::pipelines::class_images::class_images;
 use crate::pipelines::text2img::{self, Text2ImageParams};
 use crate::training::adamw::AdamWConfig;
 use crate::training::checkpoint::{self, ResumeFrom};
-use crate::training::concepts::{class_word_pieces, default_initializers, modifier_tokens_in, parse_concepts};
+use crate::training::concepts::{class_word_pieces, modifier_tokens_in, parse_concepts};
 use crate::training::data;
-use crate::training::method::{Ablation, Initializers, Method};
+use crate::training::method::{Ablation, Method};
 use crate::training::model::Personalized;
 use crate::training::trainer::{TrainConfig, Trainer};
 use crate::util;
@@ -135,13 +135,13 @@ pub fn run(a: Args) -> Result<()> {
     if !a.template.contains("{}") {
         bail!("--template must contain {{}} where the caption goes, got {:?}", a.template);
     }
-    let initializers = match (&a.initializer_tokens, preset.initializers) {
-        (Some(i), _) => split_plus(i),
-        (None, Initializers::ClassWords) => parse_concepts(&a.caption, &modifiers, &vec![String::new(); modifiers.len()])?
-            .into_iter()
-            .map(|c| c.class_word)
-            .collect(),
-        (None, Initializers::Official) => default_initializers(modifiers.len().max(1))?,
+    let initializers = match &a.initializer_tokens {
+        Some(i) => split_plus(i),
+        None => {
+            let n = modifiers.len().max(1);
+            let classes = parse_concepts(&a.caption, &modifiers, &vec![String::new(); modifiers.len()])?;
+            classes.iter().enumerate().map(|(k, c)| preset.initializers.token(k, n, &c.class_word)).collect::<Result<_>>()?
+        }
     };
     let concepts = parse_concepts(&a.caption, &modifiers, &initializers)?;
     let reg = match &a.reg_dir {

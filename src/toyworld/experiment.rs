@@ -103,19 +103,16 @@ pub fn train(model_dir: &Path, task: &Task, opts: &ToyTrainOptions, out: &Path, 
     let image_path = out.join("scene.png");
     util::save_png(&task.image, &image_path)?;
     let initializers = opts.preset.as_ref().map_or(Initializers::Official, |p| p.initializers);
+    let n = task.concepts.len();
     let concepts: Vec<Concept> = task
         .concepts
         .iter()
         .enumerate()
-        .map(|(k, (token, class))| Concept {
-            modifier: token.clone(),
-            class_word: class.word().to_string(),
-            initializer: match initializers {
-                Initializers::ClassWords => class.word().to_string(),
-                Initializers::Official => ["pll", "ktn"][k % 2].to_string(),
-            },
+        .map(|(k, (token, class))| {
+            let initializer = initializers.token(k, n, class.word())?;
+            Ok(Concept { modifier: token.clone(), class_word: class.word().to_string(), initializer })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let trainable = opts.preset.as_ref().map_or(UNetTrainable::Nothing, |p| p.unet_trainable);
     let model = Personalized::load(model_dir, &LoadOptions::default(), &concepts, trainable)?;
     let Some(preset) = &opts.preset else {

@@ -164,8 +164,21 @@ impl UNetTrainable {
 pub enum Initializers {
     /// The official code's rare tokens: `pll`, `ktn` (three concepts: `ucd</w>`, `pll`, `ktn`).
     Official,
-    /// Each concept's class word (Textual Inversion).
+    /// Each concept's class word as a prompt tokenizes it, `cat</w>` (Textual Inversion).
     ClassWords,
+}
+
+impl Initializers {
+    /// The initialiser token of concept `k` (of `n`) whose class word is `class_word`; the
+    /// official rule's tokens past three concepts must be given by the user.
+    pub fn token(self, k: usize, n: usize, class_word: &str) -> Result<String> {
+        match self {
+            // A prompt's word ends in `</w>`: "cat" in a prompt is id 2368 `cat</w>`, while the
+            // vocabulary entry `cat` (1481) is the piece that starts longer words.
+            Self::ClassWords => Ok(format!("{class_word}</w>")),
+            Self::Official => Ok(super::concepts::default_initializers(n)?.swap_remove(k)),
+        }
+    }
 }
 
 /// Defaults of a method for a real Stable Diffusion run; every one can be overridden.
