@@ -176,6 +176,15 @@ fn three_concepts_and_generated_class_images() {
     }
     let caption = std::fs::read_to_string(out.join("class_images/00001.txt")).unwrap();
     assert_eq!(caption, "a cat, a dog and a cow");
+
+    // With a batch of one there is no room for them: an error, not a silently unused set.
+    let (ok, err) = common::disendiff(&[
+        "train", "--model", &m, "--image", &img, "--caption", "<new1> cat and <new2> dog",
+        "--out", tmp.path().join("b1").to_str().unwrap(), "--resolution", "64", "--train-batch-size", "1",
+        "--max-train-steps", "1", "--class-data-dir", out.join("class_images").to_str().unwrap(),
+        "--num-class-images", "2", "--class-prompt", "a cat, a dog and a cow",
+    ]);
+    assert!(!ok && err.contains("--train-batch-size 2"), "{err}");
 }
 
 /// diffusers' `train_custom_diffusion.py` spellings work, and `--help` shows the new names.

@@ -164,6 +164,10 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     preset.set_loss_weights(a.attn_weight, a.bind_weight, a.ss_weight)?;
+    let with_reg = a.reg_dir.is_some() || a.num_class_images.is_some_and(|n| n > 0);
+    if with_reg && a.train_batch_size.unwrap_or(preset.defaults.train_batch_size) < 2 {
+        bail!("regularisation images take half of each micro-batch: use --train-batch-size 2 or more with --reg-dir or --num-class-images");
+    }
     eprintln!("loading {}", a.model.model.display());
     let model = Personalized::load(&a.model.model, &opts, &concepts, preset.unet_trainable)?;
     for c in &concepts {

@@ -105,6 +105,13 @@ impl Trainer {
         if config.resolution % f != 0 || config.resolution < 2 * f {
             bail!("the training resolution {} must be a multiple of {f}", config.resolution);
         }
+        if !reg.is_empty() && config.batch_size < 2 {
+            bail!(
+                "regularisation images take half of each micro-batch, which a batch of {} leaves no room for: \
+                 use --train-batch-size 2 or more, or no regularisation set",
+                config.batch_size
+            );
+        }
         let target = data::load_target(target_image)?;
         let mut reg_images = Vec::new();
         for r in reg {
