@@ -235,3 +235,28 @@ fn an_unrelated_architecture_is_refused() {
     assert_eq!(outputs(&m.sd), before);
     assert!(m.patches.is_empty());
 }
+
+/// A prompt word written like a modifier token that no loaded file holds (a typo) is named in a
+/// warning with the loaded ones, or refused with --strict-tokens before anything is written.
+#[test]
+fn unknown_modifier_tokens_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("c.safetensors");
+    make_concept_file(&sd1(), &f, 1.25, 0.5);
+    let model = sd1();
+    let run = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "generate", "--model", model.to_str().unwrap(), "--concepts", f.to_str().unwrap(), "--prompt",
+            "a <new3> cat and a <new1> dog", "--num-inference-steps", "1", "--height", "64", "--width", "64",
+            "--out", out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        common::disendiff(&args)
+    };
+    let (ok, err) = run(&[], &tmp.path().join("a"));
+    assert!(ok, "{err}");
+    assert!(err.contains("warning: <new3>") && err.contains("<new1>, <new2>"), "{err}");
+    let (ok, err) = run(&["--strict-tokens"], &tmp.path().join("b"));
+    assert!(!ok && err.contains("<new3>") && err.contains("--strict-tokens"), "{err}");
+    assert!(!tmp.path().join("b").exists());
+}

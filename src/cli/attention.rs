@@ -41,6 +41,7 @@ fn file_safe(s: &str) -> String {
 pub fn run(a: Args) -> Result<()> {
     let model = super::load_model(&a.model, &a.concepts)?;
     let sd = &model.sd;
+    super::check_prompt_tokens(sd, &[&a.prompt], a.concepts.strict_tokens)?;
     let mut p = Text2ImageParams::new(sd, &a.prompt);
     p.steps = a.num_inference_steps;
     p.guidance_scale = a.guidance_scale;

@@ -86,6 +86,7 @@ pub fn run(a: Args) -> Result<()> {
     let picture = a.image.as_ref().map(|p| util::load_rgb(p)).transpose()?;
     let model = super::load_model(&a.model, &a.concepts)?;
     let sd = &model.sd;
+    super::check_prompt_tokens(sd, &[&a.prompt, &a.negative_prompt], a.concepts.strict_tokens)?;
     let images = match picture {
         Some(picture) => {
             let f = sd.vae_scale_factor();

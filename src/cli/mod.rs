@@ -125,6 +125,37 @@ pub struct ConceptArgs {
     /// (without it, a model other than the one trained on is refused).
     #[arg(long, value_name = "DIR", requires = "concepts")]
     pub concepts_base: Option<PathBuf>,
+    /// Refuse prompt words written like modifier tokens (`<new3>`) that no loaded concept file
+    /// holds, instead of warning.
+    #[arg(long)]
+    pub strict_tokens: bool,
+}
+
+/// Warns about words of the prompts written like modifier tokens that no loaded concept file
+/// holds (a typo such as `<new3>` for `<new2>` would be drawn as plain text), or refuses them
+/// with `--strict-tokens`.
+pub fn check_prompt_tokens(sd: &crate::model::sd::StableDiffusion, prompts: &[&str], strict: bool) -> Result<()> {
+    let mut unknown: Vec<String> = Vec::new();
+    for p in prompts {
+        for t in sd.tokenizer.unknown_angle_tokens(p) {
+            if !unknown.contains(&t) {
+                unknown.push(t);
+            }
+        }
+    }
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let loaded: Vec<String> = (sd.text_encoder.config.vocab_size as u32..sd.tokenizer.vocab_size() as u32)
+        .filter_map(|id| sd.tokenizer.id_to_token(id).map(str::to_string))
+        .collect();
+    let have = if loaded.is_empty() { "no concept file is loaded".to_string() } else { format!("the loaded ones are {}", loaded.join(", ")) };
+    let msg = format!("{} in the prompt {} no loaded token ({have}): it is read as plain text", unknown.join(", "), if unknown.len() == 1 { "is" } else { "are" });
+    if strict {
+        bail!("{msg} (--strict-tokens)");
+    }
+    eprintln!("warning: {msg}");
+    Ok(())
 }
 
 /// Loads `--model` with `--concepts` applied, printing what was applied and any warning.

@@ -337,6 +337,21 @@ impl ClipTokenizer {
         out
     }
 
+    /// Words of `text` written like modifier tokens (`<new3>`, `<cat>`) that are not in the
+    /// vocabulary, in order of appearance: the BPE would split them into ordinary text, which is
+    /// what a typo in a modifier token gives.
+    pub fn unknown_angle_tokens(&self, text: &str) -> Vec<String> {
+        let re = Regex::new(r"<[^<>\s]+>").expect("valid regex");
+        let mut out: Vec<String> = Vec::new();
+        for m in re.find_iter(&Self::normalize(text)) {
+            let t = m.as_str().to_string();
+            if self.token_id(&t).is_none() && !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        out
+    }
+
     /// Token ids of the text (no start/end tokens), grouped by the word they came from: an added
     /// token is a word of its own; a word the BPE splits gives several ids.
     pub fn tokenize_words(&self, text: &str) -> Vec<(String, Vec<u32>)> {
