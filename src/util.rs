@@ -71,11 +71,24 @@ pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<()> {
     write_atomic(path, &buf.into_inner())
 }
 
+/// Checks that `path` is a file that can be opened, saying what is wrong otherwise: missing, a
+/// folder, not a regular file, or not readable (permissions). `what` names it ("image").
+pub fn require_file(path: &Path, what: &str) -> Result<()> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{what} {} does not exist", path.display()),
+        Err(e) => bail!("cannot read {what} {}: {e}", path.display()),
+        Ok(m) if m.is_dir() => bail!("{what} {} is a folder, not a file", path.display()),
+        Ok(m) if !m.is_file() => bail!("{what} {} is not a regular file", path.display()),
+        Ok(_) => {
+            std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot read {what} {}: {e}", path.display()))?;
+            Ok(())
+        }
+    }
+}
+
 /// Reads an image file as RGB, with a clear error for unreadable or non-image files.
 pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
-    if !path.is_file() {
-        bail!("image {} does not exist", path.display());
-    }
+    require_file(path, "image")?;
     let img = image::ImageReader::open(path)
         .with_context(|| format!("opening {}", path.display()))?
         .with_guessed_format()

@@ -151,3 +151,51 @@ fn latents_file_matches_the_golden_pipeline_through_the_cli() {
         assert!(mad <= 1.0, "image {i}: mean abs diff {mad}/255");
     }
 }
+
+/// Numeric flags are checked before any work, the message naming the flag, nothing written.
+#[test]
+fn bad_numbers_name_their_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let m = common::fixture("sd1-tiny");
+    for (extra, flag) in [
+        (&["--guidance-scale", "nan"][..], "--guidance-scale"),
+        (&["--eta=-3"][..], "--eta"),
+        (&["--eta", "1.5"][..], "--eta"),
+        (&["--num-inference-steps", "0"][..], "--num-inference-steps"),
+        (&["--num-images", "0"][..], "--num-images"),
+    ] {
+        let (ok, err) = generate(&m, &out, extra);
+        assert!(!ok, "{extra:?} was accepted");
+        assert!(err.contains(flag), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+    }
+    let img = common::fixture("golden/sd1-pipe-00000.png");
+    for (extra, flag) in [(&["--learning-rate", "nan"][..], "--learning-rate"), (&["--max-train-steps", "0"][..], "--max-train-steps")] {
+        let mut args = vec![
+            "train", "--model", m.to_str().unwrap(), "--image", img.to_str().unwrap(), "--caption", "<new1> cat",
+            "--out", out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, err) = common::disendiff(&args);
+        assert!(!ok && err.contains(flag), "{extra:?}: {err}");
+        assert!(!out.exists());
+    }
+}
+
+/// A folder where a file is expected, and a file where a folder is, are named as such.
+#[test]
+fn folders_and_files_are_told_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let m = common::fixture("sd1-tiny");
+    let (ok, err) = common::disendiff(&[
+        "train", "--model", m.to_str().unwrap(), "--image", tmp.path().to_str().unwrap(), "--caption", "<new1> cat",
+        "--out", out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("is a folder, not a file"), "{err}");
+    let file = common::fixture("golden/sd1-pipe-00000.png");
+    let (ok, err) = generate(&file, &out, &[]);
+    assert!(!ok && err.contains("is a file, not a model folder"), "{err}");
+    assert!(!out.exists());
+}

@@ -39,6 +39,7 @@ fn file_safe(s: &str) -> String {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::validate::sampling(a.num_inference_steps, a.guidance_scale, None, None)?;
     let model = super::load_model(&a.model, &a.concepts)?;
     let sd = &model.sd;
     super::check_prompt_tokens(sd, &[&a.prompt], a.concepts.strict_tokens)?;

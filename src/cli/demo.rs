@@ -44,6 +44,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::validate::sampling(a.num_inference_steps, a.guidance_scale, None, Some(a.num_images))?;
+    super::validate::at_least("--max-train-steps", a.max_train_steps, 1)?;
+    super::validate::positive("--learning-rate", a.learning_rate)?;
     let model_dir = a.model.clone().unwrap_or_else(default_toy_model);
     experiment::check_toy_model(&model_dir)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;

@@ -61,9 +61,7 @@ pub struct Args {
 
 /// Reads the tensor `latents` of a safetensors file.
 pub(super) fn read_latents(path: &std::path::Path, device: &candle_core::Device) -> Result<candle_core::Tensor> {
-    if !path.is_file() {
-        bail!("latents file {} does not exist", path.display());
-    }
+    util::require_file(path, "latents file")?;
     let mut map = candle_core::safetensors::load(path, device)
         .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
     map.remove("latents").with_context(|| format!("{} has no tensor named `latents`", path.display()))
@@ -78,11 +76,12 @@ fn check_latents(l: &candle_core::Tensor, want: &[usize], path: &std::path::Path
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::validate::sampling(a.num_inference_steps, a.guidance_scale, Some(a.eta), Some(a.num_images))?;
+    if a.image.is_some() {
+        super::validate::in_range("--strength", a.strength, 0.0, 1.0)?;
+    }
     let opts = a.model.load_options()?;
     let latents = a.latents.as_ref().map(|p| read_latents(p, &opts.device)).transpose()?;
-    if a.image.is_some() && !(0.0..=1.0).contains(&a.strength) {
-        bail!("--strength must be in [0, 1], got {}", a.strength);
-    }
     let picture = a.image.as_ref().map(|p| util::load_rgb(p)).transpose()?;
     let model = super::load_model(&a.model, &a.concepts)?;
     let sd = &model.sd;

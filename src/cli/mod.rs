@@ -7,6 +7,7 @@ mod generate;
 mod toy;
 mod toy_bench;
 mod train;
+mod validate;
 
 use crate::patch::{PatchedModel, TrainedBase};
 use anyhow::{bail, Result};

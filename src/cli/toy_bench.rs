@@ -104,6 +104,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.scenes == 0 || a.num_images == 0 {
         bail!("--scenes and --num-images must be at least 1");
     }
+    super::validate::sampling(a.num_inference_steps, a.guidance_scale, None, Some(a.num_images))?;
+    super::validate::at_least("--max-train-steps", a.max_train_steps, 1)?;
+    if let Some(lr) = a.learning_rate {
+        super::validate::positive("--learning-rate", lr)?;
+    }
     let variants = variants(&a)?;
     let model_dir = a.model.clone().unwrap_or_else(default_toy_model);
     experiment::check_toy_model(&model_dir)?;

@@ -164,6 +164,14 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     preset.set_loss_weights(a.attn_weight, a.bind_weight, a.ss_weight)?;
+    {
+        use super::validate::{at_least, positive};
+        let d = preset.defaults;
+        at_least("--max-train-steps", a.max_train_steps.unwrap_or(d.max_train_steps), 1)?;
+        at_least("--train-batch-size", a.train_batch_size.unwrap_or(d.train_batch_size), 1)?;
+        at_least("--gradient-accumulation-steps", a.gradient_accumulation_steps.unwrap_or(d.gradient_accumulation_steps), 1)?;
+        positive("--learning-rate", a.learning_rate.unwrap_or(d.learning_rate))?;
+    }
     let with_reg = a.reg_dir.is_some() || a.num_class_images.is_some_and(|n| n > 0);
     if with_reg && a.train_batch_size.unwrap_or(preset.defaults.train_batch_size) < 2 {
         bail!("regularisation images take half of each micro-batch: use --train-batch-size 2 or more with --reg-dir or --num-class-images");

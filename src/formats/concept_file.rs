@@ -108,9 +108,7 @@ pub fn save(path: &Path, meta: &ConceptMeta, unet_weights: &[(String, Tensor)], 
 
 /// Reads a concept file, checking its format.
 pub fn load(path: &Path) -> Result<ConceptFile> {
-    if !path.is_file() {
-        bail!("concept file {} does not exist", path.display());
-    }
+    crate::util::require_file(path, "concept file")?;
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{} is not a readable safetensors file (truncated or corrupt?)", path.display()))?;

@@ -114,6 +114,9 @@ impl StableDiffusion {
     /// Like [`load`](Self::load), with the UNet weights whose diffusers name satisfies
     /// `unet_trainable` loaded as variables (listed in [`unet_vars`](Self::unet_vars)).
     pub fn load_with(root: &Path, opts: &LoadOptions, unet_trainable: impl Fn(&str) -> bool + Send + Sync + 'static) -> Result<Self> {
+        if root.is_file() {
+            bail!("{} is a file, not a model folder (a diffusers folder with model_index.json is expected)", root.display());
+        }
         if !root.is_dir() {
             bail!("model folder {} does not exist", root.display());
         }
