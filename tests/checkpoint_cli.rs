@@ -251,3 +251,55 @@ fn resume_from_checkpoint_path_or_latest() {
     assert!(!ok && err.contains("holds checkpoints of an earlier run"), "{err}");
     assert_eq!(log_steps(&e), vec![2, 3, 4]);
 }
+
+/// Ctrl-C (SIGINT) during training: the run finishes its step, writes a checkpoint, exits
+/// non-zero saying how to resume, and the resumed run ends bit for bit where an uninterrupted
+/// one does.
+#[test]
+fn ctrl_c_stops_with_a_checkpoint_and_resume_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = ["--max-train-steps", "30", "--checkpointing-steps", "0"];
+    let whole = tmp.path().join("whole");
+    let (ok, err) = train(&whole, &steps);
+    assert!(ok, "{err}");
+
+    let cut = tmp.path().join("cut");
+    let m = common::fixture("sd1-tiny").to_str().unwrap().to_string();
+    let img = common::fixture("golden/sd1-pipe-00000.png").to_str().unwrap().to_string();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_disendiff"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "train", "--model", &m, "--image", &img, "--caption", "<new1> cat and <new2> dog",
+            "--out", cut.to_str().unwrap(), "--resolution", "64", "--attn-resolution", "8",
+            "--train-batch-size", "1", "--gradient-accumulation-steps", "1",
+        ])
+        .args(steps)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = cut.join("train_log.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map_or(true, |t| t.lines().count() == 0) {
+        assert!(start.elapsed().as_secs() < 120, "training never logged a step");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "the interrupted run exited 0:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("stopped after step") && err.contains("--resume"), "{err}");
+    assert!(!cut.join("concepts.safetensors").exists(), "an interrupted run wrote its concept file");
+    let stopped = log_steps(&cut).len();
+    assert!(stopped < 30, "the run was not stopped early");
+    assert_eq!(steps_of(&cut), vec![stopped], "the checkpoint of the step it stopped after");
+
+    let (ok, err) = train(&cut, &[&steps[..], &["--resume"]].concat());
+    assert!(ok, "{err}");
+    let (a, b) = (tensors(&whole.join("concepts.safetensors")), tensors(&cut.join("concepts.safetensors")));
+    for (name, t) in &a {
+        let d = (t - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{name} differs after the interrupted run resumed");
+    }
+    assert_eq!(log_steps(&cut), log_steps(&whole));
+}

@@ -4,6 +4,7 @@ mod attention;
 mod bench;
 mod demo;
 mod generate;
+mod interrupt;
 mod toy;
 mod toy_bench;
 mod train;

@@ -1,5 +1,6 @@
 //! The training loop: micro-batches drawn deterministically per (step, micro-batch), gradient
-//! accumulation, AdamW, a JSON-lines log, atomic checkpoints and resumption.
+//! accumulation, AdamW, a JSON-lines log, atomic checkpoints and resumption, and a stop on
+//! request (Ctrl-C) after a step with a checkpoint ([`Interrupted`]).
 //!
 //! Every random draw of step k comes from a generator seeded by (seed, k, micro-batch), so a
 //! run resumed from a checkpoint after step k continues exactly as the uninterrupted run.
@@ -20,6 +21,7 @@ use image::RgbImage;
 use rand::Rng;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Everything a run needs besides the model.
 #[derive(Clone, Debug)]
@@ -86,6 +88,16 @@ pub struct Trainer {
     base: BaseModelId,
     /// Keep only the newest N checkpoints (diffusers' `checkpoints_total_limit`; `None`: all).
     pub checkpoints_total_limit: Option<usize>,
+    /// Set (e.g. by a Ctrl-C handler) to stop after the current step with a checkpoint.
+    pub stop: Option<&'static AtomicBool>,
+}
+
+/// A run stopped on request after a step, with a checkpoint to resume from.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped after step {step}: the checkpoint {} holds it; continue with the same command and --resume", checkpoint.display())]
+pub struct Interrupted {
+    pub step: usize,
+    pub checkpoint: PathBuf,
 }
 
 fn mix(seed: u64, a: u64, b: u64) -> u64 {
@@ -126,7 +138,7 @@ impl Trainer {
         if opt.params().is_empty() {
             bail!("nothing to train: the method trains neither UNet weights nor embeddings");
         }
-        Ok(Self { model, config, out: out.to_path_buf(), target, reg: reg_images, schedule, opt, base, checkpoints_total_limit: None })
+        Ok(Self { model, config, out: out.to_path_buf(), target, reg: reg_images, schedule, opt, base, checkpoints_total_limit: None, stop: None })
     }
 
     /// The training prompt of the target image.
@@ -303,6 +315,11 @@ impl Trainer {
                 // The log on disk covers every step a checkpoint does.
                 log.sync_data().map_err(|e| anyhow!("writing {} failed: {e}; {}", log_path.display(), checkpoint::resume_hint(&self.out)))?;
                 self.save_checkpoint(rec.step)?;
+            }
+            if self.stop.is_some_and(|s| s.load(Ordering::SeqCst)) && rec.step < self.config.steps {
+                log.sync_data().map_err(|e| anyhow!("writing {} failed: {e}; {}", log_path.display(), checkpoint::resume_hint(&self.out)))?;
+                let checkpoint = self.save_checkpoint(rec.step)?;
+                return Err(Interrupted { step: rec.step, checkpoint }.into());
             }
         }
         let path = self.out.join("concepts.safetensors");
