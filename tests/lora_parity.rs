@@ -341,3 +341,46 @@ fn concepts_on_a_lora_model_add_their_difference() {
     m.remove_concepts().unwrap();
     assert_eq!(bits(m.sd.weight_var(K0).unwrap().as_tensor()), bits(&base[K0]));
 }
+
+/// Writes f32 tensors with safetensors metadata (candle's writer takes none).
+fn save_with_metadata(tensors: &[(String, Tensor)], metadata: HashMap<String, String>, path: &Path) {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let v = f32(t).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (n.clone(), t.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, Some(metadata), path).unwrap();
+}
+
+#[test]
+fn peft_adapter_config_in_the_metadata_sets_the_scale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_weights();
+    let m = K0.strip_suffix(".weight").unwrap();
+    let sk = base[K0].dims().to_vec();
+    let (down, up) = (randn(11, &[4, sk[1]]), randn(12, &[sk[0], 4]));
+    let tensors = vec![(format!("unet.{m}.lora_A.weight"), down.clone()), (format!("unet.{m}.lora_B.weight"), up.clone())];
+    let config = |extra: &str| {
+        HashMap::from([("lora_adapter_metadata".to_string(), format!(r#"{{"unet.r": 4, "unet.lora_alpha": 8{extra}}}"#))])
+    };
+    let file = tmp.path().join("p.safetensors");
+    save_with_metadata(&tensors, config(""), &file);
+    let spec = LoraSpec { path: file.clone(), scale: 0.5 };
+    let (pm, _) = PatchedModel::load_with_loras(&sd1(), &LoadOptions::default(), &[spec.clone()], false).unwrap();
+    let want = (f32(&base[K0]) + (up.matmul(&down).unwrap() * (8.0 / 4.0 * 0.5)).unwrap()).unwrap();
+    let err = max_abs(pm.sd.weight_var(K0).unwrap().as_tensor(), &want);
+    assert!(err <= 1e-6, "K0 with lora_alpha 8, r 4, scale 0.5 is off by {err}");
+
+    // what would change the formula is refused, not ignored
+    for extra in [r#", "unet.alpha_pattern": {"x": 2}"#, r#", "unet.use_rslora": true"#] {
+        save_with_metadata(&tensors, config(extra), &file);
+        let err = PatchedModel::load_with_loras(&sd1(), &LoadOptions::default(), &[spec.clone()], false).err().unwrap().to_string();
+        assert!(err.contains("adapter config"), "{err}");
+    }
+}

@@ -5,7 +5,8 @@
 //! `delta = up.flatten(1) @ down.flatten(1) * alpha / r * SCALE` reshaped to the weight (a
 //! convolution entry, LoCon, the same way); or `.diff` (`delta = diff * SCALE`) and `.diff_b`
 //! for a bias. diffusers/PEFT (`unet.<path>.lora_A.weight` / `lora_B.weight`,
-//! `text_encoder.<path>...`): the same product with scale SCALE (the files hold no alpha).
+//! `text_encoder.<path>...`): the same product with scale lora_alpha / r x SCALE when the file's
+//! metadata holds diffusers' adapter config (`lora_adapter_metadata`), else SCALE.
 //! Kohya names are matched against the model's own weight names (dots replaced by
 //! underscores); a name two weights share is an error. Keys that match nothing are an error
 //! listing the first few unless the caller allows them (then they are reported as a warning):
@@ -141,6 +142,50 @@ fn low_rank(file: &str, down: &(String, Tensor), up: &(String, Tensor), shape: &
     Ok(prod.affine(scale, 0.0)?.reshape(shape)?)
 }
 
+/// The scale a PEFT entry of `component` gets beyond SCALE: lora_alpha / r from the adapter
+/// config diffusers (>= 0.35) writes into the file's metadata (`lora_adapter_metadata`), 1
+/// without it. Config features that change the formula are refused rather than ignored.
+fn peft_scales(path: &Path) -> Result<HashMap<Component, f64>> {
+    let file = path.display();
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {file}"))?;
+    let mut len = [0u8; 8];
+    std::io::Read::read_exact(&mut f, &mut len).with_context(|| format!("{file} is not a safetensors file"))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 {
+        bail!("{file} is not a safetensors file (header of {n} bytes)");
+    }
+    let mut header = vec![0u8; n as usize];
+    std::io::Read::read_exact(&mut f, &mut header).with_context(|| format!("{file} is truncated"))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).with_context(|| format!("{file}: the header is not JSON"))?;
+    let mut scales = HashMap::new();
+    let Some(text) = header.get("__metadata__").and_then(|m| m.get("lora_adapter_metadata")).and_then(|m| m.as_str()) else {
+        return Ok(scales);
+    };
+    let config: serde_json::Value =
+        serde_json::from_str(text).with_context(|| format!("{file}: lora_adapter_metadata is not JSON"))?;
+    for (component, prefix) in [(Component::Unet, "unet"), (Component::TextEncoder, "text_encoder")] {
+        let get = |k: &str| config.get(format!("{prefix}.{k}"));
+        let (Some(r), Some(alpha)) = (get("r").and_then(|v| v.as_f64()), get("lora_alpha").and_then(|v| v.as_f64())) else {
+            continue;
+        };
+        for k in ["alpha_pattern", "rank_pattern"] {
+            if get(k).and_then(|v| v.as_object()).is_some_and(|o| !o.is_empty()) {
+                bail!("{file}: the adapter config has a {prefix}.{k} (per-module scales), which disendiff does not read yet");
+            }
+        }
+        for k in ["use_rslora", "use_dora"] {
+            if get(k).and_then(|v| v.as_bool()) == Some(true) {
+                bail!("{file}: the adapter config sets {prefix}.{k}, which disendiff does not implement");
+            }
+        }
+        if r <= 0.0 {
+            bail!("{file}: the adapter config has {prefix}.r = {r}");
+        }
+        scales.insert(component, alpha / r);
+    }
+    Ok(scales)
+}
+
 /// Reads one LoRA file into the weight changes it makes at strength `scale`, with warnings.
 /// `targets` are the model's weight names. Fails on a key that matches no weight unless
 /// `allow_unmatched`, and on entries that are incomplete, ambiguous or of the wrong shape.
@@ -171,6 +216,7 @@ pub fn read(path: &Path, scale: f64, targets: &TargetNames, allow_unmatched: boo
         *slot = Some((key.clone(), tensors[key].clone()));
     }
 
+    let peft_scale = peft_scales(path)?;
     let mut deltas: Vec<LoraDelta> = Vec::new();
     let mut seen: HashMap<(Component, String), String> = HashMap::new();
     for ((form, component, module), e) in &entries {
@@ -190,6 +236,7 @@ pub fn read(path: &Path, scale: f64, targets: &TargetNames, allow_unmatched: boo
                 };
                 let rank = down.1.dim(0)?;
                 let alpha = match &e.alpha {
+                    None if *form == Form::Peft => peft_scale.get(component).copied().unwrap_or(1.0) * rank as f64,
                     Some((k, a)) => {
                         let v = f32_cpu(a)?.flatten_all()?.to_vec1::<f32>()?;
                         let [v] = v.as_slice() else { bail!("{file}: {k} has {} values, expected one", v.len()) };
