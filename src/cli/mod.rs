@@ -10,7 +10,7 @@ mod toy_bench;
 mod train;
 mod validate;
 
-use crate::patch::{PatchedModel, TrainedBase};
+use crate::patch::{LoraSpec, PatchedModel, TrainedBase};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
@@ -131,6 +131,16 @@ pub struct ConceptArgs {
     /// holds, instead of warning.
     #[arg(long)]
     pub strict_tokens: bool,
+    /// A LoRA file merged into the weights before any concept file, with an optional strength
+    /// (default 1): kohya's format (`lora_unet_*` / `lora_te_*`, scale alpha/rank x SCALE, also
+    /// convolution and `.diff` entries) or diffusers/PEFT's (`unet.*` / `text_encoder.*`
+    /// `lora_A` / `lora_B`). Repeatable.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub lora: Vec<LoraSpec>,
+    /// Apply a LoRA file even when some of its keys match no weight of the model (they are
+    /// listed in a warning; without this flag they are an error).
+    #[arg(long)]
+    pub lora_allow_unmatched: bool,
 }
 
 /// Warns about words of the prompts written like modifier tokens that no loaded concept file
@@ -160,11 +170,18 @@ pub fn check_prompt_tokens(sd: &crate::model::sd::StableDiffusion, prompts: &[&s
     Ok(())
 }
 
-/// Loads `--model` with `--concepts` applied, printing what was applied and any warning.
+/// Loads `--model` with `--lora` files merged and `--concepts` applied, printing what was
+/// applied and any warning.
 pub fn load_model(model: &ModelArgs, concepts: &ConceptArgs) -> Result<PatchedModel> {
     let opts = model.load_options()?;
     eprintln!("loading {}", model.model.display());
-    let mut m = PatchedModel::load(&model.model, &opts)?;
+    let (mut m, warnings) = PatchedModel::load_with_loras(&model.model, &opts, &concepts.lora, concepts.lora_allow_unmatched)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    for label in m.patches.labels() {
+        eprintln!("lora: {label}");
+    }
     if let Some(file) = &concepts.concepts {
         let base = concepts.concepts_base.clone().map_or(TrainedBase::Refuse, TrainedBase::Folder);
         let (described, warnings) = m.add_concepts(file, base)?;

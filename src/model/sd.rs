@@ -14,6 +14,7 @@ use super::weights::{component_weight_files, WeightStore};
 use crate::scheduler::SchedulerConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Var};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -42,8 +43,11 @@ pub struct StableDiffusion {
     /// UNet weights loaded as trainable variables.
     pub unet_vars: Vec<(String, Var)>,
     /// Frozen UNet weights that the patch layer may change and restore in place (see
-    /// [`is_patchable`]), by diffusers name.
+    /// [`is_patchable`] and [`ExtraPatchable::unet`]), by diffusers name.
     pub unet_patchable: Vec<(String, Var)>,
+    /// Text-encoder weights the patch layer may change (those of
+    /// [`ExtraPatchable::text_encoder`], e.g. a LoRA's targets), by the store's name.
+    pub text_encoder_patchable: Vec<(String, Var)>,
     pub vae: AutoencoderKL,
     pub vae_config: VaeConfig,
     pub scheduler_config: SchedulerConfig,
@@ -97,6 +101,18 @@ pub fn is_patchable(name: &str) -> bool {
     ["attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight"].iter().any(|s| name.ends_with(s))
 }
 
+/// Weights to load patchable beyond [`is_patchable`], chosen at load time (a LoRA's targets),
+/// by the name each component's weight file uses.
+#[derive(Clone, Debug, Default)]
+pub struct ExtraPatchable {
+    pub unet: BTreeSet<String>,
+    pub text_encoder: BTreeSet<String>,
+}
+
+/// The prefix that names a text-encoder weight among the patch layer's weight names (UNet
+/// weights go by their bare diffusers name).
+pub const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
+
 fn config_path(root: &Path, component: &str, file: &str) -> Result<PathBuf> {
     let p = root.join(component).join(file);
     if !p.is_file() {
@@ -114,6 +130,18 @@ impl StableDiffusion {
     /// Like [`load`](Self::load), with the UNet weights whose diffusers name satisfies
     /// `unet_trainable` loaded as variables (listed in [`unet_vars`](Self::unet_vars)).
     pub fn load_with(root: &Path, opts: &LoadOptions, unet_trainable: impl Fn(&str) -> bool + Send + Sync + 'static) -> Result<Self> {
+        Self::load_full(root, opts, unet_trainable, ExtraPatchable::default())
+    }
+
+    /// Like [`load_with`](Self::load_with), with the weights named in `extra` also loaded
+    /// patchable (see [`weight_var`](Self::weight_var)).
+    pub fn load_full(
+        root: &Path,
+        opts: &LoadOptions,
+        unet_trainable: impl Fn(&str) -> bool + Send + Sync + 'static,
+        extra: ExtraPatchable,
+    ) -> Result<Self> {
+        let ExtraPatchable { unet: unet_extra, text_encoder: te_extra } = extra;
         if root.is_file() {
             bail!("{} is a file, not a model folder (a diffusers folder with model_index.json is expected)", root.display());
         }
@@ -124,10 +152,11 @@ impl StableDiffusion {
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
 
         let te_cfg = ClipTextConfig::from_file(&config_path(root, "text_encoder", "config.json")?)?;
-        let te_store = Arc::new(open_component(root, "text_encoder", opts)?);
+        let te_store = Arc::new(open_component(root, "text_encoder", opts)?.with_patchable(move |n| te_extra.contains(n)));
         let text_encoder = ClipTextModel::new(te_store.root(), &te_cfg)
             .with_context(|| format!("loading the text encoder from {}", root.join("text_encoder").display()))?;
         te_store.finish()?;
+        let text_encoder_patchable = te_store.patchable_vars();
         if tokenizer.vocab_size() > te_cfg.vocab_size {
             bail!(
                 "the tokenizer has {} tokens but the text encoder only {} embeddings: tokenizer and text encoder do not match",
@@ -137,7 +166,7 @@ impl StableDiffusion {
         }
 
         let unet_config = UNetConfig::from_file(&config_path(root, "unet", "config.json")?)?;
-        let unet_store = Arc::new(open_component(root, "unet", opts)?.with_trainable(unet_trainable).with_patchable(is_patchable));
+        let unet_store = Arc::new(open_component(root, "unet", opts)?.with_trainable(unet_trainable).with_patchable(move |n| is_patchable(n) || unet_extra.contains(n)));
         let unet = UNet2DConditionModel::new(unet_store.root(), &unet_config)
             .with_context(|| format!("loading the UNet from {}", root.join("unet").display()))?;
         unet_store.finish()?;
@@ -166,6 +195,7 @@ impl StableDiffusion {
             unet_config,
             unet_vars,
             unet_patchable,
+            text_encoder_patchable,
             vae,
             vae_config,
             scheduler_config,
@@ -179,6 +209,16 @@ impl StableDiffusion {
     /// loaded as a plain frozen tensor).
     pub fn unet_weight_var(&self, name: &str) -> Option<&Var> {
         self.unet_vars.iter().chain(&self.unet_patchable).find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// The variable of a patchable weight by the patch layer's name: a UNet weight by its
+    /// diffusers name (as [`unet_weight_var`](Self::unet_weight_var)), a text-encoder weight as
+    /// `text_encoder.<name in its file>`.
+    pub fn weight_var(&self, name: &str) -> Option<&Var> {
+        match name.strip_prefix(TEXT_ENCODER_PREFIX) {
+            Some(te) => self.text_encoder_patchable.iter().find(|(n, _)| n == te).map(|(_, v)| v),
+            None => self.unet_weight_var(name),
+        }
     }
 
     /// Pixels per latent pixel (8 for SD).

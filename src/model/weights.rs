@@ -141,6 +141,11 @@ impl WeightStore {
         self.index.contains_key(name)
     }
 
+    /// Every stored tensor's name and shape, sorted by name.
+    pub fn tensor_shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.index.iter().map(|(n, (s, _))| (n.as_str(), s.as_slice()))
+    }
+
     /// Shape of a stored tensor, if present.
     pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
         self.index.get(name).map(|(s, _)| s.as_slice())

@@ -12,12 +12,15 @@
 //!   concept file's fingerprint and its difference are taken against.
 //!
 //! The weights a patch may change are the model's patchable variables
-//! (`StableDiffusion::unet_weight_var`): held in a `Var` that is set in place, while the
+//! (`StableDiffusion::weight_var`: the UNet's attn2 Q/K/V, and what the LoRA files to apply
+//! name, chosen when the model is loaded): held in a `Var` that is set in place, while the
 //! modules read an untracked view of it. Nothing here knows about training.
 
 mod concepts;
+pub mod lora;
 
 pub use concepts::{ConceptPatch, TrainedBase};
+pub use lora::{LoraPatch, LoraSpec};
 
 use crate::model::sd::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context, Result};
@@ -34,6 +37,36 @@ impl PatchedModel {
     /// Loads a base model with nothing applied.
     pub fn load(root: &Path, opts: &LoadOptions) -> Result<Self> {
         Ok(Self { sd: StableDiffusion::load(root, opts)?, patches: PatchStack::new() })
+    }
+
+    /// Loads a base model with LoRA files merged into it (in the order given), loading their
+    /// target weights patchable; returns the warnings of the files.
+    pub fn load_with_loras(root: &Path, opts: &LoadOptions, loras: &[LoraSpec], allow_unmatched: bool) -> Result<(Self, Vec<String>)> {
+        if loras.is_empty() {
+            return Ok((Self::load(root, opts)?, Vec::new()));
+        }
+        let targets = lora::target_names(root, opts)?;
+        let mut patches = Vec::new();
+        let mut warnings = Vec::new();
+        for spec in loras {
+            let (patch, w) = LoraPatch::read(spec, &targets, allow_unmatched)?;
+            warnings.extend(w);
+            patches.push(patch);
+        }
+        let mut extra = crate::model::sd::ExtraPatchable::default();
+        for p in &patches {
+            p.add_targets(&mut extra);
+        }
+        let mut m = Self { sd: StableDiffusion::load_full(root, opts, |_| false, extra)?, patches: PatchStack::new() };
+        for p in patches {
+            warnings.extend(m.patches.push(&mut m.sd, Box::new(p))?);
+        }
+        Ok((m, warnings))
+    }
+
+    /// Takes every LoRA off again (concept files stay, re-applied on the base).
+    pub fn remove_loras(&mut self) -> Result<Vec<String>> {
+        self.patches.remove_layer(&mut self.sd, Layer::Lora)
     }
 
     /// Applies a concept file on top (after any LoRA); returns its concepts ("<new1> cat,
@@ -61,7 +94,8 @@ pub enum Layer {
 /// What applying a patch replaced, to put it back.
 #[derive(Default)]
 pub struct Undo {
-    /// UNet weights by diffusers name, with their values before the patch (deep copies).
+    /// Weights by the patch layer's name (UNet: diffusers name; text encoder:
+    /// `text_encoder.<name>`), with their values before the patch (deep copies).
     pub weights: Vec<(String, Tensor)>,
     /// Tokens the patch added to the tokenizer, in the order added.
     pub tokens: Vec<String>,
@@ -85,13 +119,13 @@ pub struct BaseValues {
 }
 
 impl BaseValues {
-    /// The value of UNet weight `name` before any patch: the oldest saved value, else the
+    /// The value of weight `name` (see `StableDiffusion::weight_var`) before any patch: the oldest saved value, else the
     /// model's current one (no patch below changed it). The returned tensor is a copy.
     pub fn get(&self, sd: &StableDiffusion, name: &str) -> Result<Tensor> {
         if let Some((_, t)) = self.saved.iter().find(|(n, _)| n == name) {
             return Ok(t.clone());
         }
-        let var = sd.unet_weight_var(name).with_context(|| format!("the UNet has no patchable weight {name}"))?;
+        let var = sd.weight_var(name).with_context(|| format!("the model has no patchable weight {name}"))?;
         Ok(var.as_tensor().copy()?)
     }
 
@@ -202,7 +236,7 @@ impl PatchStack {
 /// Puts back what one patch replaced.
 fn revert(sd: &mut StableDiffusion, undo: &Undo) -> Result<()> {
     for (name, old) in &undo.weights {
-        let var = sd.unet_weight_var(name).with_context(|| format!("reverting {name}: the UNet has no such weight"))?;
+        let var = sd.weight_var(name).with_context(|| format!("reverting {name}: the model has no such weight"))?;
         var.set(old)?;
     }
     if let Some(before) = &undo.extra_embeddings {
@@ -214,11 +248,12 @@ fn revert(sd: &mut StableDiffusion, undo: &Undo) -> Result<()> {
     Ok(())
 }
 
-/// Sets UNet weight `name` to `value` (converted to the weight's dtype and device), recording
-/// its old value in `undo`.
+/// Sets weight `name` (a UNet weight, or `text_encoder.<name>`: see
+/// `StableDiffusion::weight_var`) to `value` (converted to the weight's dtype and device),
+/// recording its old value in `undo`.
 pub(crate) fn set_weight(sd: &StableDiffusion, name: &str, value: &Tensor, undo: &mut Undo) -> Result<()> {
-    let Some(var) = sd.unet_weight_var(name) else {
-        bail!("the UNet weight {name} cannot be patched (it is not loaded as a patchable weight)");
+    let Some(var) = sd.weight_var(name) else {
+        bail!("the weight {name} cannot be patched (it is not loaded as a patchable weight)");
     };
     if var.dims() != value.dims() {
         bail!("{name} has shape {:?} in the model but {:?} in the patch", var.dims(), value.dims());
