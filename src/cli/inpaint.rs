@@ -74,7 +74,7 @@ fn output_size(a: &Args, img: &image::RgbImage, f: usize) -> Result<(usize, usiz
     let (w, h) = (img.width() as usize, img.height() as usize);
     let height = a.height.unwrap_or(h / f * f);
     let width = a.width.unwrap_or(w / f * f);
-    if height == 0 || width == 0 || height % f != 0 || width % f != 0 {
+    if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
         bail!(
             "output size {width}x{height} (from {}): width and height must be positive multiples of {f}",
             if a.height.is_some() || a.width.is_some() { "--width/--height".to_string() } else { format!("the {w}x{h} image {}", a.image.display()) }

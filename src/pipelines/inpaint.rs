@@ -137,7 +137,7 @@ pub fn check(sd: &StableDiffusion, p: &InpaintParams) -> Result<[usize; 4]> {
     }
     let (b, c, h, w) = p.image.dims4()?;
     let f = sd.vae_scale_factor();
-    if c != 3 || h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+    if c != 3 || h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
         bail!("the image must be [B, 3, H, W] with H and W positive multiples of {f} (the VAE factor), got {:?}", p.image.dims());
     }
     if b != 1 && b != n {
