@@ -4,6 +4,7 @@ mod attention;
 mod bench;
 mod demo;
 mod generate;
+mod inpaint;
 mod interrupt;
 mod toy;
 mod toy_bench;
@@ -40,6 +41,8 @@ enum Command {
     Demo(demo::Args),
     /// Generate images from a text prompt (DDIM with classifier-free guidance).
     Generate(generate::Args),
+    /// Repaint the white part of a mask in an image from a text prompt (9- or 4-channel UNets).
+    Inpaint(inpaint::Args),
     /// Learn the concepts of one image (DisenDiff, Custom Diffusion or Textual Inversion).
     Train(train::Args),
     /// Heatmaps of each prompt token's cross-attention (the paper's Fig. 4 view).
@@ -58,6 +61,7 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Inpaint(args) => inpaint::run(args),
         Command::Toy(args) => toy::run(args),
         Command::Train(args) => train::run(args),
         Command::Attention(args) => attention::run(args),

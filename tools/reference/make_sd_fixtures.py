@@ -530,6 +530,9 @@ def main():
     import make_img2img_fixtures  # a sibling script; reads the folders written above
 
     make_img2img_fixtures.build_all(out)
+    import make_inpaint_fixtures  # a sibling script; reads sd1-tiny and unet-inpaint-tiny written above
+
+    make_inpaint_fixtures.build_all(out)
 
     print("== files")
     total = 0

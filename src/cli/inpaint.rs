@@ -1,0 +1,157 @@
+//! `disendiff inpaint`: repaint the white part of a mask in a picture from a prompt, writing
+//! `OUT/00000.png`, `00001.png`, ... (the pipeline: [`crate::pipelines::inpaint`]).
+//!
+//! The picture and the mask are read and checked, and resized to the output size when they differ
+//! from it (Lanczos, with a note; the mask is made grayscale before and binarised after, as
+//! diffusers' mask processor does), before the model loads and before anything is written.
+
+use super::{ConceptArgs, ModelArgs};
+use crate::pipelines::inpaint::{self, InpaintParams};
+use crate::util;
+use anyhow::{bail, Context, Result};
+use image::imageops::{self, FilterType};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The picture to inpaint (PNG or JPEG).
+    #[arg(long, value_name = "FILE")]
+    pub image: PathBuf,
+    /// The mask (PNG or JPEG, same size as the picture or resized to it): white pixels are
+    /// repainted, black ones kept (made grayscale, then binarised at 0.5).
+    #[arg(long, value_name = "FILE", alias = "mask_image", alias = "mask-image")]
+    pub mask: PathBuf,
+    /// The prompt; modifier tokens of loaded concepts (e.g. <new1>) may be used.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (classifier-free guidance's unconditional prompt).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Number of DDIM steps of the full schedule (`int(steps * strength)` of them are run).
+    #[arg(long, default_value_t = 50, visible_alias = "steps", alias = "num_inference_steps")]
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale (1 or less disables guidance).
+    #[arg(long, default_value_t = 7.5, alias = "guidance_scale")]
+    pub guidance_scale: f64,
+    /// DDIM eta: 0 is deterministic, 1 is DDPM-like.
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// How far the picture is noised before repainting: 1 starts from pure noise, lower keeps
+    /// more of the masked region's content.
+    #[arg(long, default_value_t = 1.0)]
+    pub strength: f64,
+    /// Seed of the noise (and of the eta noise).
+    #[arg(long, default_value_t = super::DEFAULT_SEED)]
+    pub seed: u64,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1, alias = "num_images", alias = "num-images-per-prompt", alias = "num_images_per_prompt")]
+    pub num_images: usize,
+    /// Output height in pixels (default: the picture's, rounded down to a multiple of 8).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Output width in pixels (default: the picture's, rounded down to a multiple of 8).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// The noise: a safetensors file with one tensor `latents` [N, 4, H/8, W/8] (diffusers'
+    /// `latents=` at strength 1; below 1, the noise added to the picture's latents).
+    #[arg(long, value_name = "FILE")]
+    pub latents: Option<PathBuf>,
+    /// Put the original pixels back outside the mask, so that only the masked region changes
+    /// (the VAE otherwise re-renders the whole picture).
+    #[arg(long)]
+    pub paste_original: bool,
+    #[command(flatten)]
+    pub concepts: ConceptArgs,
+    /// Output folder.
+    #[arg(long, value_name = "DIR", visible_alias = "output-dir", alias = "output_dir")]
+    pub out: PathBuf,
+}
+
+/// The output size: the flags, else the picture's size rounded down to a multiple of `f`.
+fn output_size(a: &Args, img: &image::RgbImage, f: usize) -> Result<(usize, usize)> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let height = a.height.unwrap_or(h / f * f);
+    let width = a.width.unwrap_or(w / f * f);
+    if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
+        bail!(
+            "output size {width}x{height} (from {}): width and height must be positive multiples of {f}",
+            if a.height.is_some() || a.width.is_some() { "--width/--height".to_string() } else { format!("the {w}x{h} image {}", a.image.display()) }
+        );
+    }
+    Ok((height, width))
+}
+
+fn read_latents(path: &Path, device: &candle_core::Device) -> Result<candle_core::Tensor> {
+    if !path.is_file() {
+        bail!("latents file {} does not exist", path.display());
+    }
+    let mut map = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
+    map.remove("latents").with_context(|| format!("{} has no tensor named `latents`", path.display()))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    super::validate::sampling(a.num_inference_steps, a.guidance_scale, Some(a.eta), Some(a.num_images))?;
+    super::validate::in_range("--strength", a.strength, 0.0, 1.0)?;
+    let opts = a.model.load_options()?;
+    let picture = util::load_rgb(&a.image).context("reading --image")?;
+    let mask_rgb = util::load_rgb(&a.mask).context("reading --mask")?;
+    let (height, width) = output_size(&a, &picture, 8)?;
+    let (w32, h32) = (width as u32, height as u32);
+    let picture = if picture.dimensions() != (w32, h32) {
+        eprintln!("note: resizing the image {} from {}x{} to {width}x{height}", a.image.display(), picture.width(), picture.height());
+        imageops::resize(&picture, w32, h32, FilterType::Lanczos3)
+    } else {
+        picture
+    };
+    let gray = inpaint::luma(&mask_rgb);
+    let gray = if gray.dimensions() != (w32, h32) {
+        eprintln!("note: resizing the mask {} from {}x{} to {width}x{height}", a.mask.display(), gray.width(), gray.height());
+        imageops::resize(&gray, w32, h32, FilterType::Lanczos3)
+    } else {
+        gray
+    };
+    let mask = inpaint::mask_from_luma(&gray, &opts.device)?;
+    let repainted = mask.sum_all()?.to_scalar::<f32>()? as usize;
+    if repainted == 0 {
+        eprintln!("note: the mask {} has no white pixel: nothing will be repainted", a.mask.display());
+    }
+    let image = util::rgb_to_tensor(&picture, &opts.device)?;
+    let latents = a.latents.as_deref().map(|p| read_latents(p, &opts.device)).transpose()?;
+
+    let model = super::load_model(&a.model, &a.concepts)?;
+    let sd = &model.sd;
+    super::check_prompt_tokens(sd, &[&a.prompt, &a.negative_prompt], a.concepts.strict_tokens)?;
+    let mut p = InpaintParams::new(&a.prompt, image.clone(), mask.clone());
+    p.negative_prompt = a.negative_prompt.clone();
+    p.steps = a.num_inference_steps;
+    p.strength = a.strength;
+    p.guidance_scale = a.guidance_scale;
+    p.eta = a.eta;
+    p.seed = a.seed;
+    p.num_images = a.num_images;
+    p.noise = latents;
+    // Validate before any work, and before creating the output folder.
+    inpaint::check(sd, &p)?;
+    let total = inpaint::steps_run(sd, &p)?;
+    eprintln!(
+        "inpainting {width}x{height} with a {}-channel UNet ({repainted} of {} pixels repainted, {total} steps)",
+        sd.unet_config.in_channels,
+        width * height
+    );
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let pb = super::progress_bar(total as u64, "inpainting");
+    let mut images = inpaint::generate(sd, &p, |i, _| pb.set_position(i as u64))?;
+    pb.finish_and_clear();
+    if a.paste_original {
+        images = inpaint::paste_unmasked(&images, &image, &mask)?;
+    }
+    for (i, img) in util::to_rgb8(&images)?.iter().enumerate() {
+        let path = a.out.join(format!("{i:05}.png"));
+        util::save_png(img, &path)?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
