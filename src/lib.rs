@@ -5,13 +5,13 @@
 //! - [`model`]: Stable Diffusion itself (tokenizer, CLIP text encoder, UNet with an attention
 //!   probe, VAE), loaded strictly from diffusers folders; [`scheduler`]: DDPM training noise and
 //!   the DDIM sampler.
-//! - [`formats`]: the files users exchange (the concept file).
-//! - [`patch`]: concept files (next, LoRAs) applied to a loaded model in order, and undone.
+//! - [`formats`]: the files users exchange (the concept file, LoRA files).
+//! - [`patch`]: LoRAs, then concept files, applied to a loaded model in order, and undone.
 //! - [`calibration`]: the paper's contribution, attention maps -> L_bind and L_s&s (Eq. 3-6).
 //! - [`training`]: every method and ablation as a preset, data, the loss of a micro-batch,
 //!   AdamW, the loop with checkpoints.
-//! - [`pipelines`]: one denoising loop under text-to-image, image-to-image, attention maps and
-//!   class-image generation.
+//! - [`pipelines`]: one denoising loop under text-to-image, image-to-image, inpainting,
+//!   attention maps and class-image generation.
 //! - [`toyworld`]: synthetic scenes with known ground truth, for a measurable benchmark.
 //! - [`cli`]: the `disendiff` command line.
 //!
