@@ -1,7 +1,7 @@
 //! `disendiff generate`: text-to-image, or image-to-image with `--image` and `--strength`,
 //! writing `OUT/00000.png`, `00001.png`, ...
 
-use super::{ConceptArgs, ModelArgs};
+use super::{ConceptArgs, ModelArgs, SamplingArgs};
 use crate::pipelines::img2img::{self, Img2ImgParams};
 use crate::pipelines::text2img::{self, Text2ImageParams};
 use crate::util;
@@ -12,27 +12,8 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt; modifier tokens of loaded concepts (e.g. <new1>) may be used.
-    #[arg(long)]
-    pub prompt: String,
-    /// What to steer away from (classifier-free guidance's unconditional prompt).
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
-    /// Number of DDIM steps.
-    #[arg(long, default_value_t = 50, visible_alias = "steps", alias = "num_inference_steps")]
-    pub num_inference_steps: usize,
-    /// Classifier-free guidance scale (1 or less disables guidance).
-    #[arg(long, default_value_t = 7.5, alias = "guidance_scale")]
-    pub guidance_scale: f64,
-    /// DDIM eta: 0 is deterministic, 1 is DDPM-like (the paper's evaluation used 1).
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
-    /// Seed of the initial noise (and of the eta noise).
-    #[arg(long, default_value_t = super::DEFAULT_SEED)]
-    pub seed: u64,
-    /// Images to generate.
-    #[arg(long, default_value_t = 1, alias = "num_images", alias = "num-images-per-prompt", alias = "num_images_per_prompt")]
-    pub num_images: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Image height in pixels (default: the model's native size).
     #[arg(long, conflicts_with = "image")]
     pub height: Option<usize>,
@@ -76,7 +57,7 @@ fn check_latents(l: &candle_core::Tensor, want: &[usize], path: &std::path::Path
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::validate::sampling(a.num_inference_steps, a.guidance_scale, Some(a.eta), Some(a.num_images))?;
+    a.sampling.validate()?;
     if a.image.is_some() {
         super::validate::in_range("--strength", a.strength, 0.0, 1.0)?;
     }
@@ -85,7 +66,7 @@ pub fn run(a: Args) -> Result<()> {
     let picture = a.image.as_ref().map(|p| util::load_rgb(p)).transpose()?;
     let model = super::load_model(&a.model, &a.concepts)?;
     let sd = &model.sd;
-    super::check_prompt_tokens(sd, &[&a.prompt, &a.negative_prompt], a.concepts.strict_tokens)?;
+    super::check_prompt_tokens(sd, &[&a.sampling.prompt, &a.sampling.negative_prompt], a.concepts.strict_tokens)?;
     let images = match picture {
         Some(picture) => {
             let f = sd.vae_scale_factor();
@@ -93,14 +74,14 @@ pub fn run(a: Args) -> Result<()> {
             if w % f != 0 || h % f != 0 || w == 0 || h == 0 {
                 bail!("{}: the picture is {w}x{h}; image-to-image needs sides that are multiples of {f}", a.image.as_ref().unwrap().display());
             }
-            let mut p = Img2ImgParams::new(&a.prompt, util::rgb_to_tensor(&picture, &sd.device)?);
-            p.negative_prompt = a.negative_prompt.clone();
-            p.steps = a.num_inference_steps;
+            let mut p = Img2ImgParams::new(&a.sampling.prompt, util::rgb_to_tensor(&picture, &sd.device)?);
+            p.negative_prompt = a.sampling.negative_prompt.clone();
+            p.steps = a.sampling.num_inference_steps;
             p.strength = a.strength;
-            p.guidance_scale = a.guidance_scale;
-            p.eta = a.eta;
-            p.seed = a.seed;
-            p.num_images = a.num_images;
+            p.guidance_scale = a.sampling.guidance_scale;
+            p.eta = a.sampling.eta;
+            p.seed = a.sampling.seed;
+            p.num_images = a.sampling.num_images;
             if let (Some(l), Some(path)) = (&latents, &a.latents) {
                 let c = sd.vae_config.latent_channels;
                 check_latents(l, &[p.num_images, c, h / f, w / f], path, &format!("{} image(s) of {w}x{h}", p.num_images))?;
@@ -116,13 +97,13 @@ pub fn run(a: Args) -> Result<()> {
             images
         }
         None => {
-            let mut p = Text2ImageParams::new(sd, &a.prompt);
-            p.negative_prompt = a.negative_prompt.clone();
-            p.steps = a.num_inference_steps;
-            p.guidance_scale = a.guidance_scale;
-            p.eta = a.eta;
-            p.seed = a.seed;
-            p.num_images = a.num_images;
+            let mut p = Text2ImageParams::new(sd, &a.sampling.prompt);
+            p.negative_prompt = a.sampling.negative_prompt.clone();
+            p.steps = a.sampling.num_inference_steps;
+            p.guidance_scale = a.sampling.guidance_scale;
+            p.eta = a.sampling.eta;
+            p.seed = a.sampling.seed;
+            p.num_images = a.sampling.num_images;
             if let Some(h) = a.height {
                 p.height = h;
             }

@@ -5,7 +5,7 @@
 //! from it (Lanczos, with a note; the mask is made grayscale before and binarised after, as
 //! diffusers' mask processor does), before the model loads and before anything is written.
 
-use super::{ConceptArgs, ModelArgs};
+use super::{ConceptArgs, ModelArgs, SamplingArgs};
 use crate::pipelines::inpaint::{self, InpaintParams};
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -23,31 +23,12 @@ pub struct Args {
     /// repainted, black ones kept (made grayscale, then binarised at 0.5).
     #[arg(long, value_name = "FILE", alias = "mask_image", alias = "mask-image")]
     pub mask: PathBuf,
-    /// The prompt; modifier tokens of loaded concepts (e.g. <new1>) may be used.
-    #[arg(long)]
-    pub prompt: String,
-    /// What to steer away from (classifier-free guidance's unconditional prompt).
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
-    /// Number of DDIM steps of the full schedule (`int(steps * strength)` of them are run).
-    #[arg(long, default_value_t = 50, visible_alias = "steps", alias = "num_inference_steps")]
-    pub num_inference_steps: usize,
-    /// Classifier-free guidance scale (1 or less disables guidance).
-    #[arg(long, default_value_t = 7.5, alias = "guidance_scale")]
-    pub guidance_scale: f64,
-    /// DDIM eta: 0 is deterministic, 1 is DDPM-like.
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// How far the picture is noised before repainting: 1 starts from pure noise, lower keeps
     /// more of the masked region's content.
     #[arg(long, default_value_t = 1.0)]
     pub strength: f64,
-    /// Seed of the noise (and of the eta noise).
-    #[arg(long, default_value_t = super::DEFAULT_SEED)]
-    pub seed: u64,
-    /// Images to generate.
-    #[arg(long, default_value_t = 1, alias = "num_images", alias = "num-images-per-prompt", alias = "num_images_per_prompt")]
-    pub num_images: usize,
     /// Output height in pixels (default: the picture's, rounded down to a multiple of 8).
     #[arg(long)]
     pub height: Option<usize>,
@@ -93,7 +74,7 @@ fn read_latents(path: &Path, device: &candle_core::Device) -> Result<candle_core
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::validate::sampling(a.num_inference_steps, a.guidance_scale, Some(a.eta), Some(a.num_images))?;
+    a.sampling.validate()?;
     super::validate::in_range("--strength", a.strength, 0.0, 1.0)?;
     let opts = a.model.load_options()?;
     let picture = util::load_rgb(&a.image).context("reading --image")?;
@@ -123,15 +104,15 @@ pub fn run(a: Args) -> Result<()> {
 
     let model = super::load_model(&a.model, &a.concepts)?;
     let sd = &model.sd;
-    super::check_prompt_tokens(sd, &[&a.prompt, &a.negative_prompt], a.concepts.strict_tokens)?;
-    let mut p = InpaintParams::new(&a.prompt, image.clone(), mask.clone());
-    p.negative_prompt = a.negative_prompt.clone();
-    p.steps = a.num_inference_steps;
+    super::check_prompt_tokens(sd, &[&a.sampling.prompt, &a.sampling.negative_prompt], a.concepts.strict_tokens)?;
+    let mut p = InpaintParams::new(&a.sampling.prompt, image.clone(), mask.clone());
+    p.negative_prompt = a.sampling.negative_prompt.clone();
+    p.steps = a.sampling.num_inference_steps;
     p.strength = a.strength;
-    p.guidance_scale = a.guidance_scale;
-    p.eta = a.eta;
-    p.seed = a.seed;
-    p.num_images = a.num_images;
+    p.guidance_scale = a.sampling.guidance_scale;
+    p.eta = a.sampling.eta;
+    p.seed = a.sampling.seed;
+    p.num_images = a.sampling.num_images;
     p.noise = latents;
     // Validate before any work, and before creating the output folder.
     inpaint::check(sd, &p)?;

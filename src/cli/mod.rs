@@ -120,6 +120,39 @@ impl ModelArgs {
     }
 }
 
+/// The sampling flags of the subcommands that generate images (diffusers' names).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// The prompt; modifier tokens of loaded concepts (e.g. <new1>) may be used.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (classifier-free guidance's unconditional prompt).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Number of DDIM steps (of the full schedule when --strength < 1 runs only its end).
+    #[arg(long, default_value_t = 50, visible_alias = "steps", alias = "num_inference_steps")]
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale (1 or less disables guidance).
+    #[arg(long, default_value_t = 7.5, alias = "guidance_scale")]
+    pub guidance_scale: f64,
+    /// DDIM eta: 0 is deterministic, 1 is DDPM-like (the paper's evaluation used 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Seed of the initial noise (and of the eta noise).
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1, alias = "num_images", alias = "num-images-per-prompt", alias = "num_images_per_prompt")]
+    pub num_images: usize,
+}
+
+impl SamplingArgs {
+    /// Checks the numbers before any work (validate.rs).
+    pub fn validate(&self) -> Result<()> {
+        validate::sampling(self.num_inference_steps, self.guidance_scale, Some(self.eta), Some(self.num_images))
+    }
+}
+
 /// Concept-file flags of the subcommands that generate.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ConceptArgs {
