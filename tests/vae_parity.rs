@@ -81,3 +81,24 @@ fn config_weight_mismatches_are_errors() {
 fn vaes_match_diffusers_with_kernels_off() {
     common::run_with_kernels_off(&["sd1_vae_matches_diffusers", "sd2_vae_matches_diffusers"]);
 }
+
+/// Tiled decoding (`enable_tiling`) against diffusers' `tiled_decode` on the same tiny VAE
+/// (golden `vae-tiling.*`, tools/reference/make_vae_tiling_fixtures.py): 3 x 5 latent tiles
+/// of 8 with 25% overlap. Without tiling the same latents give diffusers' one-piece decode, and
+/// the two differ clearly (so a tiling that did nothing would fail).
+#[test]
+fn tiled_decode_matches_diffusers() {
+    let cfg = VaeConfig::from_file(common::fixture("sd1-tiny/vae/config.json")).unwrap();
+    assert_eq!(cfg.sample_size, 64);
+    let (mut vae, _store) = load("sd1", &cfg).unwrap();
+    let g = common::load_golden("vae-tiling");
+    let whole = vae.decode(&g["latents"]).unwrap();
+    let err_whole = common::rel_err(&whole, &g["whole"]);
+    vae.enable_tiling();
+    let tiled = vae.decode(&g["latents"]).unwrap();
+    let err_tiled = common::rel_err(&tiled, &g["tiled"]);
+    let apart = common::rel_err(&g["tiled"], &g["whole"]);
+    println!("tiled rel err {err_tiled:.3e}, whole rel err {err_whole:.3e}, tiled vs whole {apart:.3e}");
+    assert!(err_whole <= 1e-4 && err_tiled <= 1e-4, "tiled {err_tiled}, whole {err_whole}");
+    assert!(apart > 1e-2, "the golden's tiled and whole decodes hardly differ ({apart})");
+}

@@ -64,10 +64,14 @@ pub fn run(a: Args) -> Result<()> {
     let opts = a.model.load_options()?;
     let latents = a.latents.as_ref().map(|p| read_latents(p, &opts.device)).transpose()?;
     let picture = a.image.as_ref().map(|p| util::load_rgb(p)).transpose()?;
-    let model = super::load_model(&a.model, &a.concepts)?;
+    let mut model = super::load_model(&a.model, &a.concepts)?;
+    if a.sampling.vae_tiling {
+        model.sd.vae.enable_tiling();
+    }
     let sd = &model.sd;
     super::check_prompt_tokens(sd, &[&a.sampling.prompt, &a.sampling.negative_prompt], a.concepts.strict_tokens)?;
-    let images = match picture {
+    let (n, seed) = (a.sampling.num_images, a.sampling.seed);
+    match picture {
         Some(picture) => {
             let f = sd.vae_scale_factor();
             let (w, h) = (picture.width() as usize, picture.height() as usize);
@@ -80,21 +84,25 @@ pub fn run(a: Args) -> Result<()> {
             p.strength = a.strength;
             p.guidance_scale = a.sampling.guidance_scale;
             p.eta = a.sampling.eta;
-            p.seed = a.sampling.seed;
-            p.num_images = a.sampling.num_images;
+            p.num_images = 1;
+            let shape = [n, sd.vae_config.latent_channels, h / f, w / f];
             if let (Some(l), Some(path)) = (&latents, &a.latents) {
-                let c = sd.vae_config.latent_channels;
-                check_latents(l, &[p.num_images, c, h / f, w / f], path, &format!("{} image(s) of {w}x{h}", p.num_images))?;
+                check_latents(l, &shape, path, &format!("{n} image(s) of {w}x{h}"))?;
             }
-            p.noise = latents;
+            let noise = super::images::initial_noise(latents, &shape, seed, &sd.device)?;
             std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-            let pb = super::progress_bar(p.steps as u64, "sampling");
-            let images = img2img::generate(sd, &p, |i, total| {
-                pb.set_length(total as u64);
-                pb.set_position(i as u64)
-            })?;
-            pb.finish_and_clear();
-            images
+            super::images::generate_each(n, &noise, &a.out, |i, noise| {
+                let pb = super::progress_bar(p.steps as u64, &format!("image {}/{n}", i + 1));
+                let mut p = p.clone();
+                p.noise = Some(noise);
+                p.seed = super::images::step_seed(seed, i);
+                let image = img2img::generate(sd, &p, |i, total| {
+                    pb.set_length(total as u64);
+                    pb.set_position(i as u64)
+                })?;
+                pb.finish_and_clear();
+                Ok(image)
+            })
         }
         None => {
             let mut p = Text2ImageParams::new(sd, &a.sampling.prompt);
@@ -102,8 +110,7 @@ pub fn run(a: Args) -> Result<()> {
             p.steps = a.sampling.num_inference_steps;
             p.guidance_scale = a.sampling.guidance_scale;
             p.eta = a.sampling.eta;
-            p.seed = a.sampling.seed;
-            p.num_images = a.sampling.num_images;
+            p.num_images = n;
             if let Some(h) = a.height {
                 p.height = h;
             }
@@ -111,22 +118,22 @@ pub fn run(a: Args) -> Result<()> {
                 p.width = w;
             }
             // Validate before any work, and before creating the output folder.
-            let want = text2img::latent_shape(sd, &p)?;
+            let shape = text2img::latent_shape(sd, &p)?;
             if let (Some(l), Some(path)) = (&latents, &a.latents) {
-                check_latents(l, &want, path, &format!("{} image(s) of {}x{}", p.num_images, p.height, p.width))?;
+                check_latents(l, &shape, path, &format!("{n} image(s) of {}x{}", p.height, p.width))?;
             }
-            p.latents = latents;
+            let noise = super::images::initial_noise(latents, &shape, seed, &sd.device)?;
+            p.num_images = 1;
             std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-            let pb = super::progress_bar(p.steps as u64, "sampling");
-            let images = text2img::generate(sd, &p, |i, _| pb.set_position(i as u64))?;
-            pb.finish_and_clear();
-            images
+            super::images::generate_each(n, &noise, &a.out, |i, noise| {
+                let pb = super::progress_bar(p.steps as u64, &format!("image {}/{n}", i + 1));
+                let mut p = p.clone();
+                p.latents = Some(noise);
+                p.seed = super::images::step_seed(seed, i);
+                let image = text2img::generate(sd, &p, |i, _| pb.set_position(i as u64))?;
+                pb.finish_and_clear();
+                Ok(image)
+            })
         }
-    };
-    for (i, img) in util::to_rgb8(&images)?.iter().enumerate() {
-        let path = a.out.join(format!("{i:05}.png"));
-        util::save_png(img, &path)?;
-        println!("{}", path.display());
     }
-    Ok(())
 }

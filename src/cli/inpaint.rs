@@ -102,17 +102,20 @@ pub fn run(a: Args) -> Result<()> {
     let image = util::rgb_to_tensor(&picture, &opts.device)?;
     let latents = a.latents.as_deref().map(|p| read_latents(p, &opts.device)).transpose()?;
 
-    let model = super::load_model(&a.model, &a.concepts)?;
+    let mut model = super::load_model(&a.model, &a.concepts)?;
+    if a.sampling.vae_tiling {
+        model.sd.vae.enable_tiling();
+    }
     let sd = &model.sd;
     super::check_prompt_tokens(sd, &[&a.sampling.prompt, &a.sampling.negative_prompt], a.concepts.strict_tokens)?;
+    let (n, seed) = (a.sampling.num_images, a.sampling.seed);
     let mut p = InpaintParams::new(&a.sampling.prompt, image.clone(), mask.clone());
     p.negative_prompt = a.sampling.negative_prompt.clone();
     p.steps = a.sampling.num_inference_steps;
     p.strength = a.strength;
     p.guidance_scale = a.sampling.guidance_scale;
     p.eta = a.sampling.eta;
-    p.seed = a.sampling.seed;
-    p.num_images = a.sampling.num_images;
+    p.num_images = n;
     p.noise = latents;
     // Validate before any work, and before creating the output folder.
     inpaint::check(sd, &p)?;
@@ -122,17 +125,21 @@ pub fn run(a: Args) -> Result<()> {
         sd.unet_config.in_channels,
         width * height
     );
+    let f = sd.vae_scale_factor();
+    let shape = [n, sd.vae_config.latent_channels, height / f, width / f];
+    let noise = super::images::initial_noise(p.noise.take(), &shape, seed, &sd.device)?;
+    p.num_images = 1;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let pb = super::progress_bar(total as u64, "inpainting");
-    let mut images = inpaint::generate(sd, &p, |i, _| pb.set_position(i as u64))?;
-    pb.finish_and_clear();
-    if a.paste_original {
-        images = inpaint::paste_unmasked(&images, &image, &mask)?;
-    }
-    for (i, img) in util::to_rgb8(&images)?.iter().enumerate() {
-        let path = a.out.join(format!("{i:05}.png"));
-        util::save_png(img, &path)?;
-        println!("{}", path.display());
-    }
-    Ok(())
+    super::images::generate_each(n, &noise, &a.out, |i, noise| {
+        let pb = super::progress_bar(total as u64, &format!("inpainting {}/{n}", i + 1));
+        let mut p = p.clone();
+        p.noise = Some(noise);
+        p.seed = super::images::step_seed(seed, i);
+        let images = inpaint::generate(sd, &p, |i, _| pb.set_position(i as u64))?;
+        pb.finish_and_clear();
+        if a.paste_original {
+            return inpaint::paste_unmasked(&images, &image, &mask);
+        }
+        Ok(images)
+    })
 }

@@ -4,6 +4,7 @@ mod attention;
 mod bench;
 mod demo;
 mod generate;
+mod images;
 mod inpaint;
 mod interrupt;
 mod toy;
@@ -141,9 +142,15 @@ pub struct SamplingArgs {
     /// Seed of the initial noise (and of the eta noise).
     #[arg(long, default_value_t = DEFAULT_SEED)]
     pub seed: u64,
-    /// Images to generate.
+    /// Images to generate, one at a time (each written when done; a first Ctrl-C stops after
+    /// the current one). Image i starts from row i of the seed's noise, as in one batch.
     #[arg(long, default_value_t = 1, alias = "num_images", alias = "num-images-per-prompt", alias = "num_images_per_prompt")]
     pub num_images: usize,
+    /// Decode the latents in overlapping tiles, as diffusers' `enable_vae_tiling()`: far less
+    /// memory for large images (2048 px needs about what 512 px does), slightly different
+    /// pixels near the tile seams.
+    #[arg(long, alias = "enable-vae-tiling", alias = "enable_vae_tiling")]
+    pub vae_tiling: bool,
 }
 
 impl SamplingArgs {

@@ -227,7 +227,7 @@ pub fn run(a: Args) -> Result<()> {
     let base_path = a.model.model.canonicalize().unwrap_or_else(|_| a.model.model.clone());
     let mut trainer = Trainer::new(model, config, &a.image, reg, &a.out, &base_path.display().to_string())?;
     trainer.checkpoints_total_limit = a.checkpoints_total_limit;
-    trainer.stop = Some(super::interrupt::install());
+    trainer.stop = Some(super::interrupt::install("stopping after the current step (press Ctrl-C again to stop at once)"));
     let start = match &resume {
         Some(from) => trainer.resume(from)?,
         None => 0,

@@ -6,7 +6,9 @@
 //! `decode` takes unscaled latents back to an image in about [-1, 1].
 
 use super::nn::{Conv2d, GroupNorm, Linear};
+use super::attention_chunks;
 use super::ops::{self, softmax_last_dim};
+use super::vae_tiling::{tiled_decode, Tiling};
 use super::weights::Vb;
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Module, Result, Tensor};
@@ -46,6 +48,28 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "default_act")]
     pub act_fn: String,
+    /// Image size the VAE was trained at (a number or `[h, w]`, the first used): the tile
+    /// size of tiled decoding.
+    #[serde(default = "default_sample_size", deserialize_with = "number_or_first")]
+    pub sample_size: usize,
+}
+
+fn default_sample_size() -> usize {
+    32
+}
+
+/// `sample_size` is a number in SD's configs and `[h, w]` in some others.
+fn number_or_first<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        One(usize),
+        Many(Vec<usize>),
+    }
+    match Size::deserialize(d)? {
+        Size::One(n) => Ok(n),
+        Size::Many(v) => v.first().copied().ok_or_else(|| serde::de::Error::custom("sample_size is an empty list")),
+    }
 }
 
 fn one() -> usize {
@@ -97,6 +121,7 @@ impl Default for VaeConfig {
             use_quant_conv: true,
             use_post_quant_conv: true,
             act_fn: "silu".into(),
+            sample_size: 512,
         }
     }
 }
@@ -210,9 +235,14 @@ impl Attention {
         let out = match ops::attention(&q, &k, &v, 1, 1.0 / (c as f64).sqrt())? {
             Some(out) => out,
             None => {
-                // upcast_softmax: scores and softmax in f32.
-                let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? / (c as f64).sqrt())?;
-                softmax_last_dim(&scores)?.to_dtype(x.dtype())?.matmul(&v)?
+                // upcast_softmax: scores and softmax in f32; blocks of query rows, so the
+                // [B, HW, HW] scores never exist at once (attention_chunks.rs)
+                let kt = k.to_dtype(DType::F32)?.t()?;
+                let rows = attention_chunks::rows_per_block(b, h * w, h * w);
+                attention_chunks::by_query_blocks(&q, 1, rows, |q| {
+                    let scores = (q.to_dtype(DType::F32)?.matmul(&kt)? / (c as f64).sqrt())?;
+                    softmax_last_dim(&scores)?.to_dtype(x.dtype())?.matmul(&v)
+                })?
             }
         };
         let out = self.to_out.forward(&out)?.transpose(1, 2)?.reshape((b, c, h, w))?;
@@ -398,6 +428,8 @@ pub struct AutoencoderKL {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     config: VaeConfig,
+    /// Set by [`AutoencoderKL::enable_tiling`]: large latents are decoded in tiles.
+    tiling: Option<Tiling>,
 }
 
 impl AutoencoderKL {
@@ -414,6 +446,7 @@ impl AutoencoderKL {
             quant_conv,
             post_quant_conv,
             config: cfg.clone(),
+            tiling: None,
         })
     }
 
@@ -430,8 +463,27 @@ impl AutoencoderKL {
         Ok(DiagonalGaussian { mean, logvar, std })
     }
 
-    /// Unscaled latents `z` -> image `[B, out_channels, H*f, W*f]` (about [-1, 1]).
+    /// Unscaled latents `z` -> image `[B, out_channels, H*f, W*f]` (about [-1, 1]); in tiles
+    /// when tiling is on and `z` is larger than a tile.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        match &self.tiling {
+            Some(t) if t.applies(z.dim(2)?, z.dim(3)?) => tiled_decode(z, t, |tile| self.decode_whole(tile)),
+            _ => self.decode_whole(z),
+        }
+    }
+
+    /// Decodes large latents in overlapping tiles from now on, as diffusers' `enable_tiling()`
+    /// (tile size from the config's `sample_size`; see [`super::vae_tiling`]).
+    pub fn enable_tiling(&mut self) {
+        self.tiling = Some(Tiling::new(self.config.sample_size, self.config.block_out_channels.len()));
+    }
+
+    /// The tiling in use, if any.
+    pub fn tiling(&self) -> Option<&Tiling> {
+        self.tiling.as_ref()
+    }
+
+    fn decode_whole(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(c) => c.forward(z)?,
             None => z.clone(),

@@ -533,6 +533,9 @@ def main():
     import make_inpaint_fixtures  # a sibling script; reads sd1-tiny and unet-inpaint-tiny written above
 
     make_inpaint_fixtures.build_all(out)
+    import make_vae_tiling_fixtures  # a sibling script; reads sd1-tiny written above
+
+    make_vae_tiling_fixtures.build_all(out)
 
     print("== files")
     total = 0
