@@ -2,6 +2,7 @@
 //! writing `OUT/00000.png`, `00001.png`, ...
 
 use super::{ConceptArgs, ModelArgs, SamplingArgs};
+use crate::model::memory::Generation;
 use crate::pipelines::img2img::{self, Img2ImgParams};
 use crate::pipelines::text2img::{self, Text2ImageParams};
 use crate::util;
@@ -89,6 +90,8 @@ pub fn run(a: Args) -> Result<()> {
             if let (Some(l), Some(path)) = (&latents, &a.latents) {
                 check_latents(l, &shape, path, &format!("{n} image(s) of {w}x{h}"))?;
             }
+            let g = Generation { height: h, width: w, guidance: p.guidance_scale > 1.0, encodes_image: true, vae_tiling: a.sampling.vae_tiling };
+            super::memory::check_generation(&a.model, sd, &g, "image-to-image at")?;
             let noise = super::images::initial_noise(latents, &shape, seed, &sd.device)?;
             std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
             super::images::generate_each(n, &noise, &a.out, |i, noise| {
@@ -122,6 +125,8 @@ pub fn run(a: Args) -> Result<()> {
             if let (Some(l), Some(path)) = (&latents, &a.latents) {
                 check_latents(l, &shape, path, &format!("{n} image(s) of {}x{}", p.height, p.width))?;
             }
+            let g = Generation { height: p.height, width: p.width, guidance: p.guidance_scale > 1.0, encodes_image: false, vae_tiling: a.sampling.vae_tiling };
+            super::memory::check_generation(&a.model, sd, &g, "generating")?;
             let noise = super::images::initial_noise(latents, &shape, seed, &sd.device)?;
             p.num_images = 1;
             std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;

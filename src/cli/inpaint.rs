@@ -6,6 +6,7 @@
 //! diffusers' mask processor does), before the model loads and before anything is written.
 
 use super::{ConceptArgs, ModelArgs, SamplingArgs};
+use crate::model::memory::Generation;
 use crate::pipelines::inpaint::{self, InpaintParams};
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -80,6 +81,13 @@ pub fn run(a: Args) -> Result<()> {
     let picture = util::load_rgb(&a.image).context("reading --image")?;
     let mask_rgb = util::load_rgb(&a.mask).context("reading --mask")?;
     let (height, width) = output_size(&a, &picture, 8)?;
+    // the model and the memory check before the pictures are resized to the output size
+    let mut model = super::load_model(&a.model, &a.concepts)?;
+    if a.sampling.vae_tiling {
+        model.sd.vae.enable_tiling();
+    }
+    let g = Generation { height, width, guidance: a.sampling.guidance_scale > 1.0, encodes_image: true, vae_tiling: a.sampling.vae_tiling };
+    super::memory::check_generation(&a.model, &model.sd, &g, "inpainting")?;
     let (w32, h32) = (width as u32, height as u32);
     let picture = if picture.dimensions() != (w32, h32) {
         eprintln!("note: resizing the image {} from {}x{} to {width}x{height}", a.image.display(), picture.width(), picture.height());
@@ -102,10 +110,6 @@ pub fn run(a: Args) -> Result<()> {
     let image = util::rgb_to_tensor(&picture, &opts.device)?;
     let latents = a.latents.as_deref().map(|p| read_latents(p, &opts.device)).transpose()?;
 
-    let mut model = super::load_model(&a.model, &a.concepts)?;
-    if a.sampling.vae_tiling {
-        model.sd.vae.enable_tiling();
-    }
     let sd = &model.sd;
     super::check_prompt_tokens(sd, &[&a.sampling.prompt, &a.sampling.negative_prompt], a.concepts.strict_tokens)?;
     let (n, seed) = (a.sampling.num_images, a.sampling.seed);

@@ -7,6 +7,7 @@ mod generate;
 mod images;
 mod inpaint;
 mod interrupt;
+mod memory;
 mod toy;
 mod toy_bench;
 mod train;
@@ -96,6 +97,11 @@ pub struct ModelArgs {
     /// Compute device: cpu, or cuda / cuda:N when built with --features cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Memory the whole run may use (e.g. 8GB, 512M, 1.5GiB). Before any work the peak is
+    /// estimated from the shapes and a run that would exceed this (default: the memory the
+    /// machine has available) is refused, saying what would fit.
+    #[arg(long, value_name = "SIZE", value_parser = memory::parse_size)]
+    pub max_memory: Option<u64>,
 }
 
 impl ModelArgs {

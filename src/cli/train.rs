@@ -2,6 +2,7 @@
 //! ablations as presets of the same trainer) and write `OUT/concepts.safetensors`.
 
 use super::ModelArgs;
+use crate::model::memory::Training;
 use crate::pipelines::class_images::class_images;
 use crate::pipelines::text2img::{self, Text2ImageParams};
 use crate::training::adamw::AdamWConfig;
@@ -190,6 +191,8 @@ pub fn run(a: Args) -> Result<()> {
     let defaults = preset.defaults;
     let batch_size = a.train_batch_size.unwrap_or(defaults.train_batch_size);
     let grad_accum = a.gradient_accumulation_steps.unwrap_or(defaults.gradient_accumulation_steps);
+    let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution };
+    super::memory::check_training(&a.model, &model.sd, &t)?;
     let mut lr = a.learning_rate.unwrap_or(defaults.learning_rate);
     if a.scale_lr {
         lr *= (batch_size * grad_accum) as f64;

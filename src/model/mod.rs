@@ -5,6 +5,7 @@ pub mod attention_chunks;
 pub mod clip;
 pub mod nn;
 pub mod kernels;
+pub mod memory;
 pub mod ops;
 pub mod sd;
 pub mod tokenizer;
