@@ -67,9 +67,10 @@ pub fn check(model: &ModelArgs, what: &str, est: &Estimate, suggest: impl FnOnce
 /// Checks a generation of `g` (one image at a time) on `sd`, suggesting the largest square
 /// size that fits, and `--vae-tiling` when it would make this size fit.
 pub fn check_generation(model: &ModelArgs, sd: &StableDiffusion, g: &Generation, what: &str) -> Result<()> {
-    let est = memory::generation(sd, g)?;
+    let shapes = memory::Shapes::of(sd)?;
+    let est = memory::generation(&shapes, g)?;
     check(model, &format!("{what} {}x{}", g.width, g.height), &est, |room| {
-        let fits = |g: &Generation| memory::generation(sd, g).map_or(false, |e| e.activations() <= room);
+        let fits = |g: &Generation| memory::generation(&shapes, g).map_or(false, |e| e.activations() <= room);
         let mut hints = Vec::new();
         if !g.vae_tiling && fits(&Generation { vae_tiling: true, ..*g }) {
             hints.push("--vae-tiling makes this size fit".to_string());
@@ -90,10 +91,11 @@ pub fn check_generation(model: &ModelArgs, sd: &StableDiffusion, g: &Generation,
 /// Checks one training micro-batch of `t` on `sd`, suggesting the largest micro-batch or
 /// resolution that fits.
 pub fn check_training(model: &ModelArgs, sd: &StableDiffusion, t: &Training) -> Result<()> {
-    let est = memory::training(sd, t)?;
+    let shapes = memory::Shapes::of(sd)?;
+    let est = memory::training(&shapes, t)?;
     let what = format!("training at {0}x{0} with micro-batches of {1}", t.resolution, t.batch);
     check(model, &what, &est, |room| {
-        let fits = |t: &Training| memory::training(sd, t).map_or(false, |e| e.activations() <= room);
+        let fits = |t: &Training| memory::training(&shapes, t).map_or(false, |e| e.activations() <= room);
         let batch = (1..t.batch).rev().find(|&b| fits(&Training { batch: b, ..*t }));
         let step = sd.vae_scale_factor() * 8;
         let side = (1..=t.resolution / step).map(|k| k * step).take_while(|&r| fits(&Training { resolution: r, ..*t })).last();

@@ -23,8 +23,11 @@
 
 use super::attention_chunks::SCORE_BUDGET_BYTES;
 use super::sd::StableDiffusion;
+use super::unet::UNetConfig;
+use super::vae::VaeConfig;
 use super::vae_tiling::Tiling;
 use anyhow::{bail, Result};
+use candle_core::DType;
 
 /// One stage of a run and the bytes it needs at its peak, beyond the loaded model.
 #[derive(Clone, Debug)]
@@ -75,7 +78,7 @@ pub struct Training {
 }
 
 /// Sizes of the model that the estimate reads.
-struct Shapes {
+pub struct Shapes {
     unet_channels: Vec<u64>,
     unet_layers: Vec<u64>,
     unet_attention: Vec<bool>,
@@ -91,20 +94,27 @@ struct Shapes {
 }
 
 impl Shapes {
-    fn of(sd: &StableDiffusion) -> Result<Self> {
-        let r = sd.unet_config.resolved()?;
-        let v = &sd.vae_config;
+    /// The shapes of a loaded model (and whether the fused CPU kernels serve it).
+    pub fn of(sd: &StableDiffusion) -> Result<Self> {
+        let fused = sd.dtype == candle_core::DType::F32 && sd.device.is_cpu() && super::kernels::enabled();
+        Self::from_configs(&sd.unet_config, &sd.vae_config, sd.tokenizer.max_length, sd.dtype, fused)
+    }
+
+    /// The shapes of a model of these configs, with activations of `dtype`, a prompt of
+    /// `context_len` tokens, and `fused` CPU kernels or candle's generic path.
+    pub fn from_configs(unet: &UNetConfig, vae: &VaeConfig, context_len: usize, dtype: DType, fused: bool) -> Result<Self> {
+        let r = unet.resolved()?;
         Ok(Self {
-            unet_channels: sd.unet_config.block_out_channels.iter().map(|&c| c as u64).collect(),
+            unet_channels: unet.block_out_channels.iter().map(|&c| c as u64).collect(),
             unet_layers: r.layers.iter().map(|&l| l as u64).collect(),
-            unet_attention: sd.unet_config.down_block_types.iter().map(|t| t.contains("CrossAttn")).collect(),
+            unet_attention: unet.down_block_types.iter().map(|t| t.contains("CrossAttn")).collect(),
             unet_heads: r.heads.iter().map(|&h| h as u64).collect(),
-            context_len: sd.tokenizer.max_length as u64,
-            vae_channels: v.block_out_channels.iter().map(|&c| c as u64).collect(),
-            vae_factor: sd.vae_scale_factor() as u64,
-            tiling: Tiling::new(v.sample_size, v.block_out_channels.len()),
-            e: sd.dtype.size_in_bytes() as u64,
-            fused: sd.dtype == candle_core::DType::F32 && sd.device.is_cpu() && super::kernels::enabled(),
+            context_len: context_len as u64,
+            vae_channels: vae.block_out_channels.iter().map(|&c| c as u64).collect(),
+            vae_factor: 1 << (vae.block_out_channels.len() - 1),
+            tiling: Tiling::new(vae.sample_size, vae.block_out_channels.len()),
+            e: dtype.size_in_bytes() as u64,
+            fused,
         })
     }
 
@@ -183,9 +193,8 @@ fn conv_bytes(c_in: u64, c_out: u64, pixels: u64) -> u64 {
     (10u64.saturating_mul(c_in) + 2u64.saturating_mul(c_out)).saturating_mul(pixels)
 }
 
-/// The stages of generating one image of `g`'s size on `sd`.
-pub fn generation(sd: &StableDiffusion, g: &Generation) -> Result<Estimate> {
-    let s = Shapes::of(sd)?;
+/// The stages of generating one image of `g`'s size on a model of shapes `s`.
+pub fn generation(s: &Shapes, g: &Generation) -> Result<Estimate> {
     let f = s.vae_factor;
     let (h, w) = (g.height as u64, g.width as u64);
     if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
@@ -208,10 +217,9 @@ pub fn generation(sd: &StableDiffusion, g: &Generation) -> Result<Estimate> {
     Ok(Estimate { stages })
 }
 
-/// The stages of one training micro-batch on `sd`: the VAE encoding of the images and the
-/// UNet forward whose activations the backward keeps.
-pub fn training(sd: &StableDiffusion, t: &Training) -> Result<Estimate> {
-    let s = Shapes::of(sd)?;
+/// The stages of one training micro-batch on a model of shapes `s`: the VAE encoding of the
+/// images and the UNet forward whose activations the backward keeps.
+pub fn training(s: &Shapes, t: &Training) -> Result<Estimate> {
     let f = s.vae_factor;
     let side = t.resolution as u64;
     if side == 0 || side % f != 0 {
@@ -302,6 +310,45 @@ mod tests {
         // SD's VAE decoder at 512 px: the 256-channel upsampler convolution's patch matrix
         // alone is 9 x 256 x 512^2 f32 = 2.4 GB
         assert_eq!(conv_bytes(256, 256, 512 * 512) * 4, (10 * 256 + 512) * 512 * 512 * 4);
+    }
+
+    /// SD1.5's configs (diffusers' `runwayml/stable-diffusion-v1-5` UNet and VAE).
+    fn sd15(dtype: DType, fused: bool) -> Shapes {
+        let unet = UNetConfig::from_json_str(
+            r#"{"sample_size": 64, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                "cross_attention_dim": 768, "attention_head_dim": 8}"#,
+        )
+        .unwrap();
+        Shapes::from_configs(&unet, &VaeConfig::default(), 77, dtype, fused).unwrap()
+    }
+
+    /// The README's table of SD1.5 sizes (printed with --nocapture), and its shape: tiling
+    /// bounds the decoder, the generic path's attention blocks stay within their budget, and
+    /// the 1024 px VAE decoder is the patch matrices' 4x of 512 px.
+    #[test]
+    fn sd15_table() {
+        for (what, s) in [("f32 CPU kernels", sd15(DType::F32, true)), ("f16 generic", sd15(DType::F16, false))] {
+            for side in [512usize, 768, 1024, 2048] {
+                let g = Generation { height: side, width: side, guidance: true, encodes_image: false, vae_tiling: false };
+                let whole = generation(&s, &g).unwrap();
+                let tiled = generation(&s, &Generation { vae_tiling: true, ..g }).unwrap();
+                println!(
+                    "{what} {side}px: UNet step {}, VAE decoder {}, with --vae-tiling {}",
+                    human(whole.stages[0].bytes), human(whole.stages[1].bytes), human(tiled.activations())
+                );
+                if side > 512 {
+                    assert!(tiled.stages[1].bytes < whole.stages[1].bytes);
+                }
+            }
+            let t = training(&s, &Training { resolution: 512, batch: 2, attn_resolution: 16 }).unwrap();
+            println!("{what} training 512px batch 2: {}", human(t.activations()));
+        }
+        let s = sd15(DType::F32, true);
+        let d = |side: u64| s.vae_decode((side / 8) * (side / 8));
+        let ratio = d(1024) as f64 / d(512) as f64;
+        assert!((3.9..4.1).contains(&ratio), "{ratio}");
     }
 
     #[test]
