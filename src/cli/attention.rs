@@ -2,6 +2,7 @@
 //! Fig. 4 view), as one PNG per token, an overview grid and an index.html that labels them.
 
 use super::{ConceptArgs, ModelArgs};
+use crate::model::memory::Generation;
 use crate::pipelines::attention_maps::{grid, overlay, token_maps};
 use crate::pipelines::text2img::{latent_shape, Text2ImageParams};
 use crate::util;
@@ -48,6 +49,8 @@ pub fn run(a: Args) -> Result<()> {
     p.guidance_scale = a.guidance_scale;
     p.seed = a.seed;
     let [_, _, lh, _] = latent_shape(sd, &p)?;
+    let g = Generation { height: p.height, width: p.width, guidance: p.guidance_scale > 1.0, encodes_image: false, vae_tiling: false };
+    super::memory::check_generation(&a.model, sd, &g, "attention maps at")?;
     let side = a.resolution.unwrap_or(lh / 4);
     let maps = token_maps(sd, &p, side)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
