@@ -68,8 +68,9 @@ pub struct Args {
     /// Weight of L_s&s alone (default: --attn-weight; the paper uses 0.001 in some cases).
     #[arg(long, alias = "ss_weight")]
     pub ss_weight: Option<f64>,
-    /// Query-grid side of the cross-attention maps used (default: latent side / 4, i.e. 16
-    /// for SD at 512x512).
+    /// Query-grid side of the cross-attention maps the losses read (default: the deepest
+    /// down-block cross-attention level with at least 8x8 queries: 16 for SD at 512x512, as
+    /// the paper; 8 for the toy model).
     #[arg(long, alias = "attn_resolution")]
     pub attn_resolution: Option<usize>,
     /// Paper ablations (repeatable).
@@ -187,7 +188,17 @@ pub fn run(a: Args) -> Result<()> {
     }
 
     let resolution = a.resolution.unwrap_or(model.sd.default_size());
-    preset.loss.attn_resolution = a.attn_resolution.unwrap_or(resolution / model.sd.vae_scale_factor() / 4);
+    preset.loss.attn_resolution = match a.attn_resolution {
+        Some(r) => r,
+        None => {
+            let latent = resolution / model.sd.vae_scale_factor();
+            let r = model.sd.unet_config.calibration_resolution(latent).ok_or_else(|| {
+                anyhow::anyhow!("the UNet has no down block with cross-attention; give --attn-resolution")
+            })?;
+            eprintln!("attention maps of the calibration losses: {r}x{r} (latent {latent}x{latent}; --attn-resolution to change)");
+            r
+        }
+    };
     let defaults = preset.defaults;
     let batch_size = a.train_batch_size.unwrap_or(defaults.train_batch_size);
     let grad_accum = a.gradient_accumulation_steps.unwrap_or(defaults.gradient_accumulation_steps);

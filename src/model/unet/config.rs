@@ -295,6 +295,21 @@ impl UNetConfig {
         })
     }
 
+    /// The query-grid side of the cross-attention maps the calibration losses read by default,
+    /// for latents of side `latent_side`: the deepest down/up-block level with cross-attention
+    /// whose maps are at least 8x8 (the mid block is not counted), else the level with cross-
+    /// attention and the most queries. SD at 512 px (latent 64; cross-attention at 64, 32, 16)
+    /// gives the paper's 16; the toy model (latent 16; at 16 and 8) gives 8, where its class
+    /// words localise their objects and at 16 they barely do (docs/method.md §6). `None` when
+    /// no down block has cross-attention.
+    pub fn calibration_resolution(&self, latent_side: usize) -> Option<usize> {
+        let sides: Vec<usize> = (0..self.down_block_types.len())
+            .filter(|&i| self.down_block_types[i].contains("CrossAttn"))
+            .map(|i| (0..i).fold(latent_side, |s, _| s.div_ceil(2)))
+            .collect();
+        sides.iter().copied().filter(|&s| s >= 8).min().or_else(|| sides.iter().copied().max())
+    }
+
     /// Width of the time embedding MLP (`time_embedding_dim` or 4 x block_out_channels[0]).
     pub fn time_embed_dim(&self) -> usize {
         self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4)
@@ -307,4 +322,35 @@ pub struct Resolved {
     pub layers: Vec<usize>,
     pub transformer_layers: Vec<usize>,
     pub heads: Vec<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(down: &[&str]) -> UNetConfig {
+        let ups: Vec<String> = down.iter().rev().map(|d| d.replace("Down", "Up")).collect();
+        let json = serde_json::json!({
+            "block_out_channels": vec![32; down.len()], "down_block_types": down, "up_block_types": ups,
+            "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 8,
+        });
+        UNetConfig::from_json_str(&json.to_string()).unwrap()
+    }
+
+    /// SD1.5/2.x at 512 (latent 64): 16, the paper's maps; at 768 (latent 96): 24; the toy
+    /// model's layout (latent 16): 8; a latent too small for 8x8 maps: the largest there is; no
+    /// cross-attention down block: none.
+    #[test]
+    fn calibration_resolution_rule() {
+        let sd = config(&["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]);
+        assert_eq!(sd.calibration_resolution(64), Some(16));
+        assert_eq!(sd.calibration_resolution(96), Some(24));
+        assert_eq!(sd.calibration_resolution(32), Some(8));
+        assert_eq!(sd.calibration_resolution(8), Some(8));
+        let toy = config(&["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]);
+        assert_eq!(toy.calibration_resolution(16), Some(8));
+        assert_eq!(toy.calibration_resolution(6), Some(6));
+        let none = config(&["DownBlock2D", "DownBlock2D"]);
+        assert_eq!(none.calibration_resolution(64), None);
+    }
 }
