@@ -259,3 +259,61 @@ fn detection_of_real_sizes() {
     m.insert("down_blocks.0.resnets.0.conv1.weight".to_string(), vec![320, 320, 3, 3]);
     assert!(format!("{:#}", detect(&m, None).unwrap_err()).contains("not a CompVis"));
 }
+
+/// The 9-channel inpainting model as one file (single-sd1's VAE and text encoder with
+/// single-inpaint-unet's UNet, copied by CompVis name) inpaints as diffusers' inpaint9 golden.
+#[test]
+fn an_inpainting_single_file_inpaints_as_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = candle_core::Device::Cpu;
+    let mut all = candle_core::safetensors::load(common::fixture("golden/single-sd1.safetensors"), &dev).unwrap();
+    all.retain(|k, _| !k.starts_with("model.diffusion_model."));
+    all.extend(candle_core::safetensors::load(common::fixture("golden/single-inpaint-unet.safetensors"), &dev).unwrap());
+    let model = tmp.path().join("sd1-inpaint.safetensors");
+    candle_core::safetensors::save(&all, &model).unwrap();
+    // The config folder: sd1-tiny's configs with the inpainting UNet's, and no weights at all.
+    let config = tmp.path().join("config");
+    common::copy_dir(&common::fixture("sd1-tiny"), &config);
+    for c in ["unet", "vae", "text_encoder"] {
+        for e in std::fs::read_dir(config.join(c)).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "safetensors") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+    }
+    std::fs::copy(common::fixture("unet-inpaint-tiny/config.json"), config.join("unet/config.json")).unwrap();
+
+    let text = std::fs::read_to_string(common::fixture("golden/inpaint9.json")).unwrap();
+    let s: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let s = &s["inpaint"];
+    let out = tmp.path().join("out");
+    let num = |k: &str| s[k].to_string();
+    let mut args: Vec<String> = vec!["inpaint".into(), "--model".into(), model.display().to_string(), "--config".into(), config.display().to_string()];
+    for (flag, v) in [
+        ("--image", common::fixture("golden/inpaint-image.png").display().to_string()),
+        ("--mask", common::fixture("golden/inpaint-mask.png").display().to_string()),
+        ("--prompt", s["prompt"].as_str().unwrap().to_string()),
+        ("--negative-prompt", s["negative_prompt"].as_str().unwrap().to_string()),
+        ("--latents", common::fixture("golden/inpaint9-latents.safetensors").display().to_string()),
+        ("--out", out.display().to_string()),
+        ("--steps", num("steps")),
+        ("--guidance-scale", num("guidance_scale")),
+        ("--eta", num("eta")),
+        ("--strength", num("strength")),
+        ("--num-images", num("num_images_per_prompt")),
+    ] {
+        args.extend([flag.to_string(), v]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, err) = common::disendiff(&refs);
+    assert!(ok, "{err}");
+    assert!(err.contains("9 UNet input channels (inpainting)"), "{err}");
+    for i in 0..s["num_images_per_prompt"].as_u64().unwrap() as usize {
+        let got = image::open(out.join(format!("{i:05}.png"))).unwrap().to_rgb8();
+        let want = image::open(common::fixture(&format!("golden/inpaint9-{i:05}.png"))).unwrap().to_rgb8();
+        assert_eq!(got.dimensions(), want.dimensions());
+        let mad: f64 = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / got.as_raw().len() as f64;
+        println!("inpaint9 from one file: image {i} mean abs diff {mad:.4} (of 255)");
+        assert!(mad <= 1.0, "image {i} differs by {mad}/255");
+    }
+}

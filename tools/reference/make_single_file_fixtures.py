@@ -14,6 +14,10 @@ the original LDM / Stability code saved them, and checks every file with diffuse
   `golden/single-sd2.safetensors`: `ema.out_latents` (diffusers' converter with extract_ema=True,
   i.e. the folder UNet in float16) and `plain.out_latents` (diffusers' from_single_file, the
   non-EMA weights), from the sd2 golden start latents; PNGs `single-sd2-{ema,plain}-0000K.png`.
+- `golden/single-inpaint-unet.safetensors`: unet-inpaint-tiny's 9-channel UNet (float16) alone, in CompVis
+  names; a test puts it together with single-sd1.safetensors' VAE and text encoder (a copy by name,
+  no renaming) into the single file of the inpaint9 pipeline (golden/inpaint9*). Checked here: diffusers
+  detects the merged file as "inpainting" and its converter gives back the UNet exactly.
 - `golden/single-evil.ckpt`: a checkpoint whose pickle calls `posix.system` (os.system) to write
   `disendiff_pickle_ran.txt` in the working folder; checked here to really run under Python's
   unpickler (`torch.load(weights_only=False)`), so the Rust test that it is refused can fail.
@@ -252,6 +256,20 @@ def build_sd2(fixtures):
     save_file({k: v.contiguous() for k, v in gold.items()}, str(fixtures / "golden" / "single-sd2.safetensors"))
 
 
+def build_inpaint(fixtures):
+    print("== single-inpaint-unet.safetensors")
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(fixtures / "unet-inpaint-tiny", variant="fp16")
+    sd = {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()}
+    ldm = unet_to_ldm(sd, unet.config)
+    save_file(ldm, str(fixtures / "golden" / "single-inpaint-unet.safetensors"))
+    merged = {k: v for k, v in load_file(str(fixtures / "golden" / "single-sd1.safetensors")).items()
+              if not k.startswith("model.diffusion_model.")}
+    merged.update(ldm)
+    assert sfu.infer_diffusers_model_type(merged) == "inpainting", sfu.infer_diffusers_model_type(merged)
+    check_same("unet (9 channels)", sfu.convert_ldm_unet_checkpoint(merged, unet.config), sd)
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, (f"echo ran > {MARKER}",))
@@ -272,6 +290,7 @@ def build_all(fixtures):
     fixtures = Path(fixtures)
     build_sd1(fixtures)
     build_sd2(fixtures)
+    build_inpaint(fixtures)
     build_evil(fixtures)
 
 
