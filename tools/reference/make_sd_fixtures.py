@@ -533,6 +533,9 @@ def main():
     import make_inpaint_fixtures  # a sibling script; reads sd1-tiny and unet-inpaint-tiny written above
 
     make_inpaint_fixtures.build_all(out)
+    import make_single_file_fixtures  # a sibling script; reads sd1-tiny, sd2-tiny, unet-inpaint-tiny and their goldens
+
+    make_single_file_fixtures.build_all(out)
 
     print("== files")
     total = 0
