@@ -89,8 +89,7 @@ fn the_cli_generates_from_a_single_file() {
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("Sd1") && err.contains("epsilon"), "the detection is reported: {err}");
-    assert!(out.join("00000.png").is_file());
-    let (ok, err) = common::disendiff(&["generate", "--model", "tests/fixtures/sd1-tiny", "--ema", "--prompt", "x", "--out", out.to_str().unwrap()]);
+X, "--prompt", "x", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("single-file"), "{err}");
     let (ok, err) =
         common::disendiff(&["generate", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--prompt", "x", "--out", out.to_str().unwrap()]);

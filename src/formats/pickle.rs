@@ -493,7 +493,7 @@ impl Unpickler<'_> {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         bail!("an odd number of dict items");
     }
     let mut it = items.into_iter();

@@ -218,7 +218,7 @@ pub fn component(file: &Arc<SingleFile>, part: &Part) -> Result<Mapped> {
                 match mapped {
                     Some(TextKey::Plain(name)) => put(name, key, Op::Same, shape.clone())?,
                     Some(TextKey::Fused(parts)) => {
-                        if shape.is_empty() || shape[0] % 3 != 0 {
+                        if shape.is_empty() || !shape[0].is_multiple_of(3) {
                             bail!("{}: fused in-projection {key} has shape {shape:?}; 3d rows are expected", file.path.display());
                         }
                         for (name, third) in parts {
