@@ -89,7 +89,24 @@ fn the_cli_generates_from_a_single_file() {
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("Sd1") && err.contains("epsilon"), "the detection is reported: {err}");
-X, "--prompt", "x", "--out", out.to_str().unwrap()]);
+    assert!(out.join("00000.png").is_file());
+    // train and attention take the single file as well.
+    let (train, att) = (tmp.path().join("train"), tmp.path().join("att"));
+    let (ok, err) = common::disendiff(&[
+        "train", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--config", "tests/fixtures/sd1-tiny",
+        "--image", "tests/fixtures/golden/sd1-pipe-00000.png", "--caption", "<new1> cat", "--out", train.to_str().unwrap(),
+        "--resolution", "64", "--attn-resolution", "8", "--train-batch-size", "1", "--max-train-steps", "1",
+    ]);
+    assert!(ok, "{err}");
+    let concepts = train.join("concepts.safetensors");
+    let (ok, err) = common::disendiff(&[
+        "attention", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--config", "tests/fixtures/sd1-tiny",
+        "--concepts", concepts.to_str().unwrap(), "--prompt", "a <new1> cat", "--steps", "1", "--resolution", "16",
+        "--out", att.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(att.join("overview.png").is_file());
+    let (ok, err) = common::disendiff(&["generate", "--model", "tests/fixtures/sd1-tiny", "--ema", "--prompt", "x", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("single-file"), "{err}");
     let (ok, err) =
         common::disendiff(&["generate", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--prompt", "x", "--out", out.to_str().unwrap()]);
