@@ -333,3 +333,40 @@ fn an_inpainting_single_file_inpaints_as_diffusers() {
         assert!(mad <= 1.0, "image {i} differs by {mad}/255");
     }
 }
+
+/// The key maps at real SD 1.5 / 2.1 sizes: every CompVis tensor of golden/single-real-keys.json
+/// (names and shapes of real files, no weights) gets the diffusers name and shape diffusers'
+/// converters give it; detection reads the full lists as SD1 (768) and SD2 (1024).
+#[test]
+fn key_maps_at_real_sizes_match_diffusers() {
+    use disendiff::formats::single_file::{diffusers_names, Part};
+    let text = std::fs::read_to_string(common::fixture("golden/single-real-keys.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let shapes_of = |o: &serde_json::Value| -> BTreeMap<String, Vec<usize>> {
+        o.as_object().unwrap().iter().map(|(k, s)| (k.clone(), s.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect())).collect()
+    };
+    for (fam, family, layers, context) in [("sd1", Family::Sd1, 12, 768), ("sd2", Family::Sd2, 23, 1024)] {
+        let mut all = BTreeMap::new();
+        for c in ["unet", "vae", "text_encoder"] {
+            all.extend(shapes_of(&v[fam][c]["compvis"]));
+        }
+        let d = detect(&all, None).unwrap();
+        assert_eq!((d.family, d.context_dim, d.in_channels), (family, Some(context), 4), "{fam}");
+        for (c, part) in [
+            ("unet", Part::Unet { layers_per_block: vec![2; 4], ema: false }),
+            ("vae", Part::Vae { num_blocks: 4 }),
+            ("text_encoder", Part::TextEncoder { num_layers: layers }),
+        ] {
+            let want = shapes_of(&v[fam][c]["diffusers"]);
+            let got = diffusers_names(&all, &part).unwrap();
+            let got: BTreeMap<String, Vec<usize>> = got.into_iter().map(|(k, (_, s))| (k, s)).collect();
+            let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
+            let extra: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).take(5).collect();
+            assert!(missing.is_empty() && extra.is_empty(), "{fam} {c}: missing {missing:?}, extra {extra:?}");
+            for (k, s) in &want {
+                assert_eq!(&got[k], s, "{fam} {c}: shape of {k}");
+            }
+            println!("{fam} {c}: {} diffusers tensors, names and shapes as diffusers'", want.len());
+        }
+    }
+}

@@ -18,6 +18,10 @@ the original LDM / Stability code saved them, and checks every file with diffuse
   names; a test puts it together with single-sd1.safetensors' VAE and text encoder (a copy by name,
   no renaming) into the single file of the inpaint9 pipeline (golden/inpaint9*). Checked here: diffusers
   detects the merged file as "inpainting" and its converter gives back the UNet exactly.
+- `golden/single-real-keys.json`: the CompVis key names and shapes of real SD 1.5 and SD 2.1 files (models
+  built on PyTorch's meta device from the real configs, so no weights exist) with the diffusers name and
+  shape diffusers' converters give each tensor, for a Rust check of the key maps at real sizes (4 levels,
+  2 layers per block, the OpenCLIP text encoder's unused 24th layer).
 - `golden/single-evil.ckpt`: a checkpoint whose pickle calls `posix.system` (os.system) to write
   `disendiff_pickle_ran.txt` in the working folder; checked here to really run under Python's
   unpickler (`torch.load(weights_only=False)`), so the Rust test that it is refused can fail.
@@ -270,6 +274,53 @@ def build_inpaint(fixtures):
     check_same("unet (9 channels)", sfu.convert_ldm_unet_checkpoint(merged, unet.config), sd)
 
 
+REAL = {
+    "sd1": dict(unet=dict(cross_attention_dim=768, attention_head_dim=8),
+                text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                          hidden_act="quick_gelu")),
+    "sd2": dict(unet=dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+                text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                          hidden_act="gelu")),
+}
+
+
+def build_real_keys(fixtures):
+    print("== single-real-keys.json")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    out = {}
+    for fam, r in REAL.items():
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, **r["unet"])
+            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+            te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **r["text"]))
+        us, vs, ts = unet.state_dict(), vae.state_dict(), with_text_model(te.state_dict())
+        ldm_u, ldm_v = unet_to_ldm(us, unet.config), vae_to_ldm(vs, vae.config)
+        if fam == "sd1":
+            ldm_t = clip_to_ldm(ts)
+            conv_t = with_text_model(sfu.convert_ldm_clip_checkpoint(ldm_t))
+        else:
+            ldm_t = open_clip_to_ldm(ts, r["text"]["hidden_size"], 0)
+            last = r["text"]["num_hidden_layers"]  # OpenCLIP ViT-H has one layer more, unused by SD2
+            for k in [k for k in ldm_t if ".resblocks.0." in k]:
+                ldm_t[k.replace(".resblocks.0.", f".resblocks.{last}.")] = ldm_t[k]
+            conv_t = {k: v for k, v in with_text_model(sfu.convert_open_clip_checkpoint(te, ldm_t)).items()
+                      if k != "text_model.text_projection.weight"}
+        conv_u, conv_v = sfu.convert_ldm_unet_checkpoint(ldm_u, unet.config), sfu.convert_ldm_vae_checkpoint(ldm_v, vae.config)
+        fam_out = {}
+        for comp, ldm, conv, want in (("unet", ldm_u, conv_u, us), ("vae", ldm_v, conv_v, vs), ("text_encoder", ldm_t, conv_t, ts)):
+            # the position_ids buffer is not a weight (diffusers' converter passes it through)
+            want = {k: v for k, v in want.items() if not k.endswith("position_ids")}
+            conv = {k: v for k, v in conv.items() if not k.endswith("position_ids")}
+            assert set(conv) == set(want) and all(conv[k].shape == want[k].shape for k in want), (fam, comp)
+            fam_out[comp] = {"compvis": {k: list(v.shape) for k, v in ldm.items()},
+                             "diffusers": {k: list(v.shape) for k, v in conv.items()}}
+        out[fam] = fam_out
+        print(f"  {fam}: " + ", ".join(f"{c} {len(v['compvis'])} CompVis -> {len(v['diffusers'])} diffusers tensors" for c, v in fam_out.items()))
+    (fixtures / "golden" / "single-real-keys.json").write_text(json.dumps(out, separators=(",", ":"), sort_keys=True) + "\n")
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, (f"echo ran > {MARKER}",))
@@ -291,6 +342,7 @@ def build_all(fixtures):
     build_sd1(fixtures)
     build_sd2(fixtures)
     build_inpaint(fixtures)
+    build_real_keys(fixtures)
     build_evil(fixtures)
 
 

@@ -169,12 +169,24 @@ impl Mapped {
 /// The diffusers-named tensors of `part` in `file`; a key of the component that has no place
 /// in the layout the config describes is an error naming it.
 pub fn component(file: &Arc<SingleFile>, part: &Part) -> Result<Mapped> {
+    let map = map_names(&file.shapes, part).with_context(|| file.path.display().to_string())?;
+    Ok(Mapped { file: file.clone(), map })
+}
+
+/// For checks of the key maps on name/shape lists alone: each diffusers name of `part` with
+/// the CompVis name it is read from and its shape.
+pub fn diffusers_names(shapes: &BTreeMap<String, Vec<usize>>, part: &Part) -> Result<BTreeMap<String, (String, Vec<usize>)>> {
+    Ok(map_names(shapes, part)?.into_iter().map(|(k, (src, _, shape))| (k, (src, shape))).collect())
+}
+
+type NameMap = BTreeMap<String, (String, Op, Vec<usize>)>;
+
+fn map_names(shapes: &BTreeMap<String, Vec<usize>>, part: &Part) -> Result<NameMap> {
     let mut map = BTreeMap::new();
     let mut unplaced = Vec::new();
-    let shapes = &file.shapes;
     let mut put = |name: String, src: &str, op: Op, shape: Vec<usize>| -> Result<()> {
         if map.insert(name.clone(), (src.to_string(), op, shape)).is_some() {
-            bail!("{}: two tensors map to {name}", file.path.display());
+            bail!("two tensors map to {name}");
         }
         Ok(())
     };
@@ -190,8 +202,8 @@ pub fn component(file: &Arc<SingleFile>, part: &Part) -> Result<Mapped> {
                 let src = if *ema { ema_key(key) } else { key.clone() };
                 match shapes.get(&src) {
                     Some(s) if s == shape => put(name, &src, Op::Same, shape.clone())?,
-                    Some(s) => bail!("{}: EMA tensor {src} has shape {s:?} but {key} has {shape:?}", file.path.display()),
-                    None => bail!("{}: --ema asks for the EMA weights, but {src} (the EMA copy of {key}) is missing", file.path.display()),
+                    Some(s) => bail!("EMA tensor {src} has shape {s:?} but {key} has {shape:?}"),
+                    None => bail!("--ema asks for the EMA weights, but {src} (the EMA copy of {key}) is missing"),
                 }
             }
         }
@@ -219,7 +231,7 @@ pub fn component(file: &Arc<SingleFile>, part: &Part) -> Result<Mapped> {
                     Some(TextKey::Plain(name)) => put(name, key, Op::Same, shape.clone())?,
                     Some(TextKey::Fused(parts)) => {
                         if shape.is_empty() || !shape[0].is_multiple_of(3) {
-                            bail!("{}: fused in-projection {key} has shape {shape:?}; 3d rows are expected", file.path.display());
+                            bail!("fused in-projection {key} has shape {shape:?}; 3d rows are expected");
                         }
                         for (name, third) in parts {
                             let mut s = shape.clone();
@@ -235,14 +247,13 @@ pub fn component(file: &Arc<SingleFile>, part: &Part) -> Result<Mapped> {
     }
     if !unplaced.is_empty() {
         bail!(
-            "{}: {} tensor(s) have no place in the configured {} (does --config match the file?), e.g. {}",
-            file.path.display(),
+            "{} tensor(s) have no place in the configured {} (does --config match the file?), e.g. {}",
             unplaced.len(),
             part_name(part),
             unplaced.iter().take(6).cloned().collect::<Vec<_>>().join(", ")
         );
     }
-    Ok(Mapped { file: file.clone(), map })
+    Ok(map)
 }
 
 fn part_name(part: &Part) -> &'static str {
