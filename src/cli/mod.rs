@@ -30,7 +30,8 @@ pub const DEFAULT_SEED: u64 = 42;
     long_about = "DisenDiff (CVPR 2024) fine-tunes Stable Diffusion's cross-attention keys/values and new \
 token embeddings under attention-calibration losses, so that several concepts learned from a single \
 image can be generated together or alone. Models are diffusers folders (model_index.json, tokenizer/, \
-text_encoder/, unet/, vae/, scheduler/)."
+text_encoder/, unet/, vae/, scheduler/) or single-file SD 1.x / 2.x checkpoints (.safetensors, .ckpt) \
+with --config DIR."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -82,12 +83,35 @@ pub enum Precision {
     Bf16,
 }
 
+/// `--prediction-type` values (diffusers' names).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PredictionArg {
+    Epsilon,
+    #[value(name = "v_prediction", alias = "v-prediction", alias = "v")]
+    VPrediction,
+    Sample,
+}
+
 /// Device/dtype flags shared by the subcommands that load a model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Stable Diffusion model folder in diffusers layout.
-    #[arg(long, value_name = "DIR", alias = "pretrained_model_name_or_path", alias = "pretrained-model-name-or-path")]
+    /// Stable Diffusion model: a folder in diffusers layout, or a single-file SD 1.x / 2.x
+    /// checkpoint in CompVis layout (FILE.safetensors, or FILE.ckpt read without running any of
+    /// its pickle) together with --config.
+    #[arg(long, value_name = "DIR|FILE", alias = "pretrained_model_name_or_path", alias = "pretrained-model-name-or-path")]
     pub model: PathBuf,
+    /// For a single-file --model: a diffusers folder of the model's config files (unet/, vae/,
+    /// text_encoder/, scheduler/, tokenizer/; its weights are not read), as diffusers'
+    /// from_single_file(config=DIR).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// For a single-file --model: what the UNet predicts, overriding the config's scheduler
+    /// (the file itself does not say: SD 2.x 768 models predict v, SD 1.x and SD 2.x 512 epsilon).
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub prediction_type: Option<PredictionArg>,
+    /// For a single-file --model: use its EMA weights (model_ema.*) for the UNet.
+    #[arg(long)]
+    pub ema: bool,
     /// Weight precision of the frozen weights (trainable ones are always f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Precision,
@@ -123,7 +147,17 @@ impl ModelArgs {
             }
             other => bail!("unknown --device {other:?} (cpu, cuda, cuda:N)"),
         };
-        Ok(crate::model::sd::LoadOptions { dtype, device, variant: self.variant.clone() })
+        if !self.model.is_file() && (self.config.is_some() || self.prediction_type.is_some() || self.ema) {
+            bail!("--config, --prediction-type and --ema apply to a single-file --model (FILE.safetensors / FILE.ckpt), not to the folder {}", self.model.display());
+        }
+        use crate::scheduler::PredictionType;
+        let prediction_type = self.prediction_type.map(|p| match p {
+            PredictionArg::Epsilon => PredictionType::Epsilon,
+            PredictionArg::VPrediction => PredictionType::VPrediction,
+            PredictionArg::Sample => PredictionType::Sample,
+        });
+        let single_file = crate::model::sd::SingleFileOptions { config: self.config.clone(), prediction_type, ema: self.ema };
+        Ok(crate::model::sd::LoadOptions { dtype, device, variant: self.variant.clone(), single_file })
     }
 }
 

@@ -1,7 +1,9 @@
-//! A Stable Diffusion model loaded from a diffusers folder.
+//! A Stable Diffusion model loaded from a diffusers folder or a single-file checkpoint.
 //!
 //! The folder layout is diffusers' (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`,
-//! `vae/`, `scheduler/`). Every component is loaded through the strict [`WeightStore`], so a
+//! `vae/`, `scheduler/`). A single `.safetensors` / `.ckpt` file in CompVis layout is read
+//! through the in-memory name map of `formats/single_file/`, with the configs of `--config DIR`
+//! (see [`SingleFileOptions`]). Every component is loaded through the strict [`WeightStore`], so a
 //! missing or unexpected tensor, or a shape that disagrees with the config, is an error that
 //! names the file and key. The same code path serves real SD 1.x / 2.x folders, the test
 //! fixtures and the toy model.
@@ -11,7 +13,8 @@ use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
 use super::weights::{component_weight_files, WeightStore};
-use crate::scheduler::SchedulerConfig;
+use crate::formats::single_file::{self, Detected, Part, SingleFile};
+use crate::scheduler::{PredictionType, SchedulerConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Var};
 use std::collections::BTreeSet;
@@ -26,11 +29,96 @@ pub struct LoadOptions {
     pub device: Device,
     /// Weight file variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
     pub variant: Option<String>,
+    /// How to read a single-file checkpoint (ignored for folders).
+    pub single_file: SingleFileOptions,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, variant: None }
+        Self { dtype: DType::F32, device: Device::Cpu, variant: None, single_file: SingleFileOptions::default() }
+    }
+}
+
+/// How to read a single-file checkpoint (`--model FILE`).
+#[derive(Clone, Debug, Default)]
+pub struct SingleFileOptions {
+    /// A diffusers folder of config files (its weights are not read), as diffusers'
+    /// `from_single_file(config=DIR)`: `unet/config.json`, `vae/config.json`,
+    /// `text_encoder/config.json`, `scheduler/scheduler_config.json`, `tokenizer/`.
+    pub config: Option<PathBuf>,
+    /// Overrides the prediction type of the config or of the detection.
+    pub prediction_type: Option<PredictionType>,
+    /// Read the UNet from the file's EMA weights (`model_ema.*`).
+    pub ema: bool,
+}
+
+/// Where a model's parts come from.
+enum Source {
+    Folder(PathBuf),
+    Single { file: Arc<SingleFile>, config: PathBuf, detected: Detected },
+}
+
+impl Source {
+    fn single(path: &Path, opts: &SingleFileOptions) -> Result<Self> {
+        let file = SingleFile::open(path)?;
+        let detected = file.detect()?;
+        eprintln!(
+            "{}: {:?}, {} UNet input channels{}{}; detected prediction: {} ({})",
+            path.display(),
+            detected.family,
+            detected.in_channels,
+            if detected.inpainting { " (inpainting)" } else { "" },
+            if detected.has_ema { ", with EMA weights" } else { "" },
+            if detected.v_prediction { "v_prediction" } else { "epsilon" },
+            detected.prediction_reason
+        );
+        if opts.ema && !detected.has_ema {
+            bail!("--ema: {} holds no EMA weights (model_ema.*)", path.display());
+        }
+        let Some(config) = opts.config.clone() else {
+            bail!(
+                "{}: a single file needs --config DIR, a diffusers folder with the model's config files \
+                 (unet/, vae/, text_encoder/, scheduler/, tokenizer/; no weights are read from it)",
+                path.display()
+            );
+        };
+        if !config.is_dir() {
+            bail!("--config {} is not a folder", config.display());
+        }
+        Ok(Source::Single { file: Arc::new(file), config, detected })
+    }
+
+    fn tokenizer(&self) -> Result<ClipTokenizer> {
+        match self {
+            Source::Folder(root) => ClipTokenizer::from_dir(&root.join("tokenizer")),
+            Source::Single { config, .. } => ClipTokenizer::from_dir(&config.join("tokenizer")),
+        }
+    }
+
+    fn config(&self, component: &str, file: &str) -> Result<PathBuf> {
+        match self {
+            Source::Folder(root) => config_path(root, component, file),
+            Source::Single { config, .. } => config_path(config, component, file),
+        }
+    }
+
+    /// The weights of `component`; `part` describes its layout to the single-file name map.
+    fn store(&self, component: &str, part: Part, opts: &LoadOptions) -> Result<WeightStore> {
+        match self {
+            Source::Folder(root) => open_component(root, component, opts),
+            Source::Single { file, .. } => {
+                let mapped = single_file::component(file, &part)?;
+                let shapes = mapped.shapes();
+                Ok(WeightStore::from_source(&file.path, shapes, Box::new(move |n, d| mapped.load(n, d)), opts.dtype, &opts.device))
+            }
+        }
+    }
+
+    fn place(&self, component: &str) -> String {
+        match self {
+            Source::Folder(root) => root.join(component).display().to_string(),
+            Source::Single { file, .. } => format!("{} ({component})", file.path.display()),
+        }
     }
 }
 
@@ -142,19 +230,29 @@ impl StableDiffusion {
         extra: ExtraPatchable,
     ) -> Result<Self> {
         let ExtraPatchable { unet: unet_extra, text_encoder: te_extra } = extra;
-        if root.is_file() {
-            bail!("{} is a file, not a model folder (a diffusers folder with model_index.json is expected)", root.display());
-        }
-        if !root.is_dir() {
-            bail!("model folder {} does not exist", root.display());
-        }
-        check_model_index(root)?;
-        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+        let src = if root.is_file() && single_file::is_single_file(root) {
+            Source::single(root, &opts.single_file)?
+        } else {
+            if root.is_file() {
+                bail!(
+                    "{} is a file, not a model folder (a diffusers folder with model_index.json, or a single-file \
+                     .safetensors / .ckpt checkpoint, is expected)",
+                    root.display()
+                );
+            }
+            if !root.is_dir() {
+                bail!("model folder {} does not exist", root.display());
+            }
+            check_model_index(root)?;
+            Source::Folder(root.to_path_buf())
+        };
+        let tokenizer = src.tokenizer()?;
 
-        let te_cfg = ClipTextConfig::from_file(&config_path(root, "text_encoder", "config.json")?)?;
-        let te_store = Arc::new(open_component(root, "text_encoder", opts)?.with_patchable(move |n| te_extra.contains(n)));
+        let te_cfg = ClipTextConfig::from_file(&src.config("text_encoder", "config.json")?)?;
+        let te_part = Part::TextEncoder { num_layers: te_cfg.num_hidden_layers };
+        let te_store = Arc::new(src.store("text_encoder", te_part, opts)?.with_patchable(move |n| te_extra.contains(n)));
         let text_encoder = ClipTextModel::new(te_store.root(), &te_cfg)
-            .with_context(|| format!("loading the text encoder from {}", root.join("text_encoder").display()))?;
+            .with_context(|| format!("loading the text encoder from {}", src.place("text_encoder")))?;
         te_store.finish()?;
         let text_encoder_patchable = te_store.patchable_vars();
         if tokenizer.vocab_size() > te_cfg.vocab_size {
@@ -165,10 +263,24 @@ impl StableDiffusion {
             );
         }
 
-        let unet_config = UNetConfig::from_file(&config_path(root, "unet", "config.json")?)?;
-        let unet_store = Arc::new(open_component(root, "unet", opts)?.with_trainable(unet_trainable).with_patchable(move |n| is_patchable(n) || unet_extra.contains(n)));
+        let unet_config = UNetConfig::from_file(&src.config("unet", "config.json")?)?;
+        if let Source::Single { detected, file, .. } = &src {
+            if detected.in_channels != unet_config.in_channels {
+                bail!(
+                    "{} has a UNet with {} input channels, but the --config UNet has {}: the config does not describe this file",
+                    file.path.display(),
+                    detected.in_channels,
+                    unet_config.in_channels
+                );
+            }
+        }
+        let unet_part = Part::Unet {
+            layers_per_block: unet_config.layers_per_block.expand(unet_config.block_out_channels.len(), "layers_per_block")?,
+            ema: opts.single_file.ema,
+        };
+        let unet_store = Arc::new(src.store("unet", unet_part, opts)?.with_trainable(unet_trainable).with_patchable(move |n| is_patchable(n) || unet_extra.contains(n)));
         let unet = UNet2DConditionModel::new(unet_store.root(), &unet_config)
-            .with_context(|| format!("loading the UNet from {}", root.join("unet").display()))?;
+            .with_context(|| format!("loading the UNet from {}", src.place("unet")))?;
         unet_store.finish()?;
         let unet_vars = unet_store.vars();
         let unet_patchable = unet_store.patchable_vars();
@@ -180,13 +292,16 @@ impl StableDiffusion {
             );
         }
 
-        let vae_config = VaeConfig::from_file(&config_path(root, "vae", "config.json")?)?;
-        let vae_store = Arc::new(open_component(root, "vae", opts)?);
+        let vae_config = VaeConfig::from_file(&src.config("vae", "config.json")?)?;
+        let vae_store = Arc::new(src.store("vae", Part::Vae { num_blocks: vae_config.block_out_channels.len() }, opts)?);
         let vae = AutoencoderKL::new(vae_store.root(), &vae_config)
-            .with_context(|| format!("loading the VAE from {}", root.join("vae").display()))?;
+            .with_context(|| format!("loading the VAE from {}", src.place("vae")))?;
         vae_store.finish()?;
 
-        let scheduler_config = SchedulerConfig::from_file(&config_path(root, "scheduler", "scheduler_config.json")?)?;
+        let mut scheduler_config = SchedulerConfig::from_file(&src.config("scheduler", "scheduler_config.json")?)?;
+        if let (Source::Single { .. }, Some(p)) = (&src, opts.single_file.prediction_type) {
+            scheduler_config.prediction_type = p;
+        }
         Ok(Self {
             root: root.to_path_buf(),
             tokenizer,

@@ -12,6 +12,9 @@
 //! in a [`Var`] too, but the model gets an untracked view of its storage: the patch layer
 //! (`crate::patch`) can then change them in place (`Var::set`) and restore them, while
 //! inference keeps its untracked fast path.
+//!
+//! A store can also read through a [`TensorSource`] instead of files: a single-file checkpoint
+//! whose CompVis names are mapped to diffusers names in memory (formats/single_file/).
 
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
@@ -22,11 +25,21 @@ use std::sync::{Arc, Mutex};
 
 type TrainablePredicate = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// Loads a tensor by diffusers name from somewhere other than diffusers safetensors files
+/// (its shape was given to [`WeightStore::from_source`]).
+pub type TensorSource = Box<dyn Fn(&str, &Device) -> Result<Tensor> + Send + Sync>;
+
+/// Where a store's tensors are read from.
+enum Backing {
+    Files(MmapedSafetensors),
+    Source(TensorSource),
+}
+
 /// The tensors of one model component (one or more safetensors files), with bookkeeping of
 /// which keys were used.
 pub struct WeightStore {
     files: Vec<PathBuf>,
-    st: MmapedSafetensors,
+    st: Backing,
     /// key -> (shape, index of the file that holds it)
     index: BTreeMap<String, (Vec<usize>, usize)>,
     used: Mutex<BTreeSet<String>>,
@@ -63,12 +76,19 @@ impl WeightStore {
             }
         }
         let st = unsafe { MmapedSafetensors::multi(files) }?;
-        Ok(Self::with_parts(files.to_vec(), st, index, dtype, device, None))
+        Ok(Self::with_parts(files.to_vec(), Backing::Files(st), index, dtype, device, None))
+    }
+
+    /// A store over the tensors of `source`, which holds `shapes` (diffusers name -> shape);
+    /// `label` names the file they come from in messages.
+    pub fn from_source(label: &Path, shapes: BTreeMap<String, Vec<usize>>, source: TensorSource, dtype: DType, device: &Device) -> Self {
+        let index = shapes.into_iter().map(|(k, s)| (k, (s, 0))).collect();
+        Self::with_parts(vec![label.to_path_buf()], Backing::Source(source), index, dtype, device, None)
     }
 
     fn with_parts(
         files: Vec<PathBuf>,
-        st: MmapedSafetensors,
+        st: Backing,
         index: BTreeMap<String, (Vec<usize>, usize)>,
         dtype: DType,
         device: &Device,
@@ -97,7 +117,7 @@ impl WeightStore {
         use rand::SeedableRng;
         let st = unsafe { MmapedSafetensors::multi::<PathBuf>(&[]) }.expect("empty store");
         let rng = rand::rngs::StdRng::seed_from_u64(seed);
-        Self::with_parts(Vec::new(), st, BTreeMap::new(), dtype, device, Some(Mutex::new(rng)))
+        Self::with_parts(Vec::new(), Backing::Files(st), BTreeMap::new(), dtype, device, Some(Mutex::new(rng)))
     }
 
     fn made_up(&self, name: &str, shape: &Shape) -> Result<Tensor> {
@@ -169,10 +189,11 @@ impl WeightStore {
             );
         }
         self.used.lock().unwrap().insert(name.to_string());
-        let t = self
-            .st
-            .load(name, &self.device)
-            .with_context(|| format!("reading {name} from {}", self.files[*file].display()))?;
+        let t = match &self.st {
+            Backing::Files(st) => st.load(name, &self.device).map_err(anyhow::Error::from),
+            Backing::Source(load) => load(name, &self.device),
+        }
+        .with_context(|| format!("reading {name} from {}", self.files[*file].display()))?;
         self.hand_out(name, t)
     }
 

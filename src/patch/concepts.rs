@@ -82,7 +82,7 @@ impl ConceptPatch {
 
 /// The UNet weights of a diffusers folder, in f32 on the CPU (the plain files, else `fp16`).
 fn read_unet_store(folder: &Path) -> Result<crate::model::weights::WeightStore> {
-    let mut opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, variant: None };
+    let mut opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, variant: None, single_file: Default::default() };
     match open_component(folder, "unet", &opts) {
         Ok(s) => Ok(s),
         Err(e) => {

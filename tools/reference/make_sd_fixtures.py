@@ -536,6 +536,9 @@ def main():
     import make_vae_tiling_fixtures  # a sibling script; reads sd1-tiny written above
 
     make_vae_tiling_fixtures.build_all(out)
+    import make_single_file_fixtures  # a sibling script; reads sd1-tiny, sd2-tiny, unet-inpaint-tiny and their goldens
+
+    make_single_file_fixtures.build_all(out)
 
     print("== files")
     total = 0

@@ -1,0 +1,356 @@
+"""Single-file (CompVis / A1111 layout) fixtures for disendiff's `--model FILE` (contract: FIXTURES.md).
+
+Writes the committed tiny diffusers pipelines (sd1-tiny, sd2-tiny) as CompVis single files, the way
+the original LDM / Stability code saved them, and checks every file with diffusers' own loader:
+
+- `golden/single-sd1.safetensors`: sd1-tiny (UNet and VAE float32, CLIP text encoder float16 as in
+  the folder, plus the int64 `position_ids` buffer real SD1 files carry). diffusers'
+  `StableDiffusionPipeline.from_single_file(..., config=sd1-tiny, local_files_only=True)` must give
+  the folder's golden latents (golden/sd1.safetensors `pipe.out_latents`).
+- `golden/single-sd2-ema.ckpt`: sd2-tiny as a `torch.save` zip (float16 throughout), OpenCLIP text
+  encoder with the fused `in_proj_weight`, `text_projection`, and EMA weights: `model_ema.*` holds
+  the folder's UNet, `model.diffusion_model.*` a perturbed copy, so reading the wrong set shows.
+  No `global_step` (SD2 without it is v-prediction, as the folder's scheduler). Goldens in
+  `golden/single-sd2.safetensors`: `ema.out_latents` (diffusers' converter with extract_ema=True,
+  i.e. the folder UNet in float16) and `plain.out_latents` (diffusers' from_single_file, the
+  non-EMA weights), from the sd2 golden start latents; PNGs `single-sd2-{ema,plain}-0000K.png`.
+- `golden/single-inpaint-unet.safetensors`: unet-inpaint-tiny's 9-channel UNet (float16) alone, in CompVis
+  names; a test puts it together with single-sd1.safetensors' VAE and text encoder (a copy by name,
+  no renaming) into the single file of the inpaint9 pipeline (golden/inpaint9*). Checked here: diffusers
+  detects the merged file as "inpainting" and its converter gives back the UNet exactly.
+- `golden/single-real-keys.json`: the CompVis key names and shapes of real SD 1.5 and SD 2.1 files (models
+  built on PyTorch's meta device from the real configs, so no weights exist) with the diffusers name and
+  shape diffusers' converters give each tensor, for a Rust check of the key maps at real sizes (4 levels,
+  2 layers per block, the OpenCLIP text encoder's unused 24th layer).
+- `golden/single-evil.ckpt`: a checkpoint whose pickle calls `posix.system` (os.system) to write
+  `disendiff_pickle_ran.txt` in the working folder; checked here to really run under Python's
+  unpickler (`torch.load(weights_only=False)`), so the Rust test that it is refused can fail.
+
+    python tools/reference/make_single_file_fixtures.py --out tests/fixtures
+
+make_sd_fixtures.py calls it at its end. The CompVis names are written by a map of this script's own
+(the reverse of diffusers' `convert_ldm_*_checkpoint`), and diffusers' converters are run on the result
+to check it reproduces every diffusers tensor exactly.
+"""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("MKL_NUM_THREADS", "2")
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffusers
+import transformers
+from diffusers import StableDiffusionPipeline
+from diffusers.loaders import single_file_utils as sfu
+
+torch.set_num_threads(2)
+torch.use_deterministic_algorithms(True)
+diffusers.utils.logging.set_verbosity_error()
+transformers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()
+
+MARKER = "disendiff_pickle_ran.txt"
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def unet_to_ldm(sd, config):
+    """diffusers UNet2DConditionModel names -> CompVis names (model.diffusion_model.*)."""
+    lpb = config.layers_per_block
+    attn_down = [t.startswith("CrossAttn") for t in config.down_block_types]
+    attn_up = [t.startswith("CrossAttn") for t in config.up_block_types]
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        fixed = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+        if p[0] in fixed:
+            n = f"{fixed[p[0]]}.{p[-1]}"
+        elif p[0] == "time_embedding":
+            n = f"time_embed.{ {'linear_1': 0, 'linear_2': 2}[p[1]]}.{p[2]}"
+        elif p[0] == "down_blocks":
+            b = int(p[1])
+            if p[2] == "resnets":
+                n = f"input_blocks.{1 + b * (lpb + 1) + int(p[3])}.0.{RESNET[p[4]]}.{p[5]}"
+            elif p[2] == "attentions":
+                n = f"input_blocks.{1 + b * (lpb + 1) + int(p[3])}.1.{'.'.join(p[4:])}"
+            else:
+                n = f"input_blocks.{(b + 1) * (lpb + 1)}.0.op.{p[-1]}"
+        elif p[0] == "mid_block":
+            i = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{p[1]}.{p[2]}"]
+            rest = f"{RESNET[p[3]]}.{p[4]}" if p[1] == "resnets" else ".".join(p[3:])
+            n = f"middle_block.{i}.{rest}"
+        elif p[0] == "up_blocks":
+            b = int(p[1])
+            if p[2] == "resnets":
+                n = f"output_blocks.{b * (lpb + 1) + int(p[3])}.0.{RESNET[p[4]]}.{p[5]}"
+            elif p[2] == "attentions":
+                n = f"output_blocks.{b * (lpb + 1) + int(p[3])}.1.{'.'.join(p[4:])}"
+            else:
+                n = f"output_blocks.{b * (lpb + 1) + lpb}.{2 if attn_up[b] else 1}.conv.{p[-1]}"
+        else:
+            raise KeyError(k)
+        assert attn_down is not None
+        out["model.diffusion_model." + n] = v
+    return out
+
+
+def vae_to_ldm(sd, config):
+    """diffusers AutoencoderKL names -> CompVis names (first_stage_model.*); attention as 1x1 convs."""
+    nb = len(config.block_out_channels)
+    out = {}
+    for k, v in sd.items():
+        n = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        p = n.split(".")
+        if p[1] == "down_blocks":
+            n = f"{p[0]}.down.{p[2]}." + (f"block.{p[4]}.{'.'.join(p[5:])}" if p[3] == "resnets" else f"downsample.conv.{p[-1]}")
+        elif p[1] == "up_blocks":
+            n = f"{p[0]}.up.{nb - 1 - int(p[2])}." + (f"block.{p[4]}.{'.'.join(p[5:])}" if p[3] == "resnets" else f"upsample.conv.{p[-1]}")
+        elif p[1] == "mid_block" and p[2] == "resnets":
+            n = f"{p[0]}.mid.block_{int(p[3]) + 1}.{'.'.join(p[4:])}"
+        elif p[1] == "mid_block":
+            m = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}[p[4]]
+            n = f"{p[0]}.mid.attn_1.{m}.{p[-1]}"
+            if m != "norm" and p[-1] == "weight":
+                v = v[:, :, None, None]
+        out["first_stage_model." + n] = v
+    return out
+
+
+def with_text_model(sd):
+    """transformers >= 5.6 saves CLIPTextModel without its `text_model.` level; CompVis files have it."""
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+
+
+def clip_to_ldm(sd):
+    sd = with_text_model(sd)
+    out = {"cond_stage_model.transformer." + k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.int64)[None]
+    return out
+
+
+def open_clip_to_ldm(sd, hidden, seed):
+    """CLIPTextModel names -> OpenCLIP names (cond_stage_model.model.*), q/k/v fused into in_proj."""
+    sd = with_text_model(sd)
+    pre = "cond_stage_model.model."
+    out = {}
+    fixed = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
+    layer_map = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+                 "mlp.fc2": "mlp.c_proj"}
+    for k, v in sd.items():
+        if k in fixed:
+            out[pre + fixed[k]] = v
+            continue
+        p = k.split(".")
+        if k.endswith("position_ids"):
+            continue
+        assert p[:3] == ["text_model", "encoder", "layers"], k
+        i, module, param = p[3], ".".join(p[4:-1]), p[-1]
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            if module.endswith("q_proj"):
+                parts = [sd[f"text_model.encoder.layers.{i}.self_attn.{x}_proj.{param}"] for x in "qkv"]
+                out[f"{pre}transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat(parts, 0)
+            continue
+        out[f"{pre}transformer.resblocks.{i}.{layer_map[module]}.{param}"] = v
+    g = torch.Generator().manual_seed(seed)
+    out[pre + "text_projection"] = torch.randn(hidden, hidden, generator=g).to(next(iter(sd.values())).dtype)
+    return out
+
+
+def check_same(name, got, want):
+    assert set(got) == set(want), (name, sorted(set(got) ^ set(want))[:8])
+    for k in want:
+        assert got[k].shape == want[k].shape and torch.equal(got[k].float(), want[k].float()), (name, k)
+    print(f"  {name}: diffusers' converter gives back all {len(want)} tensors exactly")
+
+
+def state(pipe, dtype):
+    return {c: {k: v.detach().to(dtype).contiguous() for k, v in getattr(pipe, c).state_dict().items()}
+            for c in ("unet", "vae", "text_encoder")}
+
+
+def run(pipe, pipe_args, latents):
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        lat = pipe(**pipe_args, latents=latents.clone(), output_type="latent").images
+        pil = pipe(**pipe_args, latents=latents.clone(), output_type="pil").images
+    return lat, pil
+
+
+def pipe_args(fixtures, name):
+    p = json.loads((fixtures / "golden" / f"{name}.json").read_text())["pipe"]
+    return dict(prompt=p["prompt"], negative_prompt=p["negative_prompt"], num_inference_steps=p["steps"],
+                guidance_scale=p["guidance_scale"], eta=p["eta"], height=p["height"], width=p["width"],
+                num_images_per_prompt=p["num_images_per_prompt"])
+
+
+def build_sd1(fixtures):
+    print("== single-sd1.safetensors")
+    folder = fixtures / "sd1-tiny"
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    s = state(pipe, torch.float32)
+    te16 = {k: v.to(torch.float16) for k, v in s["text_encoder"].items()}
+    assert all(torch.equal(te16[k].float(), s["text_encoder"][k]) for k in te16)  # the folder's TE is float16
+    ckpt = {**unet_to_ldm(s["unet"], pipe.unet.config), **vae_to_ldm(s["vae"], pipe.vae.config), **clip_to_ldm(te16)}
+    path = fixtures / "golden" / "single-sd1.safetensors"
+    save_file(ckpt, str(path))
+    check_same("unet", sfu.convert_ldm_unet_checkpoint(ckpt, pipe.unet.config), s["unet"])
+    check_same("vae", sfu.convert_ldm_vae_checkpoint(ckpt, pipe.vae.config), s["vae"])
+    gold = load_file(str(fixtures / "golden" / "sd1.safetensors"))
+    single = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+    lat, _ = run(single, pipe_args(fixtures, "sd1"), gold["pipe.latents"])
+    err = (lat - gold["pipe.out_latents"]).abs().max().item()
+    print(f"  diffusers from_single_file vs the folder's golden latents: max |diff| {err:.2e}")
+    assert err < 1e-4, err  # SDPA attention here, the plain processor in the golden run
+
+
+def build_sd2(fixtures):
+    print("== single-sd2-ema.ckpt")
+    folder = fixtures / "sd2-tiny"
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    s = state(pipe, torch.float16)
+    unet = unet_to_ldm(s["unet"], pipe.unet.config)
+    g = torch.Generator().manual_seed(7000)
+    plain = {k: (v.float() + 0.05 * v.float().std().nan_to_num(0.02) * torch.randn(v.shape, generator=g)).half() if v.numel() > 1
+             else v + 0.01 for k, v in unet.items()}
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v for k, v in unet.items()}
+    ema["model_ema.decay"] = torch.tensor(0.9999)
+    ema["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
+    hidden = pipe.text_encoder.config.hidden_size
+    sd = {**plain, **ema, **vae_to_ldm(s["vae"], pipe.vae.config), **open_clip_to_ldm(s["text_encoder"], hidden, 7001)}
+    path = fixtures / "golden" / "single-sd2-ema.ckpt"
+    torch.save({"state_dict": sd, "epoch": 3}, path)
+    loaded = torch.load(path, weights_only=True)["state_dict"]
+    check_same("unet (EMA)", sfu.convert_ldm_unet_checkpoint(loaded, pipe.unet.config, extract_ema=True), s["unet"])
+    check_same("vae", sfu.convert_ldm_vae_checkpoint(loaded, pipe.vae.config), s["vae"])
+    te = sfu.convert_open_clip_checkpoint(pipe.text_encoder, loaded)
+    check_same("text encoder", {k: v for k, v in with_text_model(te).items() if k != "text_model.text_projection.weight"},
+               {k: v for k, v in with_text_model(s["text_encoder"]).items() if not k.endswith("position_ids")})
+
+    args = pipe_args(fixtures, "sd2")
+    start = load_file(str(fixtures / "golden" / "sd2.safetensors"))["pipe.latents"]
+    gold = {"latents": start}
+    single = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+    assert single.scheduler.config.prediction_type == "v_prediction"
+    lat, pil = run(single, args, start)
+    gold["plain.out_latents"] = lat
+    for i, im in enumerate(pil):
+        im.save(fixtures / "golden" / f"single-sd2-plain-{i:05d}.png")
+    # EMA: the folder pipeline with every weight as stored in the file (float16), i.e. what
+    # extract_ema=True converts to (checked equal above).
+    for c in ("unet", "vae", "text_encoder"):
+        getattr(pipe, c).load_state_dict({k: v.float() for k, v in s[c].items()}, strict=False)
+    lat_ema, pil = run(pipe, args, start)
+    gold["ema.out_latents"] = lat_ema
+    for i, im in enumerate(pil):
+        im.save(fixtures / "golden" / f"single-sd2-ema-{i:05d}.png")
+    diff = (lat_ema - lat).abs().max().item()
+    print(f"  EMA vs non-EMA final latents max |diff| {diff:.3f} (must differ)")
+    assert diff > 1e-2
+    save_file({k: v.contiguous() for k, v in gold.items()}, str(fixtures / "golden" / "single-sd2.safetensors"))
+
+
+def build_inpaint(fixtures):
+    print("== single-inpaint-unet.safetensors")
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(fixtures / "unet-inpaint-tiny", variant="fp16")
+    sd = {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()}
+    ldm = unet_to_ldm(sd, unet.config)
+    save_file(ldm, str(fixtures / "golden" / "single-inpaint-unet.safetensors"))
+    merged = {k: v for k, v in load_file(str(fixtures / "golden" / "single-sd1.safetensors")).items()
+              if not k.startswith("model.diffusion_model.")}
+    merged.update(ldm)
+    assert sfu.infer_diffusers_model_type(merged) == "inpainting", sfu.infer_diffusers_model_type(merged)
+    check_same("unet (9 channels)", sfu.convert_ldm_unet_checkpoint(merged, unet.config), sd)
+
+
+REAL = {
+    "sd1": dict(unet=dict(cross_attention_dim=768, attention_head_dim=8),
+                text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                          hidden_act="quick_gelu")),
+    "sd2": dict(unet=dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+                text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                          hidden_act="gelu")),
+}
+
+
+def build_real_keys(fixtures):
+    print("== single-real-keys.json")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    out = {}
+    for fam, r in REAL.items():
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, **r["unet"])
+            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+            te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **r["text"]))
+        us, vs, ts = unet.state_dict(), vae.state_dict(), with_text_model(te.state_dict())
+        ldm_u, ldm_v = unet_to_ldm(us, unet.config), vae_to_ldm(vs, vae.config)
+        if fam == "sd1":
+            ldm_t = clip_to_ldm(ts)
+            conv_t = with_text_model(sfu.convert_ldm_clip_checkpoint(ldm_t))
+        else:
+            ldm_t = open_clip_to_ldm(ts, r["text"]["hidden_size"], 0)
+            last = r["text"]["num_hidden_layers"]  # OpenCLIP ViT-H has one layer more, unused by SD2
+            for k in [k for k in ldm_t if ".resblocks.0." in k]:
+                ldm_t[k.replace(".resblocks.0.", f".resblocks.{last}.")] = ldm_t[k]
+            conv_t = {k: v for k, v in with_text_model(sfu.convert_open_clip_checkpoint(te, ldm_t)).items()
+                      if k != "text_model.text_projection.weight"}
+        conv_u, conv_v = sfu.convert_ldm_unet_checkpoint(ldm_u, unet.config), sfu.convert_ldm_vae_checkpoint(ldm_v, vae.config)
+        fam_out = {}
+        for comp, ldm, conv, want in (("unet", ldm_u, conv_u, us), ("vae", ldm_v, conv_v, vs), ("text_encoder", ldm_t, conv_t, ts)):
+            # the position_ids buffer is not a weight (diffusers' converter passes it through)
+            want = {k: v for k, v in want.items() if not k.endswith("position_ids")}
+            conv = {k: v for k, v in conv.items() if not k.endswith("position_ids")}
+            assert set(conv) == set(want) and all(conv[k].shape == want[k].shape for k in want), (fam, comp)
+            fam_out[comp] = {"compvis": {k: list(v.shape) for k, v in ldm.items()},
+                             "diffusers": {k: list(v.shape) for k, v in conv.items()}}
+        out[fam] = fam_out
+        print(f"  {fam}: " + ", ".join(f"{c} {len(v['compvis'])} CompVis -> {len(v['diffusers'])} diffusers tensors" for c, v in fam_out.items()))
+    (fixtures / "golden" / "single-real-keys.json").write_text(json.dumps(out, separators=(",", ":"), sort_keys=True) + "\n")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"echo ran > {MARKER}",))
+
+
+def build_evil(fixtures):
+    print("== single-evil.ckpt")
+    path = fixtures / "golden" / "single-evil.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1)}, "hook": Evil()}, path)
+    with tempfile.TemporaryDirectory() as tmp:
+        code = f"import torch; torch.load({str(path.resolve())!r}, weights_only=False)"
+        subprocess.run([sys.executable, "-c", code], cwd=tmp, check=True)
+        assert (Path(tmp) / MARKER).is_file(), "the pickle did not run its command under Python's unpickler"
+    print("  Python's unpickler runs its command (checked); disendiff must refuse it")
+
+
+def build_all(fixtures):
+    fixtures = Path(fixtures)
+    build_sd1(fixtures)
+    build_sd2(fixtures)
+    build_inpaint(fixtures)
+    build_real_keys(fixtures)
+    build_evil(fixtures)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True, type=Path, help="the fixtures folder (holds sd1-tiny, sd2-tiny, golden)")
+    build_all(ap.parse_args().out)
+
+
+if __name__ == "__main__":
+    main()
