@@ -3,6 +3,7 @@
 mod attention;
 mod bench;
 mod demo;
+mod export;
 mod generate;
 mod inpaint;
 mod interrupt;
@@ -51,6 +52,8 @@ enum Command {
     Bench(bench::Args),
     /// The synthetic toy world: scenes, the toy base model, the benchmark.
     Toy(toy::Args),
+    /// Write a concept file for diffusers, AUTOMATIC1111, ComfyUI, InvokeAI and kohya's tools.
+    Export(export::Args),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -66,6 +69,7 @@ pub fn run() -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Attention(args) => attention::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Export(args) => export::run(args),
     }
 }
 

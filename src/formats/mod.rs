@@ -1,5 +1,8 @@
-//! Files users exchange: disendiff's own concept file and LoRA files (kohya, PEFT) read as
-//! weight changes (import/export to diffusers, A1111 and ComfyUI formats comes next).
+//! Files users exchange: disendiff's own concept file, LoRA files (kohya, PEFT) read as
+//! weight changes, diffusers' Custom Diffusion folders read as concept files, and the exports
+//! for diffusers, AUTOMATIC1111, ComfyUI and InvokeAI.
 
 pub mod concept_file;
+pub mod custom_diffusion;
+pub mod export;
 pub mod lora;
