@@ -345,3 +345,40 @@ fn bad_requests_are_refused_with_the_reason() {
     assert!(!ok && err.contains("belong to --format webui"), "{err}");
     assert!(!out.exists(), "nothing written on an error");
 }
+
+#[test]
+fn svd_of_the_trained_differences_matches_numpy_and_the_lowrank_error_is_optimal() {
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/export.json")).unwrap()).unwrap();
+    let numpy = info["singular_values_of_differences"].as_object().unwrap();
+    let file = concept_file::load(&concepts()).unwrap();
+    let base = load(&sd1().join("unet/diffusion_pytorch_model.safetensors"));
+    assert_eq!(numpy.len(), file.unet_weights.len());
+    let mut worst = 0f64;
+    for (name, trained) in &file.unet_weights {
+        let d = (trained.to_dtype(DType::F64).unwrap() - base[name].to_dtype(DType::F64).unwrap()).unwrap();
+        let (m, n) = d.dims2().unwrap();
+        let vals = d.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let svd = disendiff::formats::export::svd::svd(&vals, m, n);
+        let want: Vec<f64> = numpy[name].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(svd.s.len(), want.len(), "{name}");
+        for (a, b) in svd.s.iter().zip(&want) {
+            let err = (a - b).abs() / want[0];
+            worst = worst.max(err);
+            assert!(err <= 1e-10, "{name}: singular value {a} vs numpy's {b}");
+        }
+    }
+    println!("{} differences: worst singular-value error vs numpy {worst:.2e} (of the largest)", numpy.len());
+
+    // Eckart-Young: rank 1 loses exactly the tail of numpy's singular values
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, err) = export(&tmp.path().join("r1"), &["--format", "webui", "--lora-format", "lowrank", "--rank", "1"]);
+    assert!(ok, "{err}");
+    for (name, sv) in numpy {
+        let sv: Vec<f64> = sv.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let total: f64 = sv.iter().map(|x| x * x).sum();
+        let optimum = (sv[1..].iter().map(|x| x * x).sum::<f64>() / total).sqrt();
+        let line = err.lines().find(|l| l.trim_start().starts_with(&format!("{name}:"))).unwrap();
+        let reported: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((reported - optimum).abs() <= 1e-4, "{name}: reported {reported}, Eckart-Young {optimum}");
+    }
+}

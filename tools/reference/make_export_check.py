@@ -15,7 +15,8 @@ It checks that diffusers applied them (every trained processor's K/V equals the 
 fused K/V equals base + up @ down), then writes, for the same latents (golden/export-latents.safetensors):
 - golden/export-cd-0000{0,1}.png (Custom Diffusion folder), export-webui-0000{0,1}.png (webui files),
   export-ti-0000{0,1}.png (the embedding alone: the K/V must matter), export-base-0000{0,1}.png (plain sd1-tiny);
-- golden/export.json: the call, versions, the sha256 of every tensor consumed, the differences between images.
+- golden/export.json: the call, versions, the sha256 of every tensor consumed, the differences between images,
+  and numpy's singular values of every K/V difference (trained - base) for the Rust SVD.
 """
 import os
 
@@ -140,6 +141,12 @@ def main():
     out["ti"] = images(pipe, latents)
     out["base"] = images(pipeline(folder), latents)
 
+    # numpy's singular values of every K/V difference (trained - base), for the Rust SVD
+    concept = load_file(str(golden / "export-concepts.safetensors"))
+    base = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    singular = {k: np.linalg.svd((v.double() - base[k].double()).numpy(), compute_uv=False).tolist()
+                for k, v in sorted(concept.items()) if k.endswith(".weight")}
+
     arrays = {k: np.stack([np.asarray(x, dtype=np.float64) for x in v]) for k, v in out.items()}
     diffs = {f"{a}-vs-{b}": float(np.abs(arrays[a] - arrays[b]).mean()) for a, b in
              [("cd", "webui"), ("cd", "ti"), ("cd", "base"), ("ti", "base")]}
@@ -148,7 +155,8 @@ def main():
             im.save(golden / f"export-{name}-{i:05d}.png")
     info = {"generator": "tools/reference/make_export_check.py", "call": CALL, "diffusers": diffusers.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__, "trained_processors": trained,
-            "mean_abs_diff_of_255": diffs, "consumed_sha256_f32": consumed}
+            "mean_abs_diff_of_255": diffs, "consumed_sha256_f32": consumed,
+            "singular_values_of_differences": singular}
     (golden / "export.json").write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps(diffs))
 
