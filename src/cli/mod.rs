@@ -160,7 +160,8 @@ impl SamplingArgs {
 /// Concept-file flags of the subcommands that generate.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ConceptArgs {
-    /// A concept file from `disendiff train` (its modifier tokens can then be used in the prompt).
+    /// A concept file from `disendiff train`, or a diffusers Custom Diffusion folder (its
+    /// modifier tokens can then be used in the prompt).
     #[arg(long, value_name = "FILE")]
     pub concepts: Option<PathBuf>,
     /// The model the concept file was trained on, to apply it to a different --model with the

@@ -14,9 +14,9 @@
 //!     would be scaled wrongly there;
 //!   - `diff`: `.diff` = D (A1111, ComfyUI and InvokeAI read it; diffusers does not);
 //!   - `lowrank` N: the top N singular triplets (`svd`), up = U S, down = Vᵀ, alpha = N, with
-//!     the relative Frobenius error ‖D - up @ down‖ / ‖D‖ it introduces reported.
-//!   Only K/V entries (ComfyUI warns about embeddings bundled into a LoRA file); kohya's `ss_*`
-//!   metadata.
+//!     the relative Frobenius error ‖D - up @ down‖ / ‖D‖ it introduces reported;
+//!   - only K/V entries (ComfyUI warns about embeddings bundled into a LoRA file), and kohya's
+//!     `ss_*` metadata.
 //! - `DIR/embeddings/<trigger>.safetensors`: `emb_params` [1, dim]; the trigger word is the file
 //!   name (the token without `<>` unless renamed).
 
