@@ -382,3 +382,49 @@ fn svd_of_the_trained_differences_matches_numpy_and_the_lowrank_error_is_optimal
         assert!((reported - optimum).abs() <= 1e-4, "{name}: reported {reported}, Eckart-Young {optimum}");
     }
 }
+
+#[test]
+fn custom_diffusion_folders_that_disendiff_cannot_apply_are_refused() {
+    use disendiff::formats::custom_diffusion;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = common::fixture("golden/export-diffusers");
+    let setup = |name: &str| {
+        let d = tmp.path().join(name);
+        common::copy_dir(&src, &d);
+        d
+    };
+    // a trained query/output (train_q_out) is not silently dropped
+    let d = setup("q");
+    let mut w = load(&d.join("pytorch_custom_diffusion_weights.safetensors"));
+    let k = w.keys().find(|k| k.ends_with("to_k_custom_diffusion.weight")).unwrap().clone();
+    w.insert(k.replace("to_k_custom", "to_q_custom"), w[&k].clone());
+    candle_core::safetensors::save(&w, d.join("pytorch_custom_diffusion_weights.safetensors")).unwrap();
+    let err = custom_diffusion::load(&d).err().unwrap().to_string();
+    assert!(err.contains("train_q_out"), "{err}");
+    // an embedding file with two tensors
+    let d = setup("two");
+    let e = load(&d.join("new1.safetensors"));
+    let mut two = e.clone();
+    two.insert("<new9>".into(), e["<new1>"].clone());
+    candle_core::safetensors::save(&two, d.join("new1.safetensors")).unwrap();
+    let err = custom_diffusion::load(&d).err().unwrap().to_string();
+    assert!(err.contains("holds 2"), "{err}");
+    // no embedding for a concept of the metadata
+    let d = setup("none");
+    std::fs::remove_file(d.join("new1.safetensors")).unwrap();
+    let err = custom_diffusion::load(&d).err().unwrap().to_string();
+    assert!(err.contains("no embedding file for <new1>"), "{err}");
+    // a folder without the weights file
+    let err = custom_diffusion::load(tmp.path()).err().unwrap().to_string();
+    assert!(err.contains("is not a Custom Diffusion folder"), "{err}");
+    // read back: the same concepts as the file
+    let a = custom_diffusion::load(&src).unwrap();
+    let b = concept_file::load(&concepts()).unwrap();
+    assert_eq!(a.meta.concept, b.meta.concept);
+    assert_eq!(a.meta.base_model, b.meta.base_model);
+    assert_eq!(a.unet_weights.keys().collect::<Vec<_>>(), b.unet_weights.keys().collect::<Vec<_>>());
+    for (n, t) in &a.unet_weights {
+        assert_eq!(bits(t), bits(&b.unet_weights[n]), "{n}");
+    }
+    assert_eq!(bits(&a.embeddings), bits(&b.embeddings));
+}

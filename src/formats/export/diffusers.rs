@@ -81,16 +81,20 @@ pub fn metadata(file: &ConceptFile) -> Result<HashMap<String, String>> {
 
 /// Writes the folder; returns the files written.
 pub fn write(file: &ConceptFile, base: &Base, out: &Path) -> Result<Vec<PathBuf>> {
+    // Everything is checked before anything is written.
     let weights = weight_tensors(file, base)?;
-    let mut written = Vec::new();
+    let mut embedding_files: Vec<PathBuf> = Vec::new();
+    for c in &file.meta.concept {
+        let path = out.join(format!("{}.safetensors", token_stem(&c.modifier)?));
+        if embedding_files.contains(&path) || path.file_name() == Some(WEIGHT_NAME.as_ref()) {
+            bail!("two files of the export would be named {}", path.display());
+        }
+        embedding_files.push(path);
+    }
     let path = out.join(WEIGHT_NAME);
     write_safetensors(&path, &weights, metadata(file)?)?;
-    written.push(path);
-    for (i, c) in file.meta.concept.iter().enumerate() {
-        let path = out.join(format!("{}.safetensors", token_stem(&c.modifier)?));
-        if written.contains(&path) {
-            bail!("two modifier tokens give the file name {}", path.display());
-        }
+    let mut written = vec![path];
+    for (i, (c, path)) in file.meta.concept.iter().zip(embedding_files).enumerate() {
         let row = file.embeddings.get(i)?.to_dtype(DType::F32)?;
         write_safetensors(&path, &[(c.modifier.clone(), row)], HashMap::new())?;
         written.push(path);
