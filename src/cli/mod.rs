@@ -3,6 +3,7 @@
 mod attention;
 mod bench;
 mod demo;
+mod export;
 mod generate;
 mod images;
 mod inpaint;
@@ -54,6 +55,8 @@ enum Command {
     Bench(bench::Args),
     /// The synthetic toy world: scenes, the toy base model, the benchmark.
     Toy(toy::Args),
+    /// Write a concept file for diffusers, AUTOMATIC1111, ComfyUI, InvokeAI and kohya's tools.
+    Export(export::Args),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -69,6 +72,7 @@ pub fn run() -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Attention(args) => attention::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Export(args) => export::run(args),
     }
 }
 
@@ -203,7 +207,8 @@ impl SamplingArgs {
 /// Concept-file flags of the subcommands that generate.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ConceptArgs {
-    /// A concept file from `disendiff train` (its modifier tokens can then be used in the prompt).
+    /// A concept file from `disendiff train`, or a diffusers Custom Diffusion folder (its
+    /// modifier tokens can then be used in the prompt).
     #[arg(long, value_name = "FILE")]
     pub concepts: Option<PathBuf>,
     /// The model the concept file was trained on, to apply it to a different --model with the

@@ -37,9 +37,9 @@ pub struct ConceptPatch {
 }
 
 impl ConceptPatch {
-    /// Reads a concept file.
+    /// Reads a concept file, or a diffusers Custom Diffusion folder.
     pub fn load(path: &Path, trained_base: TrainedBase) -> Result<Self> {
-        Ok(Self { path: path.to_path_buf(), file: concept_file::load(path)?, trained_base })
+        Ok(Self { path: path.to_path_buf(), file: crate::formats::custom_diffusion::load_any(path)?, trained_base })
     }
 
     /// "<new1> cat, <new2> dog".
@@ -149,9 +149,19 @@ impl Patch for ConceptPatch {
             base_now.push(((*name).clone(), base.get(sd, name)?));
         }
         let table = sd.text_encoder.token_embedding().dims2()?;
-        let same_base = concept_file::fingerprint(&base_now, table)? == file.meta.base_model.fingerprint;
+        // A diffusers Custom Diffusion folder records no base (empty fingerprint): its weights
+        // are set as diffusers sets them.
+        let unknown_base = file.meta.base_model.fingerprint.is_empty();
+        let same_base = unknown_base || concept_file::fingerprint(&base_now, table)? == file.meta.base_model.fingerprint;
 
         let mut warnings = Vec::new();
+        if unknown_base {
+            warnings.push(format!(
+                "{} does not record the model it was trained on: its weights are set on {} as diffusers does, unchecked",
+                self.path.display(),
+                sd.root.display()
+            ));
+        }
         // The difference to add to the current weights, or `None` to set the trained weights.
         let mut deltas: Vec<Option<Tensor>> = Vec::new();
         if same_base {

@@ -1,0 +1,109 @@
+//! `disendiff export`: a concept file (or a diffusers Custom Diffusion folder) written for other
+//! tools: `--format diffusers` (Custom Diffusion folder + textual-inversion files) or
+//! `--format webui` (a kohya-named network file + `embeddings/`, for AUTOMATIC1111, ComfyUI,
+//! InvokeAI and kohya's scripts). The files are described in `formats::export`.
+
+use crate::formats::custom_diffusion;
+use crate::formats::export::{self, diffusers, webui};
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// diffusers: DIR/pytorch_custom_diffusion_weights.safetensors + DIR/<token>.safetensors.
+    Diffusers,
+    /// AUTOMATIC1111 / ComfyUI / InvokeAI / kohya: DIR/<name>.safetensors + DIR/embeddings/.
+    Webui,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraFormat {
+    /// Full-rank lora_up / lora_down / alpha: lossless, applied by every tool.
+    Full,
+    /// `.diff` (the difference itself): lossless, smaller; not read by diffusers.
+    Diff,
+    /// The top --rank singular values of the difference (lossy; the error is printed).
+    Lowrank,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A concept file from `disendiff train`, or a diffusers Custom Diffusion folder.
+    #[arg(long, value_name = "FILE")]
+    pub concepts: PathBuf,
+    /// The base model the concepts were trained on (default: the folder the file records),
+    /// checked against the file's fingerprint.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub format: Format,
+    /// With --format webui: how the K/V differences are stored.
+    #[arg(long, value_enum, default_value = "full")]
+    pub lora_format: LoraFormat,
+    /// With --lora-format lowrank: the rank kept.
+    #[arg(long, value_name = "N")]
+    pub rank: Option<usize>,
+    /// With --format webui: the network file's name (DIR/NAME.safetensors; the <lora:NAME:1>
+    /// of A1111). Default: the concept file's stem.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// With --format webui: trigger words of the embeddings, e.g. new1=mycat (default: the token
+    /// without <>). Comma-separated or repeated.
+    #[arg(long, value_name = "TOKEN=WORD", value_delimiter = ',')]
+    pub names: Vec<String>,
+    /// Output folder.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.format != Format::Webui && (a.lora_format != LoraFormat::Full || a.rank.is_some() || a.name.is_some() || !a.names.is_empty()) {
+        bail!("--lora-format, --rank, --name and --names belong to --format webui");
+    }
+    let form = match (a.lora_format, a.rank) {
+        (LoraFormat::Lowrank, Some(0)) => bail!("--rank must be at least 1"),
+        (LoraFormat::Lowrank, Some(r)) => webui::LoraForm::LowRank(r),
+        (LoraFormat::Lowrank, None) => bail!("--lora-format lowrank needs --rank N"),
+        (_, Some(_)) => bail!("--rank belongs to --lora-format lowrank"),
+        (LoraFormat::Full, None) => webui::LoraForm::Full,
+        (LoraFormat::Diff, None) => webui::LoraForm::Diff,
+    };
+    let mut names = HashMap::new();
+    for n in &a.names {
+        let Some((k, v)) = n.split_once('=') else { bail!("--names {n}: expected TOKEN=WORD, e.g. new1=mycat") };
+        if names.insert(k.trim().to_string(), v.trim().to_string()).is_some() {
+            bail!("--names names {k} twice");
+        }
+    }
+    let file = custom_diffusion::load_any(&a.concepts)?;
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None if !file.meta.base_model.path.is_empty() => PathBuf::from(&file.meta.base_model.path),
+        None => bail!("{} does not record its base model: pass it with --model", a.concepts.display()),
+    };
+    let base = export::read_base(&model, &file, &a.concepts)?;
+    let files = match a.format {
+        Format::Diffusers => diffusers::write(&file, &base, &a.out)?,
+        Format::Webui => {
+            let stem = match &a.name {
+                Some(n) => n.clone(),
+                None => a.concepts.file_stem().and_then(|s| s.to_str()).context("the concept file has no name")?.to_string(),
+            };
+            let w = webui::write(&file, &base, form, &a.out, &stem, &names)?;
+            if !w.errors.is_empty() {
+                let worst = w.errors.iter().map(|e| e.1).fold(0.0, f64::max);
+                let mean = w.errors.iter().map(|e| e.1).sum::<f64>() / w.errors.len() as f64;
+                eprintln!("lowrank: relative error of the K/V differences (Frobenius): mean {mean:.4}, worst {worst:.4}");
+                for (n, e) in &w.errors {
+                    eprintln!("  {n}: {e:.4}");
+                }
+            }
+            w.files
+        }
+    };
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(())
+}
