@@ -28,7 +28,7 @@ pub struct Base {
 
 /// The UNet store of a diffusers folder in f32 on the CPU: the plain files, else `fp16`.
 fn unet_store(folder: &Path) -> Result<crate::model::weights::WeightStore> {
-    let mut opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, variant: None };
+    let mut opts = LoadOptions::default();
     match open_component(folder, "unet", &opts) {
         Ok(s) => Ok(s),
         Err(e) => {
