@@ -6,10 +6,14 @@
 //! - Two-object prompts that are not training captions: both objects present (class and
 //!   colour each).
 //! - Attention: on unseen rendered scenes, noised at t = 300, the class token's cross-attention
-//!   map at the finest grid (mean over heads and layers, min-max normalised) against the
+//!   map (mean over heads and the layers of one resolution, min-max normalised) against the
 //!   object's true mask (down-sampled), soft IoU, as toyworld-notes.md measured it; a uniform
 //!   map is the baseline. On the two-object scenes, each class map is also compared with the
 //!   other object's mask: whether a class word looks at its own object rather than the other.
+//!   Every cross-attention resolution is measured (`per_resolution`); the top-level keys are
+//!   those of the resolution the trainer reads by default
+//!   ([`crate::model::unet::UNetConfig::calibration_resolution`]: 8x8 on the toy model, the
+//!   analogue of SD's 16x16 at 512 px).
 
 use super::oracle::analyze;
 use super::{caption, random_scene, render, scene_seed, Appearance, Class, NamedColor, Object, Pattern, Scene, WorldSpec};
@@ -52,6 +56,51 @@ pub struct ModelCheck {
     pub personalization_scenes: usize,
     pub personalization_iou_own: f64,
     pub personalization_iou_other: f64,
+    /// The query-grid side the attention keys above are for (the trainer's default).
+    pub attention_resolution: usize,
+    /// The attention measures at every cross-attention resolution, finest first.
+    pub per_resolution: Vec<ResolutionCheck>,
+}
+
+/// The attention measures of [`ModelCheck`] at one query-grid side.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ResolutionCheck {
+    pub side: usize,
+    pub attention_iou: f64,
+    pub attention_iou_uniform: f64,
+    pub two_object_iou_own: f64,
+    pub two_object_iou_other: f64,
+    pub personalization_iou_own: f64,
+    pub personalization_iou_other: f64,
+}
+
+/// Running sums of one resolution's IoUs.
+#[derive(Default)]
+struct Sums {
+    iou: f64,
+    uniform: f64,
+    count: usize,
+    two_own: f64,
+    two_other: f64,
+    two_count: usize,
+    pers_own: f64,
+    pers_other: f64,
+    pers_count: usize,
+}
+
+impl Sums {
+    fn result(&self, side: usize) -> ResolutionCheck {
+        let d = |n: usize| n.max(1) as f64;
+        ResolutionCheck {
+            side,
+            attention_iou: self.iou / d(self.count),
+            attention_iou_uniform: self.uniform / d(self.count),
+            two_object_iou_own: self.two_own / d(self.two_count),
+            two_object_iou_other: self.two_other / d(self.two_count),
+            personalization_iou_own: self.pers_own / d(self.pers_count),
+            personalization_iou_other: self.pers_other / d(self.pers_count),
+        }
+    }
 }
 
 /// The captions of the training sets (`n` scenes of `seed`, one set per unnamed share), to
@@ -149,11 +198,10 @@ pub fn check(sd: &StableDiffusion, seen: &HashSet<String>, n: usize, steps: usiz
     r.double_prompts = doubles.len();
     r.double_both = ok as f64 / doubles.len().max(1) as f64;
 
-    // Attention of class tokens on unseen rendered scenes.
+    // Attention of class tokens on unseen rendered scenes, at every resolution.
     let schedule = NoiseSchedule::new(sd.scheduler_config.clone());
     let spec = WorldSpec { min_objects: 1, max_objects: 2, ..WorldSpec::default() };
-    let (mut iou, mut iou_u, mut count) = (0.0, 0.0, 0usize);
-    let (mut two_own, mut two_other, mut two_count) = (0.0, 0.0, 0usize);
+    let mut sums: std::collections::BTreeMap<usize, Sums> = Default::default();
     let mut rng = util::seeded_rng(seed + 2);
     let mut k = 0u64;
     while r.attention_scenes < n && k < 100 * n as u64 {
@@ -164,50 +212,54 @@ pub fn check(sd: &StableDiffusion, seen: &HashSet<String>, n: usize, steps: usiz
             continue;
         }
         r.attention_scenes += 1;
-        let ious = class_map_ious(sd, &schedule, &scene, &text, &mut rng)?;
-        let two = scene.objects.len() == 2 && ious.len() == 2;
+        let per_side = class_map_ious(sd, &schedule, &scene, &text, &mut rng)?;
+        let two = scene.objects.len() == 2 && per_side.first().is_some_and(|(_, i)| i.len() == 2);
         r.two_object_scenes += two as usize;
-        for (own, other, uniform) in ious {
-            iou += own;
-            iou_u += uniform;
-            count += 1;
-            if two {
-                two_own += own;
-                two_other += other;
-                two_count += 1;
+        for (side, ious) in per_side {
+            let s = sums.entry(side).or_default();
+            for (own, other, uniform) in ious {
+                (s.iou, s.uniform, s.count) = (s.iou + own, s.uniform + uniform, s.count + 1);
+                if two {
+                    (s.two_own, s.two_other, s.two_count) = (s.two_own + own, s.two_other + other, s.two_count + 1);
+                }
             }
         }
     }
-    r.attention_iou = iou / count.max(1) as f64;
-    r.attention_iou_uniform = iou_u / count.max(1) as f64;
-    r.two_object_iou_own = two_own / two_count.max(1) as f64;
-    r.two_object_iou_other = two_other / two_count.max(1) as f64;
     // the same on personalization scenes (unnamed looks), captioned by class alone
-    let (mut own, mut other, mut count) = (0.0, 0.0, 0usize);
     for k in 1..=n as u64 {
         let scene = super::personalization_scene(k);
         let classes: Vec<String> = scene.objects.iter().map(|o| format!("a {}", o.class)).collect();
         let text = format!("{} on a {} background", classes.join(" and "), scene.background);
-        for (o, x, _) in class_map_ious(sd, &schedule, &scene, &text, &mut rng)? {
-            own += o;
-            other += x;
-            count += 1;
+        for (side, ious) in class_map_ious(sd, &schedule, &scene, &text, &mut rng)? {
+            let s = sums.entry(side).or_default();
+            for (own, other, _) in ious {
+                (s.pers_own, s.pers_other, s.pers_count) = (s.pers_own + own, s.pers_other + other, s.pers_count + 1);
+            }
         }
     }
     r.personalization_scenes = n;
-    r.personalization_iou_own = own / count.max(1) as f64;
-    r.personalization_iou_other = other / count.max(1) as f64;
+    r.per_resolution = sums.iter().rev().map(|(&side, s)| s.result(side)).collect();
+    let latent = sd.default_size() / sd.vae_scale_factor();
+    r.attention_resolution = sd.unet_config.calibration_resolution(latent).unwrap_or(latent);
+    let main = r.per_resolution.iter().find(|c| c.side == r.attention_resolution).cloned().unwrap_or_default();
+    r.attention_iou = main.attention_iou;
+    r.attention_iou_uniform = main.attention_iou_uniform;
+    r.two_object_iou_own = main.two_object_iou_own;
+    r.two_object_iou_other = main.two_object_iou_other;
+    r.personalization_iou_own = main.personalization_iou_own;
+    r.personalization_iou_other = main.personalization_iou_other;
     Ok(r)
 }
 
-/// For each object of `scene` whose class word is in `text` (in scene order): soft IoU of the
-/// class token's min-max normalised cross-attention map (finest grid, mean over heads and
-/// layers, the scene noised at t = 300) with the object's mask, with the other object's mask
-/// (0 for a lone object), and of a uniform map with the object's mask.
+/// Per cross-attention resolution (finest first), for each object of `scene` whose class word
+/// is in `text` (in scene order): soft IoU of the class token's min-max normalised
+/// cross-attention map (mean over heads and that resolution's layers, the scene noised at
+/// t = 300) with the object's mask, with the other object's mask (0 for a lone object), and of
+/// a uniform map with the object's mask.
+#[allow(clippy::type_complexity)]
 fn class_map_ious(
     sd: &StableDiffusion, schedule: &NoiseSchedule, scene: &Scene, text: &str, rng: &mut rand::rngs::StdRng,
-) -> Result<Vec<(f64, f64, f64)>> {
-    let side = sd.default_size() / sd.vae_scale_factor();
+) -> Result<Vec<(usize, Vec<(f64, f64, f64)>)>> {
     let rendered = render(scene);
     let x = util::rgb_to_tensor(&rendered.image, &sd.device)?;
     let post = sd.vae.encode(&x.to_dtype(sd.dtype)?)?;
@@ -218,10 +270,12 @@ fn class_map_ious(
     let words = sd.tokenizer.tokenize_words(text);
     let ids = Tensor::new(sd.tokenizer.encode(text).ids, &sd.device)?.unsqueeze(0)?;
     let ctx = sd.text_encoder.forward(&ids)?;
-    let opts = ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![side] }), detach_start_token_kv: false };
+    // every cross-attention layer (an empty resolution list captures them all)
+    let opts = ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![] }), detach_start_token_kv: false };
     let out = sd.unet.forward_with(&noisy.to_dtype(sd.dtype)?, &t, &ctx, &opts)?;
-    let layers: Vec<_> = out.attention.iter().map(|a| (a.probs.clone(), a.height, a.width)).collect();
-    let maps = average_maps(&layers, side)?.remove(0);
+    let mut sides: Vec<usize> = out.attention.iter().map(|a| a.height.max(a.width)).collect();
+    sides.sort_unstable_by(|a, b| b.cmp(a));
+    sides.dedup();
     // Token position of each object's class word: the word list is "a ... class and a ... class on ...".
     let mut pos = 1;
     let mut class_pos = Vec::new();
@@ -231,22 +285,29 @@ fn class_map_ious(
         }
         pos += ids.len();
     }
-    let masks: Vec<Tensor> = rendered
-        .masks
-        .iter()
-        .map(|m| {
-            let m = image::imageops::resize(m, side as u32, side as u32, image::imageops::FilterType::Triangle);
-            Tensor::from_vec(m.as_raw().iter().map(|&v| v as f32 / 255.0).collect::<Vec<_>>(), (1, side, side), &sd.device)
-        })
-        .collect::<candle_core::Result<_>>()?;
-    let uniform = Tensor::ones((1, side, side), DType::F32, &sd.device)?;
-    let mut ious = Vec::new();
-    for (obj_i, &p) in class_pos.iter().enumerate().take(scene.objects.len()) {
-        let map = min_max_normalize(&maps.narrow(0, p, 1)?)?;
-        let own = soft_iou(&map, &masks[obj_i])?.to_scalar::<f32>()? as f64;
-        let other = if masks.len() == 2 { soft_iou(&map, &masks[1 - obj_i])?.to_scalar::<f32>()? as f64 } else { 0.0 };
-        let u = soft_iou(&uniform, &masks[obj_i])?.to_scalar::<f32>()? as f64;
-        ious.push((own, other, u));
+    let mut per_side = Vec::new();
+    for side in sides {
+        let layers: Vec<_> =
+            out.attention.iter().filter(|a| a.height.max(a.width) == side).map(|a| (a.probs.clone(), a.height, a.width)).collect();
+        let maps = average_maps(&layers, side)?.remove(0);
+        let masks: Vec<Tensor> = rendered
+            .masks
+            .iter()
+            .map(|m| {
+                let m = image::imageops::resize(m, side as u32, side as u32, image::imageops::FilterType::Triangle);
+                Tensor::from_vec(m.as_raw().iter().map(|&v| v as f32 / 255.0).collect::<Vec<_>>(), (1, side, side), &sd.device)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let uniform = Tensor::ones((1, side, side), DType::F32, &sd.device)?;
+        let mut ious = Vec::new();
+        for (obj_i, &p) in class_pos.iter().enumerate().take(scene.objects.len()) {
+            let map = min_max_normalize(&maps.narrow(0, p, 1)?)?;
+            let own = soft_iou(&map, &masks[obj_i])?.to_scalar::<f32>()? as f64;
+            let other = if masks.len() == 2 { soft_iou(&map, &masks[1 - obj_i])?.to_scalar::<f32>()? as f64 } else { 0.0 };
+            let u = soft_iou(&uniform, &masks[obj_i])?.to_scalar::<f32>()? as f64;
+            ious.push((own, other, u));
+        }
+        per_side.push((side, ious));
     }
-    Ok(ious)
+    Ok(per_side)
 }
