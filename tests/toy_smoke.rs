@@ -85,6 +85,8 @@ fn reduced_three_concept_bench() {
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| Concept3 |") && md.contains("of 3 concepts"), "{md}");
+    let table: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
+    assert!(table.len() >= 3 && table.iter().all(|l| l.matches('|').count() == table[0].matches('|').count()), "ragged table: {table:?}");
     let (ok, err) = common::disendiff(&["toy", "rescore", out.to_str().unwrap()]);
     assert!(ok, "{err}");
     let per_scene = std::fs::read_to_string(out.join("per-scene.md")).unwrap();

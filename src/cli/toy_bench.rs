@@ -195,7 +195,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     )?;
     let concept_cols: String = (1..=a.concepts_per_scene).map(|k| format!(" Concept{k} |")).collect();
     writeln!(md, "| method | Combined |{concept_cols} Mean | leakage | other object | look swap | composition | prompt fidelity | train s | L_bind | L_s&s | class IoU own | class IoU other |")?;
-    writeln!(md, "|---|---|{}---|---|---|---|---|---|---|---|---|---|---|---|", "---|".repeat(a.concepts_per_scene))?;
+    writeln!(md, "|---|---|{}---|---|---|---|---|---|---|---|---|---|---|", "---|".repeat(a.concepts_per_scene))?;
     for (name, m) in &methods {
         let singles: String = m.fidelity.single.iter().map(|v| format!(" {v:.3} |")).collect();
         writeln!(
