@@ -44,7 +44,7 @@ enum Command {
     /// Repaint the white part of a mask in an image from a text prompt (9- or 4-channel UNets).
     Inpaint(inpaint::Args),
     /// Learn the concepts of one image (DisenDiff, Custom Diffusion or Textual Inversion).
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Heatmaps of each prompt token's cross-attention (the paper's Fig. 4 view).
     Attention(attention::Args),
     /// Time and memory of fixed cases (compare with tools/reference/bench_torch.py).
@@ -63,7 +63,7 @@ pub fn run() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Inpaint(args) => inpaint::run(args),
         Command::Toy(args) => toy::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Attention(args) => attention::run(args),
         Command::Bench(args) => bench::run(args),
     }
