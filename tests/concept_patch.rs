@@ -1,7 +1,10 @@
 //! The patch layer (`disendiff::patch`): a concept file applied to a loaded model and reverted
 //! gives the base model's outputs back bit for bit; concepts swap without reloading; a lower
 //! patch (a LoRA) goes under the concepts whatever the order of calls; a related base gets the
-//! difference with a warning naming both models; an unrelated architecture is refused.
+//! difference with a warning naming both models; an unrelated architecture is refused; a
+//! 9-channel inpainting UNet with sd1-tiny's layers (built here as diffusers builds inpainting
+//! models: conv_in widened to 9 input channels, then its own fine-tuning) gets K/V = its base +
+//! (trained - trained-on base), and `disendiff inpaint --concepts --concepts-base` runs on it.
 //!
 //! The concept files here are made by the test from the fixture's own weights (trained = base
 //! x 1.25 + 0.01), so every expected value is computed independently of the patch code.
@@ -259,4 +262,94 @@ fn unknown_modifier_tokens_are_named() {
     let (ok, err) = run(&["--strict-tokens"], &tmp.path().join("b"));
     assert!(!ok && err.contains("<new3>") && err.contains("--strict-tokens"), "{err}");
     assert!(!tmp.path().join("b").exists());
+}
+
+/// An inpainting model made from sd1-tiny as diffusers makes them: conv_in widened from 4 to 9
+/// input channels (the original 4 kept, the 5 new ones, mask and masked-image latents, random),
+/// `in_channels` 9 in the config, and its own fine-tuning of the K/V (W * 0.9 - 0.002).
+fn inpainting_from_sd1(dir: &Path) -> PathBuf {
+    let out = dir.join("inpaint");
+    common::copy_dir(&sd1(), &out);
+    let mut w = unet_tensors(&out);
+    let conv_in = w["conv_in.weight"].to_dtype(DType::F32).unwrap();
+    let (c, four, kh, kw) = conv_in.dims4().unwrap();
+    assert_eq!(four, 4);
+    use rand::SeedableRng;
+    let extra = disendiff::util::randn(&mut rand::rngs::StdRng::seed_from_u64(5), &[c, 5, kh, kw], &Device::Cpu).unwrap();
+    w.insert("conv_in.weight".into(), Tensor::cat(&[&conv_in, &(extra * 0.05).unwrap()], 1).unwrap());
+    for (n, t) in w.iter_mut() {
+        if is_kv(n) {
+            *t = t.affine(0.9, -0.002).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&w, unet_file(&out)).unwrap();
+    let cfg_path = out.join("unet/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["in_channels"] = serde_json::json!(9);
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    out
+}
+
+/// The UNet of a 9-channel model on the golden inputs with 5 extra channels (a mask of ones
+/// and the sample again as the masked-image latents).
+fn inpaint_unet_output(sd: &StableDiffusion) -> Vec<u32> {
+    let g = common::load_golden("sd1");
+    let x = &g["unet.sample"];
+    let mask = Tensor::ones((x.dim(0).unwrap(), 1, x.dim(2).unwrap(), x.dim(3).unwrap()), DType::F32, &Device::Cpu).unwrap();
+    let input = Tensor::cat(&[x, &mask, x], 1).unwrap();
+    bits(&sd.unet.forward(&input, &g["unet.timesteps"], &g["unet.context"]).unwrap())
+}
+
+#[test]
+fn concepts_on_an_inpainting_unet_add_their_difference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("c.safetensors");
+    let trained = make_concept_file(&sd1(), &f, 1.25, 0.5);
+    let inpaint = inpainting_from_sd1(tmp.path());
+    let base_w = unet_tensors(&sd1());
+    let inpaint_w = unet_tensors(&inpaint);
+
+    let mut m = PatchedModel::load(&inpaint, &LoadOptions::default()).unwrap();
+    assert_eq!(m.sd.unet_config.in_channels, 9);
+    let before = inpaint_unet_output(&m.sd);
+    // Not the model it was trained on: refused without the trained-on base.
+    let err = m.add_concepts(&f, TrainedBase::Refuse).unwrap_err().to_string();
+    assert!(err.contains("was trained on the base model") && err.contains("--concepts-base"), "{err}");
+    assert!(m.patches.is_empty());
+
+    let (_, warnings) = m.add_concepts(&f, TrainedBase::Folder(sd1())).unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(trained.len() >= 2 && trained.len() % 2 == 0, "K and V of every cross-attention layer");
+    let mut worst = 0f32;
+    for (name, t) in &trained {
+        let b = base_w[name].to_dtype(DType::F32).unwrap();
+        let own = inpaint_w[name].to_dtype(DType::F32).unwrap();
+        let want = (&own + (t - &b).unwrap()).unwrap();
+        let got = weight(&m.sd, name);
+        assert_eq!(bits(&got), bits(&want), "{name} != inpainting base + (trained - sd1-tiny)");
+        // neither the trained weight nor the inpainting model's own: the difference moved over
+        let off = |a: &Tensor| (&got - a).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(off(t) > 1e-4 && off(&own) > 1e-4, "{name}");
+        worst = worst.max(off(&want));
+    }
+    println!("{} K/V weights on the inpainting UNet, worst abs error {worst:.1e}", trained.len());
+    let with = inpaint_unet_output(&m.sd);
+    assert_ne!(with, before, "the concepts did not change the inpainting UNet");
+    m.remove_concepts().unwrap();
+    assert_eq!(inpaint_unet_output(&m.sd), before, "removing the concepts did not restore the inpainting UNet");
+
+    // The command line: inpaint with the concept file, as the difference from sd1-tiny.
+    let image = tmp.path().join("image.png");
+    let mask = tmp.path().join("mask.png");
+    image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])).save(&image).unwrap();
+    image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x >= 32 { 255 } else { 0 }])).save(&mask).unwrap();
+    let out = tmp.path().join("out");
+    let (ok, err) = common::disendiff(&[
+        "inpaint", "--model", inpaint.to_str().unwrap(), "--image", image.to_str().unwrap(), "--mask", mask.to_str().unwrap(),
+        "--concepts", f.to_str().unwrap(), "--concepts-base", sd1().to_str().unwrap(), "--prompt", "a <new1> cat",
+        "--num-inference-steps", "2", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("warning:") && err.contains("different model"), "{err}");
+    assert!(out.join("00000.png").is_file());
 }

@@ -9,7 +9,10 @@
 //! - mixed alphas, a missing alpha, LoCon 3x3 entries, `.diff` and `.diff_b` (which the
 //!   diffusers goldens cannot cover: diffusers applies one alpha per file and refuses `.diff`),
 //!   keys that match nothing (an error listing them, unless allowed), and a concept file on a
-//!   LoRA'd model (K/V = LoRA'd base + (trained - trained-on base)).
+//!   LoRA'd model (K/V = LoRA'd base + (trained - trained-on base));
+//! - a kohya file in the original LDM names (`lora_unet_input_blocks_1_1_...`), renamed here
+//!   with A1111's `convert_diffusers_name_to_compvis` formulas, patches exactly the same weights
+//!   to exactly the same values as the diffusers-named file.
 
 mod common;
 
@@ -383,4 +386,92 @@ fn peft_adapter_config_in_the_metadata_sets_the_scale() {
         let err = PatchedModel::load_with_loras(&sd1(), &LoadOptions::default(), &[spec.clone()], false).err().unwrap().to_string();
         assert!(err.contains("adapter config"), "{err}");
     }
+}
+
+/// A kohya module name in diffusers' layout renamed to the LDM layout as A1111's
+/// `convert_diffusers_name_to_compvis` (extensions-builtin/Lora/networks.py) does, with its
+/// "3" being layers_per_block + 1: down (x, i) -> input_blocks_{1 + 3x + i}, up (x, i) ->
+/// output_blocks_{3x + i}, attentions `_1_`, resnets `_0_` with LDM's part names.
+fn to_ldm(key: &str, per_level: usize) -> String {
+    let resnet_part = |p: &str| match p {
+        "conv1" => "in_layers_2",
+        "conv2" => "out_layers_3",
+        "norm1" => "in_layers_0",
+        "norm2" => "out_layers_0",
+        "time_emb_proj" => "emb_layers_1",
+        "conv_shortcut" => "skip_connection",
+        other => panic!("resnet part {other}"),
+    };
+    let re = |p: &str| regex::Regex::new(p).unwrap();
+    let n = |c: &regex::Captures, i: usize| c[i].parse::<usize>().unwrap();
+    if let Some(c) = re(r"^lora_unet_down_blocks_(\d+)_attentions_(\d+)_(.+)$").captures(key) {
+        return format!("lora_unet_input_blocks_{}_1_{}", 1 + n(&c, 1) * per_level + n(&c, 2), &c[3]);
+    }
+    if let Some(c) = re(r"^lora_unet_down_blocks_(\d+)_resnets_(\d+)_([a-z_0-9]+?)(\.[a-z_.]+)$").captures(key) {
+        return format!("lora_unet_input_blocks_{}_0_{}{}", 1 + n(&c, 1) * per_level + n(&c, 2), resnet_part(&c[3]), &c[4]);
+    }
+    if let Some(c) = re(r"^lora_unet_mid_block_attentions_0_(.+)$").captures(key) {
+        return format!("lora_unet_middle_block_1_{}", &c[1]);
+    }
+    if let Some(c) = re(r"^lora_unet_up_blocks_(\d+)_attentions_(\d+)_(.+)$").captures(key) {
+        return format!("lora_unet_output_blocks_{}_1_{}", n(&c, 1) * per_level + n(&c, 2), &c[3]);
+    }
+    if let Some(c) = re(r"^lora_unet_up_blocks_(\d+)_resnets_(\d+)_([a-z_0-9]+?)(\.[a-z_.]+)$").captures(key) {
+        return format!("lora_unet_output_blocks_{}_0_{}{}", n(&c, 1) * per_level + n(&c, 2), resnet_part(&c[3]), &c[4]);
+    }
+    assert!(key.starts_with("lora_te_"), "no LDM name for {key}");
+    key.to_string()
+}
+
+#[test]
+fn ldm_named_kohya_file_patches_the_same_weights_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_weights();
+    // the fixture's 20 entries (attention Q/K/V/out in down, mid and up blocks, text encoder),
+    // plus resnet convolutions (LoCon) in a down and an up block
+    let mut t = load(&common::fixture("golden/lora-kohya.safetensors"));
+    for (seed, m) in [(21, "down_blocks.1.resnets.1.conv2"), (23, "up_blocks.1.resnets.2.conv_shortcut"), (25, "down_blocks.0.resnets.0.time_emb_proj")] {
+        let shape = base[&format!("{m}.weight")].dims().to_vec();
+        let k = format!("lora_unet_{}", m.replace('.', "_"));
+        let mut down_shape = vec![2, shape[1]];
+        down_shape.extend_from_slice(&shape[2..]);
+        let mut up_shape = vec![shape[0], 2];
+        up_shape.extend(std::iter::repeat(1).take(shape.len() - 2));
+        t.insert(format!("{k}.lora_down.weight"), randn(seed, &down_shape));
+        t.insert(format!("{k}.lora_up.weight"), randn(seed + 1, &up_shape));
+        t.insert(format!("{k}.alpha"), Tensor::new(1.5f32, &Device::Cpu).unwrap());
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sd1().join("unet/config.json")).unwrap()).unwrap();
+    let per_level = cfg["layers_per_block"].as_u64().unwrap() as usize + 1;
+    let ldm: HashMap<String, Tensor> = t.iter().map(|(k, v)| (to_ldm(k, per_level), v.clone())).collect();
+    assert!(ldm.keys().any(|k| k.starts_with("lora_unet_input_blocks_")) && ldm.keys().any(|k| k.starts_with("lora_unet_output_blocks_")));
+    assert!(ldm.keys().any(|k| k.starts_with("lora_unet_middle_block_1_")), "the fixture has a mid-block entry");
+    for part in ["_0_in_layers_2.", "_0_out_layers_3.", "_0_emb_layers_1.", "_0_skip_connection."] {
+        assert!(ldm.keys().any(|k| k.contains(part)), "no {part} entry");
+    }
+    let (fd, fl) = (tmp.path().join("diffusers.safetensors"), tmp.path().join("ldm.safetensors"));
+    candle_core::safetensors::save(&t, &fd).unwrap();
+    candle_core::safetensors::save(&ldm, &fl).unwrap();
+
+    let load_with = |f: &Path| {
+        let (m, w) = PatchedModel::load_with_loras(&sd1(), &LoadOptions::default(), &[LoraSpec { path: f.to_path_buf(), scale: SCALE }], false).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        m
+    };
+    let (md, ml) = (load_with(&fd), load_with(&fl));
+    let names: Vec<String> = t.keys().filter_map(|k| k.strip_suffix(".lora_down.weight")).map(|m| match m.strip_prefix("lora_te_text_model_") {
+        Some(rest) => format!("text_encoder.{}.weight", underscored_to_path(rest)),
+        None => format!("{}.weight", underscored_to_path(m.strip_prefix("lora_unet_").unwrap()).replace("time.emb.proj", "time_emb_proj").replace("conv.shortcut", "conv_shortcut")),
+    }).collect();
+    assert_eq!(names.len(), 23, "the fixture's 20 entries and 3 more");
+    for n in &names {
+        let a = md.sd.weight_var(n).unwrap_or_else(|| panic!("{n} is not patched by the diffusers-named file")).as_tensor();
+        let b = ml.sd.weight_var(n).unwrap_or_else(|| panic!("{n} is not patched by the LDM-named file")).as_tensor();
+        assert!(max_abs(a, &base[n]) > 1e-4, "{n}: the LoRA did not change it");
+        assert_eq!(bits(a), bits(b), "{n}: the LDM-named file gives another weight");
+    }
+    let g = common::load_golden("sd1");
+    let out = |m: &PatchedModel| bits(&m.sd.unet.forward(&g["unet.sample"], &g["unet.timesteps"], &g["unet.context"]).unwrap());
+    assert_eq!(out(&md), out(&ml), "the UNet outputs differ");
+    println!("{} weights patched identically from LDM and diffusers names", names.len());
 }

@@ -1,6 +1,7 @@
 //! `disendiff train` end to end on the tiny fixture model: what it writes, resumption that
 //! matches an uninterrupted run, concept files on the right and the wrong base model, and
-//! clear errors (with nothing written) for bad input.
+//! clear errors (with nothing written) for bad input; `--lora` merged into the base that is
+//! trained on, and generating with the same `--lora` reproducing the trained K/V.
 
 mod common;
 
@@ -227,4 +228,66 @@ fn diffusers_spellings_and_help() {
     // A loss weight for a method without attention losses is an error naming the flag.
     let (ok, err) = train(&tmp.path().join("cd"), &["--method", "custom-diffusion", "--bind-weight", "0.1"]);
     assert!(!ok && err.contains("--bind-weight"), "{err}");
+}
+
+/// `train --lora FILE:SCALE` trains on the base with the LoRA merged (a fixed part of it): the
+/// concept file records the fingerprint of the merged K/V (computed here from
+/// `PatchedModel::load_with_loras`, independently of training), its K/V start from the merged
+/// ones, and applying it where the same LoRA is merged sets exactly its trained K/V; on the
+/// plain base it is another model (`generate` without the --lora refuses it, naming
+/// --concepts-base).
+#[test]
+fn train_with_lora_bakes_it_into_the_base() {
+    use disendiff::formats::concept_file;
+    use disendiff::model::sd::LoadOptions;
+    use disendiff::patch::{LoraSpec, PatchedModel, TrainedBase};
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = common::fixture("golden/lora-kohya.safetensors");
+    let lora_arg = format!("{}:0.7", lora.display());
+    let out = tmp.path().join("run");
+    let (ok, err) = train(&out, &["--max-train-steps", "2", "--checkpointing-steps", "0", "--lora", &lora_arg]);
+    assert!(ok, "{err}");
+    assert!(err.contains("merged into the base"), "{err}");
+    let file = out.join("concepts.safetensors");
+    let cf = concept_file::load(&file).unwrap();
+
+    let spec = LoraSpec { path: lora.clone(), scale: 0.7 };
+    let (mut merged, _) = PatchedModel::load_with_loras(&common::fixture("sd1-tiny"), &LoadOptions::default(), &[spec], false).unwrap();
+    let plain = tensors(&common::fixture("sd1-tiny/unet/diffusion_pytorch_model.safetensors"));
+    let mut merged_kv = Vec::new();
+    for name in cf.unet_weights.keys() {
+        let v = merged.sd.unet_weight_var(name).unwrap().as_tensor().copy().unwrap();
+        merged_kv.push((name.clone(), v));
+    }
+    let table = merged.sd.text_encoder.token_embedding().dims2().unwrap();
+    assert_eq!(cf.meta.base_model.fingerprint, concept_file::fingerprint(&merged_kv, table).unwrap(), "not the fingerprint of the merged base");
+    let plain_kv: Vec<_> = cf.unet_weights.keys().map(|n| (n.clone(), plain[n].clone())).collect();
+    assert_ne!(cf.meta.base_model.fingerprint, concept_file::fingerprint(&plain_kv, table).unwrap());
+    // Training started from the merged K/V: after 2 small steps the weights the LoRA changes
+    // are far nearer the merged values than the plain ones.
+    let k = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight";
+    let merged_k = &merged_kv.iter().find(|(n, _)| n == k).unwrap().1;
+    let (to_merged, to_plain) = (max_abs_diff(&cf.unet_weights[k], merged_k), max_abs_diff(&cf.unet_weights[k], &plain[k]));
+    println!("{k}: trained - merged {to_merged:.2e}, trained - plain {to_plain:.2e}");
+    assert!(to_merged * 10.0 < to_plain, "trained {k} is not near the merged base ({to_merged} vs {to_plain})");
+
+    // The same LoRA at generation: exactly the trained K/V.
+    merged.add_concepts(&file, TrainedBase::Refuse).unwrap();
+    for (name, t) in &cf.unet_weights {
+        let got = merged.sd.unet_weight_var(name).unwrap().as_tensor().copy().unwrap();
+        assert_eq!(max_abs_diff(&got, t), 0.0, "{name} is not the trained weight");
+    }
+
+    let gen = |extra: &[&str], dir: &str| {
+        let o = tmp.path().join(dir);
+        let mut args = vec!["generate", "--model", &*model().leak(), "--concepts", file.to_str().unwrap(), "--prompt", "a <new1> cat",
+            "--steps", "1", "--height", "64", "--width", "64", "--out", o.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let r = common::disendiff(&args);
+        (r, o.join("00000.png").is_file())
+    };
+    let ((ok, err), wrote) = gen(&["--lora", &lora_arg], "with");
+    assert!(ok && wrote, "{err}");
+    let ((ok, err), wrote) = gen(&[], "without");
+    assert!(!ok && !wrote && err.contains("--concepts-base"), "{err}");
 }

@@ -71,8 +71,8 @@ pub fn run(a: Args) -> Result<()> {
         .combined
         .iter()
         .map(|p| ("both concepts", p))
-        .chain(sets.concept1.iter().map(|p| ("concept 1 alone", p)))
-        .chain(sets.concept2.iter().map(|p| ("concept 2 alone", p)))
+        .chain(sets.single[0].iter().map(|p| ("concept 1 alone", p)))
+        .chain(sets.single[1].iter().map(|p| ("concept 2 alone", p)))
         .collect();
     let pb = super::progress_bar(all.len() as u64, "generating");
     let mut report = String::new();

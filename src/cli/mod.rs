@@ -48,7 +48,7 @@ enum Command {
     /// Repaint the white part of a mask in an image from a text prompt (9- or 4-channel UNets).
     Inpaint(inpaint::Args),
     /// Learn the concepts of one image (DisenDiff, Custom Diffusion or Textual Inversion).
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Heatmaps of each prompt token's cross-attention (the paper's Fig. 4 view).
     Attention(attention::Args),
     /// Time and memory of fixed cases (compare with tools/reference/bench_torch.py).
@@ -69,7 +69,7 @@ pub fn run() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Inpaint(args) => inpaint::run(args),
         Command::Toy(args) => toy::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Attention(args) => attention::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Export(args) => export::run(args),
@@ -220,10 +220,21 @@ pub struct ConceptArgs {
     /// holds, instead of warning.
     #[arg(long)]
     pub strict_tokens: bool,
+    #[command(flatten)]
+    pub loras: LoraArgs,
+}
+
+/// LoRA flags: of the subcommands that generate (merged under any concept file) and of
+/// `train` (merged into the base that is trained on).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct LoraArgs {
     /// A LoRA file merged into the weights before any concept file, with an optional strength
-    /// (default 1): kohya's format (`lora_unet_*` / `lora_te_*`, scale alpha/rank x SCALE, also
-    /// convolution and `.diff` entries) or diffusers/PEFT's (`unet.*` / `text_encoder.*`
-    /// `lora_A` / `lora_B`). Repeatable.
+    /// (default 1): kohya's format (`lora_unet_*` / `lora_te_*` in diffusers' or the original
+    /// LDM's layer names such as `lora_unet_input_blocks_1_1_...`, scale alpha/rank x SCALE,
+    /// also convolution and `.diff` entries) or diffusers/PEFT's (`unet.*` / `text_encoder.*`
+    /// `lora_A` / `lora_B`). Repeatable. On `train` the LoRAs are part of the base: the concept
+    /// file is trained on, and records the fingerprint of, the model with them merged, so
+    /// generating with it needs the same --lora flags.
     #[arg(long, value_name = "FILE[:SCALE]")]
     pub lora: Vec<LoraSpec>,
     /// Apply a LoRA file even when some of its keys match no weight of the model (they are
@@ -264,7 +275,7 @@ pub fn check_prompt_tokens(sd: &crate::model::sd::StableDiffusion, prompts: &[&s
 pub fn load_model(model: &ModelArgs, concepts: &ConceptArgs) -> Result<PatchedModel> {
     let opts = model.load_options()?;
     eprintln!("loading {}", model.model.display());
-    let (mut m, warnings) = PatchedModel::load_with_loras(&model.model, &opts, &concepts.lora, concepts.lora_allow_unmatched)?;
+    let (mut m, warnings) = PatchedModel::load_with_loras(&model.model, &opts, &concepts.loras.lora, concepts.loras.lora_allow_unmatched)?;
     for w in warnings {
         eprintln!("warning: {w}");
     }

@@ -83,6 +83,10 @@ pub struct ScenesArgs {
     /// "<new1> ball and <new2> box" captions.
     #[arg(long)]
     pub personalization: bool,
+    /// Objects (concepts) per personalization scene: 2, or 3 for "<new1> ball, <new2> box and
+    /// <new3> star" scenes (with --personalization).
+    #[arg(long, default_value_t = 2, value_name = "N", requires = "personalization")]
+    pub concepts: usize,
     /// Image side in pixels (the 64x64 world rescaled).
     #[arg(long, default_value_t = 64)]
     pub size: u32,
@@ -127,7 +131,10 @@ fn scenes(a: ScenesArgs) -> Result<()> {
         unnamed_share: a.unnamed_share,
         ..WorldSpec::default()
     };
-    let opts = WriteOptions { n: a.n, seed: a.seed, personalization: a.personalization, image_size: a.size, spec };
+    if !(1..=crate::toyworld::MAX_CONCEPTS).contains(&a.concepts) {
+        bail!("--concepts must be between 1 and {} (got {})", crate::toyworld::MAX_CONCEPTS, a.concepts);
+    }
+    let opts = WriteOptions { n: a.n, seed: a.seed, personalization: a.personalization, concepts: a.concepts, image_size: a.size, spec };
     let pb = (a.n >= 100).then(|| super::progress_bar(a.n as u64, "scenes"));
     write_scenes(&a.out, &opts, |done| {
         if let Some(pb) = &pb {

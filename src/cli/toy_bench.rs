@@ -1,9 +1,10 @@
 //! `disendiff toy bench`: the paper's comparison on the toy world, scored by the oracle.
 //!
-//! For each personalization scene, each method is trained on the scene, generates images for
-//! the three prompt sets (combined, concept 1 alone, concept 2 alone; each with edits), and
-//! the images are scored (`toyworld::score`): identity fidelity per set, leakage, prompt
-//! fidelity. Writes `OUT/report.json` and `OUT/report.md` (Fig. 6 form, with image grids).
+//! For each personalization scene (two concepts, or three with `--concepts-per-scene 3`), each
+//! method is trained on the scene, generates images for the prompt sets (combined, then each
+//! concept alone; each with edits), and the images are scored (`toyworld::score`): identity
+//! fidelity per set, leakage (over every pair of concepts), prompt fidelity. Writes
+//! `OUT/report.json` and `OUT/report.md` (Fig. 6 form, with image grids).
 
 use crate::pipelines::attention_maps::grid;
 use crate::toyworld::experiment::{self, default_toy_model, enlarge, ToyTrainOptions};
@@ -24,6 +25,11 @@ pub struct BenchArgs {
     /// First scene (personalization scenes first-scene, first-scene+1, ...).
     #[arg(long, default_value_t = 1, alias = "seed")]
     pub first_scene: u64,
+    /// Concepts (objects) per personalization scene: 2 (the paper's setting) or 3 (three
+    /// objects, `<new1>`..`<new3>`, with L_s&s the mean over all pairs of class maps and
+    /// leakage counted towards any other concept).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub concepts_per_scene: usize,
     /// Training steps of every method.
     #[arg(long, default_value_t = 150, alias = "steps", alias = "max_train_steps")]
     pub max_train_steps: usize,
@@ -109,6 +115,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(lr) = a.learning_rate {
         super::validate::positive("--learning-rate", lr)?;
     }
+    if !(2..=crate::toyworld::MAX_CONCEPTS).contains(&a.concepts_per_scene) {
+        bail!("--concepts-per-scene must be 2 or {} (got {})", crate::toyworld::MAX_CONCEPTS, a.concepts_per_scene);
+    }
     let variants = variants(&a)?;
     let model_dir = a.model.clone().unwrap_or_else(default_toy_model);
     experiment::check_toy_model(&model_dir)?;
@@ -118,7 +127,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let total = (a.scenes * variants.len()) as u64;
     let pb = super::progress_bar(total, "toy bench");
     for s in 0..a.scenes {
-        let task = Task::new(a.first_scene + s as u64);
+        let task = Task::with_concepts(a.first_scene + s as u64, a.concepts_per_scene)?;
         let scorer = Scorer::new(&task);
         let scene_dir = a.out.join(format!("scene-{}", task.seed));
         std::fs::create_dir_all(&scene_dir)?;
@@ -136,12 +145,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             tally.train_seconds += seconds / a.scenes as f64;
             tally.attention.push(diagnostics);
             let mut rows = Vec::new();
-            for (set_name, set) in [("combined", &sets.combined), ("concept1", &sets.concept1), ("concept2", &sets.concept2)] {
+            for (set_name, concept, set) in sets.named() {
                 for (p, spec) in set.iter().enumerate() {
                     let images = experiment::generate(&model, &spec.prompt, a.num_images, 1000, a.num_inference_steps, a.guidance_scale)?;
                     for (i, img) in images.iter().enumerate() {
                         util::save_png(img, &run_dir.join(format!("images/{set_name}-{p}-{i}.png")))?;
-                        tally.add(set_name, &scorer.score(img, spec));
+                        tally.add(concept, &scorer.score(img, spec));
                     }
                     if spec.base {
                         rows.push(grid(&images.iter().map(|i| enlarge(i, 2)).collect::<Vec<_>>(), images.len()));
@@ -151,7 +160,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let sheet = grid(&rows, 1);
             let file = format!("scene-{}/{}.png", task.seed, name.replace('/', "_"));
             util::save_png(&sheet, &a.out.join(&file))?;
-            writeln!(md_images, "**{name}** (rows: combined, concept 1, concept 2; unedited prompts)\n\n![{name}]({file})\n")?;
+            let rows_named = (1..=a.concepts_per_scene).map(|k| format!("concept {k}")).collect::<Vec<_>>().join(", ");
+            writeln!(md_images, "**{name}** (rows: combined, {rows_named}; unedited prompts)\n\n![{name}]({file})\n")?;
             pb.inc(1);
         }
     }
@@ -160,7 +170,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let methods: BTreeMap<String, MethodScores> = tallies.iter().map(|(k, t)| (k.clone(), t.finish())).collect();
     let json = serde_json::json!({
         "methods": methods,
-        "settings": {"scenes": a.scenes, "first_scene": a.first_scene, "max_train_steps": a.max_train_steps, "num_images": a.num_images,
+        "settings": {"scenes": a.scenes, "first_scene": a.first_scene, "concepts_per_scene": a.concepts_per_scene, "max_train_steps": a.max_train_steps, "num_images": a.num_images,
                       "num_inference_steps": a.num_inference_steps, "guidance_scale": a.guidance_scale,
                       "learning_rate": a.learning_rate, "attn_weight": a.attn_weight,
                       "model": model_dir.display().to_string()},
@@ -170,28 +180,28 @@ pub fn run(a: BenchArgs) -> Result<()> {
     writeln!(md, "# Toy-world benchmark\n")?;
     writeln!(
         md,
-        "{} scene(s) from seed {}, {} training steps, {} images per prompt ({} DDIM steps, guidance {}). \
+        "{} scene(s) of {} concepts from seed {}, {} training steps, {} images per prompt ({} DDIM steps, guidance {}). \
          Identity fidelity = oracle appearance similarity to the training object (0-1, higher is better); \
-         leakage = share of single-concept images that also show the other concept (lower is better): \
+         leakage = share of single-concept images that also show another concept (lower is better): \
          as an object of its class (other object) or as the asked object wearing its look (look swap: \
-         the asked object's appearance is nearer the other concept's than its own); \
-         composition = share of combined images showing both classes; \
+         the asked object's appearance is nearer that concept's than its own); with three concepts \
+         every pair counts; composition = share of combined images showing every concept's class; \
          prompt fidelity = share of edited prompts whose edit is present. \
          Attention columns, measured on the training image after training (timesteps 100-700): \
          L_bind and L_s&s as DisenDiff defines them (lower = modifier bound to its class word / \
-         the two class maps apart), and the soft IoU of each class word's map with its own \
-         object's mask and with the other object's.\n",
-        a.scenes, a.first_scene, a.max_train_steps, a.num_images, a.num_inference_steps, a.guidance_scale
+         the class maps apart; L_s&s is the mean over all pairs), and the soft IoU of each class \
+         word's map with its own object's mask and with the other objects' (mean).\n",
+        a.scenes, a.concepts_per_scene, a.first_scene, a.max_train_steps, a.num_images, a.num_inference_steps, a.guidance_scale
     )?;
-    writeln!(md, "| method | Combined | Concept1 | Concept2 | Mean | leakage | other object | look swap | composition | prompt fidelity | train s | L_bind | L_s&s | class IoU own | class IoU other |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    let concept_cols: String = (1..=a.concepts_per_scene).map(|k| format!(" Concept{k} |")).collect();
+    writeln!(md, "| method | Combined |{concept_cols} Mean | leakage | other object | look swap | composition | prompt fidelity | train s | L_bind | L_s&s | class IoU own | class IoU other |")?;
+    writeln!(md, "|---|---|{}---|---|---|---|---|---|---|---|---|---|---|", "---|".repeat(a.concepts_per_scene))?;
     for (name, m) in &methods {
+        let singles: String = m.fidelity.single.iter().map(|v| format!(" {v:.3} |")).collect();
         writeln!(
             md,
-            "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            "| {name} | {:.3} |{singles} {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
             m.fidelity.combined,
-            m.fidelity.concept1,
-            m.fidelity.concept2,
             m.fidelity.mean,
             m.leakage,
             m.other_object,
@@ -236,16 +246,23 @@ pub fn rescore(a: RescoreArgs) -> Result<()> {
     writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     let mut totals: BTreeMap<String, Tally> = BTreeMap::new();
     for (seed, scene_dir) in &scenes {
-        let task = Task::new(*seed);
-        let scorer = Scorer::new(&task);
-        let sets = task.prompt_sets();
         let mut methods: Vec<PathBuf> = std::fs::read_dir(scene_dir)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("images").is_dir()).collect();
         methods.sort();
+        // The scene's number of concepts is the number of single-concept sets the bench kept.
+        let concepts = (1..=crate::toyworld::MAX_CONCEPTS)
+            .take_while(|k| methods.iter().any(|m| m.join(format!("images/concept{k}-0-0.png")).is_file()))
+            .count();
+        if concepts < 2 {
+            bail!("{} holds no images/concept1-0-0.png and concept2-0-0.png of a `disendiff toy bench` run", scene_dir.display());
+        }
+        let task = Task::with_concepts(*seed, concepts)?;
+        let scorer = Scorer::new(&task);
+        let sets = task.prompt_sets();
         for run in methods {
             let name = run.file_name().and_then(|n| n.to_str()).unwrap_or("?").replacen('_', "/", 1);
             let mut tally = Tally::default();
             let mut images = 0;
-            for (set_name, set) in [("combined", &sets.combined), ("concept1", &sets.concept1), ("concept2", &sets.concept2)] {
+            for (set_name, concept, set) in sets.named() {
                 for (p, spec) in set.iter().enumerate() {
                     for i in 0.. {
                         let path = run.join(format!("images/{set_name}-{p}-{i}.png"));
@@ -253,8 +270,8 @@ pub fn rescore(a: RescoreArgs) -> Result<()> {
                             break;
                         }
                         let s = scorer.score(&util::load_rgb(&path)?, spec);
-                        tally.add(set_name, &s);
-                        totals.entry(name.clone()).or_default().add(set_name, &s);
+                        tally.add(concept, &s);
+                        totals.entry(name.clone()).or_default().add(concept, &s);
                         images += 1;
                     }
                 }

@@ -1,7 +1,13 @@
 //! `disendiff train`: learn the concepts of one image (DisenDiff, or the paper's baselines and
 //! ablations as presets of the same trainer) and write `OUT/concepts.safetensors`.
+//!
+//! With `--lora FILE[:SCALE]` the LoRAs are merged into the base before training and stay a
+//! fixed part of it: the concept file holds K/V trained from the merged weights and the
+//! fingerprint of those, so it applies (its trained K/V set exactly) where the same LoRAs are
+//! merged again (`generate --lora` with the same files and scales); on the plain base it is a
+//! different model, applied only as a difference with `--concepts-base`.
 
-use super::ModelArgs;
+use super::{LoraArgs, ModelArgs};
 use crate::model::memory::Training;
 use crate::pipelines::class_images::class_images;
 use crate::pipelines::text2img::{self, Text2ImageParams};
@@ -20,6 +26,8 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub loras: LoraArgs,
     /// The photo with the concepts (PNG or JPEG; centre-cropped to a square).
     #[arg(long, value_name = "FILE", alias = "instance_data_dir")]
     pub image: PathBuf,
@@ -120,6 +128,29 @@ pub struct Args {
     pub validation_steps: usize,
 }
 
+/// The model to train: the base with the `--lora` files merged into it (a fixed part of the
+/// base), the trainable weights loaded as variables and the concepts' tokens added.
+fn load_base(
+    root: &std::path::Path,
+    opts: &crate::model::sd::LoadOptions,
+    loras: &LoraArgs,
+    concepts: &[crate::training::concepts::Concept],
+    trainable: crate::training::method::UNetTrainable,
+) -> Result<Personalized> {
+    if loras.lora.is_empty() {
+        return Personalized::load(root, opts, concepts, trainable);
+    }
+    let (m, warnings) =
+        crate::patch::PatchedModel::load_with_loras_trainable(root, opts, &loras.lora, loras.lora_allow_unmatched, move |n| trainable.matches(n))?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    for label in m.patches.labels() {
+        eprintln!("lora (merged into the base for training): {label}");
+    }
+    Personalized::from_model(m.sd, concepts)
+}
+
 fn split_plus(s: &str) -> Vec<String> {
     s.split('+').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
 }
@@ -179,7 +210,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("regularisation images take half of each micro-batch: use --train-batch-size 2 or more with --reg-dir or --num-class-images");
     }
     eprintln!("loading {}", a.model.model.display());
-    let model = Personalized::load(&a.model.model, &opts, &concepts, preset.unet_trainable)?;
+    let model = load_base(&a.model.model, &opts, &a.loras, &concepts, preset.unet_trainable)?;
     for c in &concepts {
         let pieces = class_word_pieces(&model.sd.tokenizer, &c.class_word);
         if pieces > 1 {

@@ -8,7 +8,12 @@
 //! `text_encoder.<path>...`): the same product with scale lora_alpha / r x SCALE when the file's
 //! metadata holds diffusers' adapter config (`lora_adapter_metadata`), else SCALE.
 //! Kohya names are matched against the model's own weight names (dots replaced by
-//! underscores); a name two weights share is an error. Keys that match nothing are an error
+//! underscores); a name two weights share is an error. Kohya UNet names in the original LDM
+//! (CompVis) layout (`lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k`,
+//! `lora_unet_middle_block_1_...`, `lora_unet_output_blocks_3_1_...`, also the resnets'
+//! `in_layers_2` etc.) are translated to diffusers' first ([`ldm_map`], the map of ComfyUI's
+//! `unet_to_diffusers` and A1111's `convert_diffusers_name_to_compvis`, computed from the
+//! model's own blocks rather than SD1's numbers). Keys that match nothing are an error
 //! listing the first few unless the caller allows them (then they are reported as a warning):
 //! a silent skip is what users of other tools complain about (docs/formats.md).
 
@@ -82,6 +87,89 @@ fn canonical(component: Component, module: &str) -> String {
         Component::TextEncoder if !module.starts_with("text_model.") => format!("text_model.{module}"),
         _ => module.to_string(),
     }
+}
+
+/// The LDM (CompVis) UNet module prefixes, dots as underscores and with a trailing `_`
+/// (`input_blocks_1_1_`), each with its diffusers prefix (`down_blocks_0_attentions_0_`) and
+/// whether it is a resnet (whose inner names differ too). Computed from the diffusers weight
+/// names of the model: the number of down/up blocks, each block's resnet count (layers per
+/// block; up blocks one more) and which blocks have attentions and down/up samplers. LDM
+/// numbers its input blocks 0 (conv_in), then per down block one per resnet (`.0` the resnet,
+/// `.1` its attention) and one for the downsampler (`.0.op`); the middle block is resnet,
+/// attention, resnet; output blocks are numbered per up block and resnet, the upsampler
+/// (`.conv`) after the last resnet's attention (`.2`) or after the resnet (`.1`).
+pub fn ldm_map(unet_names: &BTreeMap<String, Vec<usize>>) -> Vec<(String, String, bool)> {
+    let has = |prefix: &str| unet_names.range(prefix.to_string()..).next().is_some_and(|(n, _)| n.starts_with(prefix));
+    let count = |prefix: &str| (0..).take_while(|i| has(&format!("{prefix}{i}."))).count();
+    let mut map: Vec<(String, String, bool)> = vec![
+        ("input_blocks_0_0_".into(), "conv_in_".into(), false),
+        ("time_embed_0_".into(), "time_embedding_linear_1_".into(), false),
+        ("time_embed_2_".into(), "time_embedding_linear_2_".into(), false),
+        ("out_0_".into(), "conv_norm_out_".into(), false),
+        ("out_2_".into(), "conv_out_".into(), false),
+        ("middle_block_0_".into(), "mid_block_resnets_0_".into(), true),
+        ("middle_block_1_".into(), "mid_block_attentions_0_".into(), false),
+        ("middle_block_2_".into(), "mid_block_resnets_1_".into(), true),
+    ];
+    let mut n = 1;
+    for x in 0..count("down_blocks.") {
+        let attn = has(&format!("down_blocks.{x}.attentions."));
+        for i in 0..count(&format!("down_blocks.{x}.resnets.")) {
+            map.push((format!("input_blocks_{n}_0_"), format!("down_blocks_{x}_resnets_{i}_"), true));
+            if attn {
+                map.push((format!("input_blocks_{n}_1_"), format!("down_blocks_{x}_attentions_{i}_"), false));
+            }
+            n += 1;
+        }
+        if has(&format!("down_blocks.{x}.downsamplers.")) {
+            map.push((format!("input_blocks_{n}_0_op_"), format!("down_blocks_{x}_downsamplers_0_conv_"), false));
+            n += 1;
+        }
+    }
+    let mut n = 0;
+    for x in 0..count("up_blocks.") {
+        let attn = has(&format!("up_blocks.{x}.attentions."));
+        let resnets = count(&format!("up_blocks.{x}.resnets."));
+        for i in 0..resnets {
+            map.push((format!("output_blocks_{n}_0_"), format!("up_blocks_{x}_resnets_{i}_"), true));
+            if attn {
+                map.push((format!("output_blocks_{n}_1_"), format!("up_blocks_{x}_attentions_{i}_"), false));
+            }
+            if i + 1 == resnets && has(&format!("up_blocks.{x}.upsamplers.")) {
+                let k = if attn { 2 } else { 1 };
+                map.push((format!("output_blocks_{n}_{k}_conv_"), format!("up_blocks_{x}_upsamplers_0_conv_"), false));
+            }
+            n += 1;
+        }
+    }
+    map
+}
+
+/// The resnet parts' LDM names (underscored) and diffusers'.
+const LDM_RESNET: [(&str, &str); 6] = [
+    ("in_layers_0", "norm1"),
+    ("in_layers_2", "conv1"),
+    ("emb_layers_1", "time_emb_proj"),
+    ("out_layers_0", "norm2"),
+    ("out_layers_3", "conv2"),
+    ("skip_connection", "conv_shortcut"),
+];
+
+/// The diffusers name (underscored) of a kohya LDM-named UNet module, `None` when `module` is
+/// not an LDM name of this model. A whole-module name (`out_0`, `input_blocks_3_0_op`) counts
+/// as its prefix with nothing after it.
+fn ldm_to_diffusers(map: &[(String, String, bool)], module: &str) -> Option<String> {
+    let with_sep = format!("{module}_");
+    map.iter().find_map(|(ldm, diffusers, resnet)| {
+        let rest = with_sep.strip_prefix(ldm.as_str())?;
+        let rest = rest.strip_suffix('_').unwrap_or(rest);
+        let head = diffusers.strip_suffix('_').unwrap_or(diffusers);
+        if rest.is_empty() {
+            return Some(head.to_string());
+        }
+        let rest = if *resnet { LDM_RESNET.iter().find(|(l, _)| *l == rest).map(|(_, d)| d.to_string())? } else { rest.to_string() };
+        Some(format!("{head}_{rest}"))
+    })
 }
 
 /// Finds the store name of `module` + `suffix` (`weight` / `bias`) in `names`.
@@ -217,6 +305,7 @@ pub fn read(path: &Path, scale: f64, targets: &TargetNames, allow_unmatched: boo
     }
 
     let peft_scale = peft_scales(path)?;
+    let ldm = ldm_map(&targets.unet);
     let mut deltas: Vec<LoraDelta> = Vec::new();
     let mut seen: HashMap<(Component, String), String> = HashMap::new();
     for ((form, component, module), e) in &entries {
@@ -226,6 +315,12 @@ pub fn read(path: &Path, scale: f64, targets: &TargetNames, allow_unmatched: boo
         };
         let first_key = [&e.down, &e.up, &e.alpha, &e.diff, &e.diff_b].into_iter().flatten().next().map(|(k, _)| k.clone()).expect("an entry has a key");
         let mut changes: Vec<(String, Tensor)> = Vec::new();
+        // A kohya UNet module in LDM names is looked up by its diffusers name.
+        let translated = match (form, component) {
+            (Form::Kohya, Component::Unet) => ldm_to_diffusers(&ldm, module),
+            _ => None,
+        };
+        let module: &str = translated.as_deref().unwrap_or(module);
         let weight = resolve(names, *component, *form, module, "weight")?;
         match (&e.down, &e.up, &e.diff) {
             (Some(_), Some(_), Some((k, _))) => bail!("{file}: {k} and a lora_down/lora_up pair change the same weight"),
@@ -361,5 +456,74 @@ mod tests {
         // a 3x3 lora_up is not a LoRA this reader knows
         let up3 = Tensor::zeros((4, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
         assert!(low_rank("f", &("d".into(), down), &("u".into(), up3), &[4, 3, 3, 3], 1.0).is_err());
+    }
+
+    /// SD1.5's UNet names (4 down blocks of 2 resnets, attentions in the first 3; 4 up blocks
+    /// of 3 resnets, attentions in the last 3).
+    fn sd15_names() -> BTreeMap<String, Vec<usize>> {
+        let mut t = BTreeMap::new();
+        let mut add = |n: String| {
+            t.insert(format!("{n}.weight"), vec![1]);
+        };
+        for x in 0..4 {
+            for i in 0..2 {
+                add(format!("down_blocks.{x}.resnets.{i}.conv1"));
+                if x < 3 {
+                    add(format!("down_blocks.{x}.attentions.{i}.transformer_blocks.0.attn2.to_k"));
+                }
+            }
+            if x < 3 {
+                add(format!("down_blocks.{x}.downsamplers.0.conv"));
+            }
+            for i in 0..3 {
+                add(format!("up_blocks.{x}.resnets.{i}.conv1"));
+                if x > 0 {
+                    add(format!("up_blocks.{x}.attentions.{i}.transformer_blocks.0.attn2.to_k"));
+                }
+            }
+            if x < 3 {
+                add(format!("up_blocks.{x}.upsamplers.0.conv"));
+            }
+        }
+        add("mid_block.attentions.0.proj_in".into());
+        t
+    }
+
+    /// On SD1.5's layout the map is A1111's `convert_diffusers_name_to_compvis` (networks.py):
+    /// down attention (x, i) -> input_blocks_{1 + 3x + i}_1, up attention (x, i) ->
+    /// output_blocks_{3x + i}_1, resnets likewise with _0 and LDM's part names, downsampler x ->
+    /// input_blocks_{3 + 3x}_0_op, upsampler x -> output_blocks_{2 + 3x}_{2 if x > 0 else 1}_conv.
+    #[test]
+    fn ldm_names_are_a1111s_on_sd15() {
+        let map = ldm_map(&sd15_names());
+        let t = |m: &str| ldm_to_diffusers(&map, m);
+        for x in 0..4 {
+            for i in 0..2 {
+                assert_eq!(t(&format!("input_blocks_{}_0_in_layers_2", 1 + 3 * x + i)).unwrap(), format!("down_blocks_{x}_resnets_{i}_conv1"));
+                assert_eq!(t(&format!("input_blocks_{}_0_skip_connection", 1 + 3 * x + i)).unwrap(), format!("down_blocks_{x}_resnets_{i}_conv_shortcut"));
+                let a = t(&format!("input_blocks_{}_1_transformer_blocks_0_attn2_to_k", 1 + 3 * x + i));
+                assert_eq!(a, (x < 3).then(|| format!("down_blocks_{x}_attentions_{i}_transformer_blocks_0_attn2_to_k")));
+            }
+            for i in 0..3 {
+                assert_eq!(t(&format!("output_blocks_{}_0_out_layers_3", 3 * x + i)).unwrap(), format!("up_blocks_{x}_resnets_{i}_conv2"));
+                let a = t(&format!("output_blocks_{}_1_transformer_blocks_0_attn2_to_k", 3 * x + i));
+                assert_eq!(a, (x > 0).then(|| format!("up_blocks_{x}_attentions_{i}_transformer_blocks_0_attn2_to_k")), "up {x} {i}");
+            }
+            if x < 3 {
+                assert_eq!(t(&format!("input_blocks_{}_0_op", 3 + 3 * x)).unwrap(), format!("down_blocks_{x}_downsamplers_0_conv"));
+                let k = if x > 0 { 2 } else { 1 };
+                assert_eq!(t(&format!("output_blocks_{}_{k}_conv", 2 + 3 * x)).unwrap(), format!("up_blocks_{x}_upsamplers_0_conv"));
+            }
+        }
+        assert_eq!(t("middle_block_1_proj_in").unwrap(), "mid_block_attentions_0_proj_in");
+        assert_eq!(t("middle_block_2_emb_layers_1").unwrap(), "mid_block_resnets_1_time_emb_proj");
+        assert_eq!(t("input_blocks_0_0").unwrap(), "conv_in");
+        assert_eq!(t("time_embed_2").unwrap(), "time_embedding_linear_2");
+        // not LDM names, or not of this model
+        assert_eq!(t("down_blocks_0_attentions_0_proj_in"), None);
+        assert_eq!(t("input_blocks_12_1_proj_in"), None);
+        assert_eq!(t("input_blocks_1_0_no_such_part"), None);
+        // input_blocks_1_1 is not a prefix of input_blocks_11_1
+        assert_eq!(t("input_blocks_11_0_in_layers_0").unwrap(), "down_blocks_3_resnets_1_norm1");
     }
 }

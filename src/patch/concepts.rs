@@ -8,8 +8,10 @@
 //! shapes (an inpainting UNet, a fine-tuned or LoRA-merged base: the paper's Fig. 7 and 8) the
 //! difference is taken against the weights of the model the file was trained on (a folder the
 //! user names, checked against the fingerprint) and added to this model's weights, with a
-//! warning naming both; without that folder such a model is refused. A model without the file's
-//! layers or shapes is always refused.
+//! warning naming both; without that folder such a model is refused. A file trained with LoRAs
+//! merged into its base (`train --lora`) carries the fingerprint of the weights with those
+//! LoRAs: on a model whose LoRA patches leave exactly those weights, W_trained is set. A model
+//! without the file's layers or shapes is always refused.
 
 use super::{set_weight, BaseValues, Layer, Patch, Undo};
 use crate::formats::concept_file::{self, ConceptFile};
@@ -153,6 +155,16 @@ impl Patch for ConceptPatch {
         // are set as diffusers sets them.
         let unknown_base = file.meta.base_model.fingerprint.is_empty();
         let same_base = unknown_base || concept_file::fingerprint(&base_now, table)? == file.meta.base_model.fingerprint;
+        // Trained with LoRAs merged into its base (`disendiff train --lora`): the fingerprint is
+        // that of the weights as the LoRAs below left them, and the trained weights are set.
+        let on_loras = !same_base && names.iter().any(|n| base.is_patched(n)) && {
+            let mut now = Vec::new();
+            for name in &names {
+                let var = sd.unet_weight_var(name).expect("checked");
+                now.push(((*name).clone(), var.as_tensor().clone()));
+            }
+            concept_file::fingerprint(&now, table)? == file.meta.base_model.fingerprint
+        };
 
         let mut warnings = Vec::new();
         if unknown_base {
@@ -164,7 +176,9 @@ impl Patch for ConceptPatch {
         }
         // The difference to add to the current weights, or `None` to set the trained weights.
         let mut deltas: Vec<Option<Tensor>> = Vec::new();
-        if same_base {
+        if on_loras {
+            deltas = vec![None; names.len()];
+        } else if same_base {
             for (name, b) in &base_now {
                 let trained = file.unet_weights[name].to_dtype(DType::F32)?;
                 deltas.push(if base.is_patched(name) { Some((trained - b.to_dtype(DType::F32)?)?) } else { None });

@@ -45,6 +45,19 @@ impl PatchedModel {
         if loras.is_empty() {
             return Ok((Self::load(root, opts)?, Vec::new()));
         }
+        Self::load_with_loras_trainable(root, opts, loras, allow_unmatched, |_| false)
+    }
+
+    /// [`load_with_loras`](Self::load_with_loras) with the UNet weights `unet_trainable`
+    /// names loaded as trainable variables (as `StableDiffusion::load_with`): the base of a
+    /// training run with LoRAs merged into it.
+    pub fn load_with_loras_trainable(
+        root: &Path,
+        opts: &LoadOptions,
+        loras: &[LoraSpec],
+        allow_unmatched: bool,
+        unet_trainable: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Result<(Self, Vec<String>)> {
         let targets = lora::target_names(root, opts)?;
         let mut patches = Vec::new();
         let mut warnings = Vec::new();
@@ -57,7 +70,7 @@ impl PatchedModel {
         for p in &patches {
             p.add_targets(&mut extra);
         }
-        let mut m = Self { sd: StableDiffusion::load_full(root, opts, |_| false, extra)?, patches: PatchStack::new() };
+        let mut m = Self { sd: StableDiffusion::load_full(root, opts, unet_trainable, extra)?, patches: PatchStack::new() };
         for p in patches {
             warnings.extend(m.patches.push(&mut m.sd, Box::new(p))?);
         }

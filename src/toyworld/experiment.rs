@@ -78,11 +78,13 @@ impl ToyTrainOptions {
     }
 }
 
-/// Writes `n` training-world scenes that contain the task's classes, with captions.
+/// Writes `n` training-world scenes of the task's classes, as many objects as the task has
+/// concepts, with captions.
 pub fn write_reg_scenes(task: &Task, n: usize, dir: &Path) -> Result<Vec<RegImage>> {
     std::fs::create_dir_all(dir)?;
     let classes: Vec<Class> = task.concepts.iter().map(|(_, c)| *c).collect();
-    let spec = WorldSpec { classes: classes.clone(), min_objects: 2, max_objects: 2, ..WorldSpec::default() };
+    let objects = classes.len().clamp(1, 3);
+    let spec = WorldSpec { classes: classes.clone(), min_objects: objects, max_objects: objects, ..WorldSpec::default() };
     let mut out = Vec::new();
     for i in 0..n as u64 {
         let mut rng = util::seeded_rng(scene_seed(task.seed ^ 0x5eed, i));
@@ -159,11 +161,13 @@ pub struct AttentionDiagnostics {
     /// Sum over concepts of 1 - soft IoU(modifier map, class map), as trained (Eq. 4; 0 to the
     /// number of concepts; lower = bound).
     pub l_bind: f64,
-    /// Soft IoU of the two squared class maps (Eq. 5; lower = separated).
+    /// Soft IoU of the two squared class maps, the mean over all pairs for three concepts
+    /// (Eq. 5; lower = separated).
     pub l_ss: f64,
     /// Soft IoU of each min-max normalised class-token map with its own object's mask.
     pub class_iou_own: f64,
-    /// ... and with the other object's mask (lower = the word does not look at the other object).
+    /// ... and with the other objects' masks (mean over them; lower = the word does not look
+    /// at the other objects).
     pub class_iou_other: f64,
 }
 
@@ -209,11 +213,14 @@ pub fn attention_diagnostics(model: &Personalized, task: &Task) -> Result<Attent
         })
         .collect::<Result<_>>()?;
     let (mut own, mut other) = (0.0, 0.0);
+    let others = (positions.len() - 1).max(1) as f64;
     for maps in &l.maps {
         for (k, p) in positions.iter().enumerate() {
             let class_map = min_max_normalize(&maps.get(p.class)?.unsqueeze(0)?)?.squeeze(0)?;
             own += soft_iou(&class_map, &masks[k])?.to_scalar::<f32>()? as f64;
-            other += soft_iou(&class_map, &masks[1 - k])?.to_scalar::<f32>()? as f64;
+            for j in (0..positions.len()).filter(|&j| j != k) {
+                other += soft_iou(&class_map, &masks[j])?.to_scalar::<f32>()? as f64 / others;
+            }
         }
     }
     let n = (l.maps.len() * positions.len()) as f64;

@@ -2,7 +2,7 @@
 
 use super::caption::{caption, class_caption, object_phrase, personalization_caption};
 use super::render::render_sized;
-use super::scene::{personalization_scene, random_scene, scene_seed, Object, Scene, WorldSpec};
+use super::scene::{personalization_scene_n, random_scene, scene_seed, Object, Scene, WorldSpec};
 use crate::util::{save_png, seeded_rng, write_atomic};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ pub struct SceneRecord {
     pub mask: String,
     /// Side of the written images in pixels (object coordinates stay in 64x64 units).
     pub image_size: u32,
-    /// The seed [`random_scene`] / [`personalization_scene`] was given for this scene.
+    /// The seed [`random_scene`] / [`personalization_scene_n`] was given for this scene.
     pub seed: u64,
     /// What `NNNNN.txt` holds: [`caption`], or [`personalization_caption`] for personalization.
     pub text: String,
@@ -52,6 +52,8 @@ pub struct WriteOptions {
     pub n: usize,
     pub seed: u64,
     pub personalization: bool,
+    /// Concepts (objects) per personalization scene, 1 to 3 (see [`personalization_scene_n`]).
+    pub concepts: usize,
     pub image_size: u32,
     pub spec: WorldSpec,
 }
@@ -88,7 +90,7 @@ pub fn write_scenes(out: &Path, opts: &WriteOptions, mut progress: impl FnMut(us
     for i in 0..opts.n {
         let seed = scene_seed(opts.seed, i as u64);
         let scene = if opts.personalization {
-            personalization_scene(seed)
+            personalization_scene_n(seed, opts.concepts)?
         } else {
             random_scene(&mut seeded_rng(seed), &opts.spec)
         };

@@ -24,9 +24,10 @@
 //! ball", and [`parse_caption`] reads the grammar back.
 //!
 //! **Personalization** ([`personalization_scene`]): two objects of different classes, radius
-//! 13-16 px, at least 3 px apart, each with an [`UnnamedAppearance`]: two colours (teal,
-//! maroon, navy, cyan, magenta, chartreuse, gold, pink) that are all at least 70 in RGB from
-//! every named colour and every named shade, laid out as stripes, dots, checks or a split
+//! 13-16 px (three of 11-13 px with [`personalization_scene_n`], for three-concept runs:
+//! captions `<new1> star, <new2> heart and <new3> ring`), at least 3 px apart, each with an
+//! [`UnnamedAppearance`]: two colours (teal, maroon, navy, cyan, magenta, chartreuse, gold,
+//! pink) that are all at least 70 in RGB from every named colour and every named shade, laid out as stripes, dots, checks or a split
 //! two-tone — so no caption of the training world describes them. Their captions
 //! ([`personalization_caption`]) are `<new1> ball and <new2> box`; [`caption`] names them by
 //! class only ("a ball and a box on a gray background").
@@ -70,7 +71,7 @@ pub use caption::{
 };
 pub use files::{read_records, write_scenes, ObjectRecord, SceneRecord, WriteOptions};
 pub use render::{inside, paint, render, render_sized, Rendered, SUPERSAMPLE};
-pub use scene::{personalization_scene, random_scene, scene_seed, Object, Scene, WorldSpec, IMAGE_SIZE};
+pub use scene::{personalization_scene, personalization_scene_n, random_scene, MAX_CONCEPTS, scene_seed, Object, Scene, WorldSpec, IMAGE_SIZE};
 pub use vocab::{
     color_distance, is_personalization_look, random_unnamed_look, unnamed_appearance, unnamed_appearances, Appearance,
     Class, NamedColor, Pattern, Rgb, UnnamedAppearance, UnnamedLayout, MIN_CONTRAST, UNNAMED_PALETTE,

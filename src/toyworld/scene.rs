@@ -1,5 +1,5 @@
-//! Scenes and their sampling: the training world ([`random_scene`]) and the two-concept
-//! personalization scenes ([`personalization_scene`]).
+//! Scenes and their sampling: the training world ([`random_scene`]) and the personalization
+//! scenes of two ([`personalization_scene`]) or up to three concepts ([`personalization_scene_n`]).
 
 use super::vocab::{random_unnamed_look, unnamed_appearances, Appearance, Class, NamedColor, Pattern};
 use anyhow::{bail, Result};
@@ -224,12 +224,30 @@ pub fn random_scene<R: Rng + ?Sized>(rng: &mut R, spec: &WorldSpec) -> Scene {
 /// appearance (no colour shared between them), large (radius 13-16 px) and clearly apart, on a
 /// background that contrasts with both. Deterministic in `seed`.
 pub fn personalization_scene(seed: u64) -> Scene {
+    personalization_scene_n(seed, 2).expect("two concepts are always drawable")
+}
+
+/// Most concepts a personalization scene holds (the world draws at most three objects).
+pub const MAX_CONCEPTS: usize = 3;
+
+/// A personalization scene of `n` concepts (1 to [`MAX_CONCEPTS`]): `n` objects of different
+/// classes, each with its own unnamed appearance (no colour shared between any two), clearly
+/// apart (at least 3 px between bounding circles), on a background that contrasts with all.
+/// Radii are 13-16 px for one or two objects, 11-13 px for three (three circles of radius 16
+/// do not fit 3 px apart in 64x64). `n = 2` is [`personalization_scene`]. Deterministic in
+/// `(seed, n)`.
+pub fn personalization_scene_n(seed: u64, n: usize) -> Result<Scene> {
+    if !(1..=MAX_CONCEPTS).contains(&n) {
+        bail!("a personalization scene holds 1 to {MAX_CONCEPTS} concepts (got {n})");
+    }
     let mut rng = crate::util::seeded_rng(scene_seed(seed, u64::MAX));
     let unnamed = unnamed_appearances();
+    let sizes = if n <= 2 { (13.0, 16.0) } else { (11.0, 13.0) };
     loop {
-        let classes: Vec<Class> = Class::ALL.choose_multiple(&mut rng, 2).copied().collect();
-        let looks: Vec<_> = unnamed.choose_multiple(&mut rng, 2).cloned().collect();
-        if looks[0].colors.iter().any(|c| looks[1].colors.contains(c)) {
+        let classes: Vec<Class> = Class::ALL.choose_multiple(&mut rng, n).copied().collect();
+        let looks: Vec<_> = unnamed.choose_multiple(&mut rng, n).cloned().collect();
+        let shared = (0..n).any(|i| (i + 1..n).any(|j| looks[i].colors.iter().any(|c| looks[j].colors.contains(c))));
+        if shared {
             continue;
         }
         let appearances: Vec<Appearance> = looks.into_iter().map(Appearance::Unnamed).collect();
@@ -239,7 +257,7 @@ pub fn personalization_scene(seed: u64) -> Scene {
             .filter(|&bg| appearances.iter().all(|a| a.contrasts_with(bg)))
             .collect();
         let Some(&background) = backgrounds.choose(&mut rng) else { continue };
-        let places = layout(&mut rng, 2, (13.0, 16.0), 1.0, 3.0);
+        let places = layout(&mut rng, n, sizes, 1.0, 3.0);
         let objects = classes
             .into_iter()
             .zip(appearances)
@@ -253,6 +271,6 @@ pub fn personalization_scene(seed: u64) -> Scene {
                 rotation: rotation(&mut rng, class),
             })
             .collect();
-        return Scene { background, objects };
+        return Ok(Scene { background, objects });
     }
 }

@@ -1,9 +1,11 @@
-//! A personalization task of the toy world: the training scene (two objects of unnamed
-//! appearance), its training caption, and the three prompt sets of the paper's evaluation
-//! (combined, concept 1 alone, concept 2 alone), each with edits that the toy language can
-//! express (another background, an added named object).
+//! A personalization task of the toy world: the training scene (two or three objects of unnamed
+//! appearance), its training caption, and the prompt sets of the paper's evaluation (combined,
+//! then each concept alone: concept 1, concept 2 and, with three concepts, concept 3), each with
+//! edits that the toy language can express (another background, an added named object).
 
-use super::{personalization_scene, render, Class, NamedColor, Scene};
+use super::scene::personalization_scene_n;
+use super::{render, Class, NamedColor, Scene};
+use anyhow::Result;
 use image::RgbImage;
 
 /// What a prompt asks for, so a scorer can check it.
@@ -19,12 +21,22 @@ pub struct PromptSpec {
     pub base: bool,
 }
 
-/// The three prompt sets of a task.
+/// The prompt sets of a task: all concepts together, and each concept alone.
 #[derive(Clone, Debug)]
 pub struct PromptSets {
     pub combined: Vec<PromptSpec>,
-    pub concept1: Vec<PromptSpec>,
-    pub concept2: Vec<PromptSpec>,
+    /// `single[k]`: concept k (0-based) alone.
+    pub single: Vec<Vec<PromptSpec>>,
+}
+
+impl PromptSets {
+    /// Every set with its name ("combined", "concept1", "concept2", ...) and its concept
+    /// (`None` for the combined set), in report order.
+    pub fn named(&self) -> Vec<(String, Option<usize>, &[PromptSpec])> {
+        let mut v = vec![("combined".to_string(), None, self.combined.as_slice())];
+        v.extend(self.single.iter().enumerate().map(|(k, s)| (format!("concept{}", k + 1), Some(k), s.as_slice())));
+        v
+    }
 }
 
 pub struct Task {
@@ -36,12 +48,29 @@ pub struct Task {
 }
 
 impl Task {
-    /// The task of personalization scene `seed`.
+    /// The two-concept task of personalization scene `seed`.
     pub fn new(seed: u64) -> Self {
-        let scene = personalization_scene(seed);
+        Self::with_concepts(seed, 2).expect("two concepts are always drawable")
+    }
+
+    /// The task of personalization scene `seed` with `n` concepts (1 to 3; see
+    /// [`personalization_scene_n`]).
+    pub fn with_concepts(seed: u64, n: usize) -> Result<Self> {
+        let scene = personalization_scene_n(seed, n)?;
         let image = render(&scene).image;
         let concepts = scene.objects.iter().enumerate().map(|(k, o)| (format!("<new{}>", k + 1), o.class)).collect();
-        Self { seed, scene, image, concepts }
+        Ok(Self { seed, scene, image, concepts })
+    }
+
+    /// "a <new1> star", "a <new1> star and a <new2> heart", "a <new1> star, a <new2> heart and
+    /// a <new3> ring": the toy language's list grammar (that of [`super::caption`]).
+    fn subject(&self, concepts: &[usize]) -> String {
+        let items: Vec<String> = concepts.iter().map(|&k| self.phrase(k)).collect();
+        match items.len() {
+            0 => String::new(),
+            1 => items[0].clone(),
+            n => format!("{} and {}", items[..n - 1].join(", "), items[n - 1]),
+        }
     }
 
     fn phrase(&self, k: usize) -> String {
@@ -49,12 +78,14 @@ impl Task {
     }
 
     /// The training caption in the toy language: "a <new1> star and a <new2> heart on a gray
-    /// background" (used with the template `{}`).
+    /// background", "a <new1> star, a <new2> heart and a <new3> ring on a gray background"
+    /// (used with the template `{}`).
     pub fn caption(&self) -> String {
-        format!("{} and {} on a {} background", self.phrase(0), self.phrase(1), self.scene.background)
+        let all: Vec<usize> = (0..self.concepts.len()).collect();
+        format!("{} on a {} background", self.subject(&all), self.scene.background)
     }
 
-    /// A named object for "added object" edits: a class and colour unlike both concepts.
+    /// A named object for "added object" edits: a class and colour unlike every concept's.
     fn added_object(&self) -> (NamedColor, Class) {
         let class = Class::ALL.iter().copied().find(|c| self.concepts.iter().all(|(_, k)| k != c)).unwrap_or(Class::Ball);
         let color = [NamedColor::Red, NamedColor::Blue, NamedColor::Yellow, NamedColor::Green]
@@ -69,7 +100,7 @@ impl Task {
     }
 
     fn set(&self, concepts: &[usize]) -> Vec<PromptSpec> {
-        let subject = concepts.iter().map(|&k| self.phrase(k)).collect::<Vec<_>>().join(" and ");
+        let subject = self.subject(concepts);
         let bg = self.scene.background;
         let other = self.other_background();
         let (color, class) = self.added_object();
@@ -82,7 +113,8 @@ impl Task {
     }
 
     pub fn prompt_sets(&self) -> PromptSets {
-        PromptSets { combined: self.set(&[0, 1]), concept1: self.set(&[0]), concept2: self.set(&[1]) }
+        let n = self.concepts.len();
+        PromptSets { combined: self.set(&(0..n).collect::<Vec<_>>()), single: (0..n).map(|k| self.set(&[k])).collect() }
     }
 }
 
@@ -96,11 +128,45 @@ mod tests {
         let c = t.caption();
         assert!(c.starts_with("a <new1> ") && c.contains(" and a <new2> ") && c.ends_with(" background"));
         let sets = t.prompt_sets();
-        assert_eq!(sets.concept1.len(), 3);
-        assert!(sets.concept1.iter().all(|p| p.prompt.contains("<new1>") && !p.prompt.contains("<new2>")));
-        assert!(sets.concept2.iter().all(|p| p.prompt.contains("<new2>") && !p.prompt.contains("<new1>")));
+        assert_eq!(sets.single.len(), 2);
+        assert_eq!(sets.single[0].len(), 3);
+        assert!(sets.single[0].iter().all(|p| p.prompt.contains("<new1>") && !p.prompt.contains("<new2>")));
+        assert!(sets.single[1].iter().all(|p| p.prompt.contains("<new2>") && !p.prompt.contains("<new1>")));
         assert!(sets.combined.iter().all(|p| p.prompt.contains("<new1>") && p.prompt.contains("<new2>")));
         assert!(sets.combined[1].background != t.scene.background);
         assert!(sets.combined[2].added.is_some());
+    }
+
+    /// Three concepts: the caption lists them in the world's grammar and parses back to the
+    /// scene's classes; each single set names its concept only; the added object is of a
+    /// fourth class.
+    #[test]
+    fn three_concept_prompts() {
+        for seed in 1..=5 {
+            let t = Task::with_concepts(seed, 3).unwrap();
+            assert_eq!(t.scene.objects.len(), 3);
+            let c = t.caption();
+            let classes: Vec<Class> = t.scene.objects.iter().map(|o| o.class).collect();
+            let expected = format!(
+                "a <new1> {}, a <new2> {} and a <new3> {} on a {} background",
+                classes[0], classes[1], classes[2], t.scene.background
+            );
+            assert_eq!(c, expected);
+            let parsed = crate::toyworld::parse_caption(&c.replace("<new1> ", "").replace("<new2> ", "").replace("<new3> ", "")).unwrap();
+            assert_eq!(parsed.objects.iter().map(|o| o.class).collect::<Vec<_>>(), classes);
+            let sets = t.prompt_sets();
+            assert_eq!(sets.named().iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>(), ["combined", "concept1", "concept2", "concept3"]);
+            for (k, set) in sets.single.iter().enumerate() {
+                for p in set {
+                    assert_eq!(p.concepts, vec![k]);
+                    for j in 0..3 {
+                        assert_eq!(p.prompt.contains(&format!("<new{}>", j + 1)), j == k, "{}", p.prompt);
+                    }
+                }
+            }
+            let (_, added) = sets.combined[2].added.unwrap();
+            assert!(!classes.contains(&added), "added {added} is one of the concepts' classes");
+        }
+        assert!(Task::with_concepts(1, 4).is_err());
     }
 }
