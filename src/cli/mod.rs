@@ -2,6 +2,7 @@
 
 mod attention;
 mod bench;
+mod clip_score;
 mod demo;
 mod generate;
 mod inpaint;
@@ -47,6 +48,8 @@ enum Command {
     Train(train::Args),
     /// Heatmaps of each prompt token's cross-attention (the paper's Fig. 4 view).
     Attention(attention::Args),
+    /// CLIPScore and image alignment of images with a transformers CLIP model (the paper's metrics).
+    ClipScore(clip_score::Args),
     /// Time and memory of fixed cases (compare with tools/reference/bench_torch.py).
     Bench(bench::Args),
     /// The synthetic toy world: scenes, the toy base model, the benchmark.
@@ -66,6 +69,7 @@ pub fn run() -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Attention(args) => attention::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::ClipScore(args) => clip_score::run(args),
     }
 }
 
