@@ -209,3 +209,46 @@ fn bad_inputs_are_clear_errors() {
     assert!(!ok && err.contains("refs"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The layout of `openai/clip-vit-base-patch32`: `position_ids` buffers in the weights,
+/// `text_config.eos_token_id` 2 (the end token found as the largest id), a preprocessor config
+/// written as `CLIPFeatureExtractor` (plain-number `size` / `crop_size`, no rescale keys). The
+/// same weights give the same features and pixel values.
+#[test]
+fn openai_layout_loads_and_matches() {
+    let d = tmp("openai");
+    let m = d.join("model");
+    common::copy_dir(&common::fixture("clip-tiny"), &m);
+    let st = m.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let ids = |n: i64| Tensor::arange(0i64, n, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    tensors.insert("text_model.embeddings.position_ids".into(), ids(77));
+    tensors.insert("vision_model.embeddings.position_ids".into(), ids(17));
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    let cfg_path = m.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["text_config"]["eos_token_id"] = 2.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let pp = serde_json::json!({
+        "crop_size": 32, "do_center_crop": true, "do_normalize": true, "do_resize": true,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3, "size": 32
+    });
+    std::fs::write(m.join("preprocessor_config.json"), pp.to_string()).unwrap();
+
+    let model = ClipModel::load(&m, &Device::Cpu).unwrap();
+    assert_eq!(model.pooling, disendiff::model::clip_model::TextPooling::ArgMax);
+    let g = common::load_golden("clip");
+    let j = golden_json();
+    let imgs = images(&common::fixture("golden"), j["images"].as_array().unwrap());
+    let pix = model.processor.preprocess_batch(&imgs, &Device::Cpu).unwrap();
+    assert_eq!(common::rel_err(&pix, &g["pixel_values"]), 0.0);
+    let err = common::rel_err(&model.image_features_pixels(&pix).unwrap(), &g["image_embeds"]);
+    assert!(err <= 1e-4, "image features: rel err {err}");
+    let texts: Vec<String> = j["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let err = common::rel_err(&model.text_features(&refs).unwrap(), &g["text_embeds"]);
+    assert!(err <= 1e-4, "text features: rel err {err}");
+    let _ = std::fs::remove_dir_all(&d);
+}

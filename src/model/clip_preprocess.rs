@@ -42,8 +42,9 @@ fn three(v: &Value, key: &str, path: &Path) -> Result<[f32; 3]> {
 }
 
 impl ClipImageProcessor {
-    /// Reads `preprocessor_config.json`. The `do_*` flags default to true as in
-    /// `CLIPImageProcessor`; the sizes, factor, mean and std of an enabled step must be present.
+    /// Reads `preprocessor_config.json`. The `do_*` flags default to true and `rescale_factor`
+    /// to 1/255, as in `CLIPImageProcessor`; the sizes, mean and std of an enabled step must be
+    /// present. `size` / `crop_size` may be plain numbers (the older layout).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
@@ -77,9 +78,14 @@ impl ClipImageProcessor {
             None
         };
         let rescale_factor = if flag(&v, "do_rescale") {
-            Some(v.get("rescale_factor").and_then(Value::as_f64).with_context(|| {
-                format!("{}: no numeric \"rescale_factor\" (needed by do_rescale)", path.display())
-            })?)
+            // Older files (openai/clip-*, written as CLIPFeatureExtractor) have neither key:
+            // transformers then rescales by its default 1/255.
+            match v.get("rescale_factor") {
+                None => Some(1.0 / 255.0),
+                Some(f) => Some(f.as_f64().with_context(|| {
+                    format!("{}: \"rescale_factor\" must be a number, got {f}", path.display())
+                })?),
+            }
         } else {
             None
         };
