@@ -533,6 +533,9 @@ def main():
     import make_inpaint_fixtures  # a sibling script; reads sd1-tiny and unet-inpaint-tiny written above
 
     make_inpaint_fixtures.build_all(out)
+    import make_clip_fixtures  # a sibling script; writes clip-tiny/ and golden/clip*
+
+    make_clip_fixtures.build_all(out)
 
     print("== files")
     total = 0
