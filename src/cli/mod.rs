@@ -4,6 +4,7 @@ mod attention;
 mod bench;
 mod clip_score;
 mod demo;
+mod eval;
 mod generate;
 mod inpaint;
 mod interrupt;
@@ -50,6 +51,8 @@ enum Command {
     Attention(attention::Args),
     /// CLIPScore and image alignment of images with a transformers CLIP model (the paper's metrics).
     ClipScore(clip_score::Args),
+    /// The paper's evaluation protocol: images for a dataset's prompts, CLIP metrics, report.
+    Eval(eval::Args),
     /// Time and memory of fixed cases (compare with tools/reference/bench_torch.py).
     Bench(bench::Args),
     /// The synthetic toy world: scenes, the toy base model, the benchmark.
@@ -70,6 +73,7 @@ pub fn run() -> Result<()> {
         Command::Attention(args) => attention::run(args),
         Command::Bench(args) => bench::run(args),
         Command::ClipScore(args) => clip_score::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }
 

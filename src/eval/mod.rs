@@ -7,6 +7,8 @@
 
 pub mod clip_score;
 pub mod pairs;
+pub mod prompts;
+pub mod protocol;
 
 use anyhow::{bail, Result};
 use image::RgbImage;
