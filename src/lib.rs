@@ -13,7 +13,7 @@
 //! - [`pipelines`]: one denoising loop under text-to-image, image-to-image, inpainting,
 //!   attention maps and class-image generation.
 //! - [`eval`]: the paper's metrics behind one `Scorer` trait (CLIPScore and CLIP image
-//!   alignment with a transformers CLIP folder).
+//!   alignment with a transformers CLIP folder), its prompt sets and its protocol runner.
 //! - [`toyworld`]: synthetic scenes with known ground truth, for a measurable benchmark.
 //! - [`cli`]: the `disendiff` command line.
 //!

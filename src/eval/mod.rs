@@ -3,7 +3,8 @@
 //! A [`Scorer`] embeds images once and scores them against prompts (text alignment) and against
 //! reference images (image alignment). [`clip_score`] is the real-model scorer (CLIPScore and
 //! CLIP image alignment, the DisenDiff paper's Fig. 6 metrics); the toy world's oracle can sit
-//! behind the same trait. [`score_pairs`] runs any scorer over (image, prompt) pairs.
+//! behind the same trait. [`score_pairs`] runs any scorer over (image, prompt) pairs;
+//! [`protocol`] is the paper's evaluation runner over the datasets' prompt sets ([`prompts`]).
 
 pub mod clip_score;
 pub mod pairs;

@@ -55,7 +55,7 @@ impl ClipVisionConfig {
         if !matches!(cfg.hidden_act.as_str(), "quick_gelu" | "gelu") {
             bail!("{what}: hidden_act {:?} is not supported (quick_gelu or gelu)", cfg.hidden_act);
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             bail!("{what}: hidden_size {} is not divisible by num_attention_heads {}", cfg.hidden_size, cfg.num_attention_heads);
         }
         if cfg.patch_size == 0 || cfg.image_size < cfg.patch_size {
