@@ -3,8 +3,8 @@
 //!
 //! Layout (each part uses only parts listed before it):
 //! - [`model`]: Stable Diffusion itself (tokenizer, CLIP text encoder, UNet with an attention
-//!   probe, VAE), loaded strictly from diffusers folders; [`scheduler`]: DDPM training noise and
-//!   the DDIM sampler.
+//!   probe, VAE), loaded strictly from diffusers folders, and the CLIP model (both towers) of
+//!   the metrics; [`scheduler`]: DDPM training noise and the DDIM sampler.
 //! - [`formats`]: the files users exchange (the concept file, LoRA files).
 //! - [`patch`]: LoRAs, then concept files, applied to a loaded model in order, and undone.
 //! - [`calibration`]: the paper's contribution, attention maps -> L_bind and L_s&s (Eq. 3-6).
@@ -12,6 +12,8 @@
 //!   AdamW, the loop with checkpoints.
 //! - [`pipelines`]: one denoising loop under text-to-image, image-to-image, inpainting,
 //!   attention maps and class-image generation.
+//! - [`eval`]: the paper's metrics behind one `Scorer` trait (CLIPScore and CLIP image
+//!   alignment with a transformers CLIP folder), its prompt sets and its protocol runner.
 //! - [`toyworld`]: synthetic scenes with known ground truth, for a measurable benchmark.
 //! - [`cli`]: the `disendiff` command line.
 //!
@@ -20,6 +22,7 @@
 pub mod bench;
 pub mod calibration;
 pub mod cli;
+pub mod eval;
 pub mod formats;
 pub mod model;
 pub mod patch;

@@ -2,8 +2,10 @@
 
 mod attention;
 mod bench;
+mod clip_score;
 mod demo;
 mod export;
+mod eval;
 mod generate;
 mod images;
 mod inpaint;
@@ -51,6 +53,10 @@ enum Command {
     Train(Box<train::Args>),
     /// Heatmaps of each prompt token's cross-attention (the paper's Fig. 4 view).
     Attention(attention::Args),
+    /// CLIPScore and image alignment of images with a transformers CLIP model (the paper's metrics).
+    ClipScore(clip_score::Args),
+    /// The paper's evaluation protocol: images for a dataset's prompts, CLIP metrics, report.
+    Eval(eval::Args),
     /// Time and memory of fixed cases (compare with tools/reference/bench_torch.py).
     Bench(bench::Args),
     /// The synthetic toy world: scenes, the toy base model, the benchmark.
@@ -73,6 +79,8 @@ pub fn run() -> Result<()> {
         Command::Attention(args) => attention::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Export(args) => export::run(args),
+        Command::ClipScore(args) => clip_score::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }
 

@@ -69,33 +69,61 @@ struct ClipAttention {
     heads: usize,
 }
 
+/// The shape of one pre-LayerNorm transformer layer: the text and vision towers share it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerShape {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub heads: usize,
+    pub quick_gelu: bool,
+    pub layer_norm_eps: f64,
+}
+
+impl From<&ClipTextConfig> for LayerShape {
+    fn from(cfg: &ClipTextConfig) -> Self {
+        Self {
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size,
+            heads: cfg.num_attention_heads,
+            quick_gelu: cfg.hidden_act == "quick_gelu",
+            layer_norm_eps: cfg.layer_norm_eps,
+        }
+    }
+}
+
 impl ClipAttention {
-    fn new(vb: Vb, cfg: &ClipTextConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
+    fn new(vb: Vb, shape: &LayerShape) -> Result<Self> {
+        let d = shape.hidden_size;
         Ok(Self {
             q_proj: Linear::new(vb.pp("q_proj"), d, d, true)?,
             k_proj: Linear::new(vb.pp("k_proj"), d, d, true)?,
             v_proj: Linear::new(vb.pp("v_proj"), d, d, true)?,
             out_proj: Linear::new(vb.pp("out_proj"), d, d, true)?,
-            heads: cfg.num_attention_heads,
+            heads: shape.heads,
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// Self-attention; `causal_mask` (added to the scores) for the text tower, none for vision.
+    fn forward(&self, x: &Tensor, causal_mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / self.heads;
         let split = |y: Tensor| y.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous();
         let q = split((self.q_proj.forward(x)? * (hd as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match causal_mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
         let probs = ops::softmax_last_dim(&scores)?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.out_proj.forward(&y)
     }
 }
 
-struct ClipEncoderLayer {
+/// One encoder layer (`encoder.layers.N`), shared with the vision tower.
+pub(crate) struct ClipEncoderLayer {
     self_attn: ClipAttention,
     layer_norm1: LayerNorm,
     fc1: Linear,
@@ -105,19 +133,19 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(vb: Vb, cfg: &ClipTextConfig) -> Result<Self> {
-        let (d, m) = (cfg.hidden_size, cfg.intermediate_size);
+    pub(crate) fn new(vb: Vb, shape: &LayerShape) -> Result<Self> {
+        let (d, m) = (shape.hidden_size, shape.intermediate_size);
         Ok(Self {
-            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
-            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
+            self_attn: ClipAttention::new(vb.pp("self_attn"), shape)?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), d, shape.layer_norm_eps)?,
             fc1: Linear::new(vb.pp("mlp").pp("fc1"), d, m, true)?,
             fc2: Linear::new(vb.pp("mlp").pp("fc2"), m, d, true)?,
-            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
-            quick_gelu: cfg.hidden_act == "quick_gelu",
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), d, shape.layer_norm_eps)?,
+            quick_gelu: shape.quick_gelu,
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, causal_mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let h = self.self_attn.forward(&self.layer_norm1.forward(x)?, causal_mask)?;
         let x = (x + h)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
@@ -150,7 +178,7 @@ impl ClipTextModel {
             emb.get((1, cfg.max_position_embeddings), "position_ids")?;
         }
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(vb.pp("encoder").pp("layers").pp(i), cfg))
+            .map(|i| ClipEncoderLayer::new(vb.pp("encoder").pp("layers").pp(i), &LayerShape::from(cfg)))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(vb.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?;
         Ok(Self { token_embedding, extra_embeddings: None, position_embedding, layers, final_layer_norm, config: cfg.clone() })
@@ -223,7 +251,7 @@ impl ClipTextModel {
         let mask = causal_mask(t, x.dtype(), x.device())?;
         let mut x = x.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
         }
         self.final_layer_norm.forward(&x)
     }

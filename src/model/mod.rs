@@ -1,12 +1,17 @@
-//! Stable Diffusion model code. Module paths mirror diffusers weight names, so the safetensors
-//! files of a diffusers folder load without renaming.
+//! Stable Diffusion model code, and the CLIP model (both towers) of the CLIP metrics. Module
+//! paths mirror diffusers/transformers weight names, so the safetensors files load without
+//! renaming.
 
 pub mod attention_chunks;
 pub mod clip;
+pub mod clip_model;
+pub mod clip_preprocess;
+pub mod clip_vision;
 pub mod nn;
 pub mod kernels;
 pub mod memory;
 pub mod ops;
+pub mod pil_resize;
 pub mod sd;
 pub mod tokenizer;
 pub mod unet;

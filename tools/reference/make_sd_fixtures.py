@@ -539,6 +539,9 @@ def main():
     import make_single_file_fixtures  # a sibling script; reads sd1-tiny, sd2-tiny, unet-inpaint-tiny and their goldens
 
     make_single_file_fixtures.build_all(out)
+    import make_clip_fixtures  # a sibling script; writes clip-tiny/ and golden/clip*
+
+    make_clip_fixtures.build_all(out)
 
     print("== files")
     total = 0
