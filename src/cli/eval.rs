@@ -7,6 +7,7 @@ use crate::eval::pairs::reference_images;
 use crate::eval::prompts::{EvalPrompts, DATASETS};
 use crate::eval::protocol::{self, ProtocolSettings, References};
 use crate::model::clip_model::ClipModel;
+use crate::model::memory::Generation;
 use crate::util;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -79,6 +80,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     let scorer = ClipScorer { model: ClipModel::load(&a.clip_model, &candle_core::Device::Cpu)? };
     let model = super::load_model(&a.model, &a.concepts)?;
+    let side = model.sd.default_size();
+    let g = Generation { height: side, width: side, guidance: a.guidance_scale > 1.0, encodes_image: false, vae_tiling: false };
+    super::memory::check_generation(&a.model, &model.sd, &g, "evaluating at")?;
     let all: Vec<&str> = prompts.combined.iter().chain(&prompts.concept1).chain(&prompts.concept2).map(String::as_str).collect();
     super::check_prompt_tokens(&model.sd, &all, true)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
