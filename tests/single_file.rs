@@ -370,3 +370,81 @@ fn key_maps_at_real_sizes_match_diffusers() {
         }
     }
 }
+
+/// The built-in configs of each base model (no --config) against the configs diffusers builds
+/// for it (golden/single-base-configs.json: diffusers' create_*_diffusers_config_from_ldm and
+/// legacy scheduler config on fake real-size state dicts), field by field; the kind comes
+/// from detection on the same shapes, and each config parses and validates.
+#[test]
+fn built_in_configs_match_diffusers() {
+    use disendiff::formats::single_file::base_configs;
+    let text = std::fs::read_to_string(common::fixture("golden/single-base-configs.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let clip = ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight", vec![77, 768]);
+    let open_clip = ("cond_stage_model.model.token_embedding.weight", vec![49408, 1024]);
+    // Fields of diffusers' configs that no component here reads (PNDM / thresholding options).
+    let unread = ["interpolation_type", "sample_max_value", "skip_prk_steps", "dynamic_thresholding_ratio", "thresholding"];
+    let kinds = [
+        ("sd1", real(clip.clone(), 4, 768), None),
+        ("sd1-inpainting", real(clip, 9, 768), None),
+        ("sd2-512", real(open_clip.clone(), 4, 1024), Some(875000)),
+        ("sd2-768", real(open_clip.clone(), 4, 1024), Some(110000)),
+        ("sd2-inpainting", real(open_clip, 9, 1024), None),
+    ];
+    assert_eq!(golden.as_object().unwrap().len(), kinds.len());
+    for (kind, shapes, step) in kinds {
+        let built = base_configs(&detect(&shapes, step).unwrap()).unwrap();
+        assert_eq!(built.kind, kind);
+        for component in ["unet", "vae", "text_encoder", "scheduler"] {
+            let want = golden[kind][component].as_object().unwrap();
+            let got = built.get(component).unwrap().as_object().unwrap();
+            for (k, v) in got {
+                let w = want.get(k).unwrap_or_else(|| panic!("{kind} {component}: {k} is not in diffusers' config"));
+                let same = match (v.as_f64(), w.as_f64()) {
+                    (Some(a), Some(b)) => (a - b).abs() <= 1e-12 * b.abs(),
+                    _ => v == w,
+                };
+                assert!(same, "{kind} {component}.{k}: built-in {v}, diffusers {w}");
+            }
+            for (k, w) in want {
+                if !w.is_null() && !unread.contains(&k.as_str()) {
+                    assert!(got.contains_key(k), "{kind} {component}: diffusers sets {k} = {w}, the built-in config does not");
+                }
+            }
+            println!("{kind} {component}: {} fields as diffusers'", got.len());
+        }
+        let origin = format!("built-in {kind}");
+        disendiff::model::clip::ClipTextConfig::from_json(&built.text_encoder.to_string(), &origin).unwrap();
+        disendiff::model::unet::UNetConfig::from_json_str(&built.unet.to_string()).unwrap();
+        disendiff::model::vae::VaeConfig::from_json(&built.vae.to_string()).unwrap();
+        let s = disendiff::scheduler::SchedulerConfig::from_json(&built.scheduler.to_string()).unwrap();
+        let v = s.prediction_type == disendiff::scheduler::PredictionType::VPrediction;
+        assert_eq!(v, kind == "sd2-768", "{kind}: {:?}", s.prediction_type);
+    }
+    // A UNet attending to a width no base model has is not guessed at.
+    let e = base_configs(&detect(&real(("cond_stage_model.model.token_embedding.weight", vec![49408, 1024]), 4, 1280), None).unwrap());
+    assert!(format!("{:#}", e.unwrap_err()).contains("1280"));
+}
+
+/// The bundled CLIP tokenizer (no tokenizer files) gives transformers' CLIPTokenizer ids
+/// (golden/single-tokenizer.json, built from the same merges by the reference script), with
+/// SD1's pad token and SD2's "!", and after adding `<new1>`.
+#[test]
+fn bundled_tokenizer_matches_transformers() {
+    use disendiff::formats::single_file::bundled_tokenizer;
+    let text = std::fs::read_to_string(common::fixture("golden/single-tokenizer.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (fam, family) in [("sd1", Family::Sd1), ("sd2", Family::Sd2)] {
+        let g = &golden[fam];
+        let mut tok = bundled_tokenizer::tokenizer(family).unwrap();
+        assert_eq!(tok.vocab_size() as u64, g["vocab_size"].as_u64().unwrap());
+        let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect() };
+        for (prompt, want) in g["ids"].as_object().unwrap() {
+            assert_eq!(tok.encode(prompt).ids, ids(want), "{fam}: {prompt:?}");
+        }
+        let added = &g["added"];
+        assert_eq!(tok.add_token(added["token"].as_str().unwrap()).unwrap() as u64, added["id"].as_u64().unwrap());
+        assert_eq!(tok.encode(added["prompt"].as_str().unwrap()).ids, ids(&added["ids"]), "{fam}: after adding <new1>");
+        println!("{fam}: {} prompts and <new1> as transformers'", g["ids"].as_object().unwrap().len());
+    }
+}

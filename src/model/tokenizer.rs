@@ -128,14 +128,7 @@ impl ClipTokenizer {
                 }
             }
         }
-        let mut tok = Self::new(encoder, merges, &pad_token, max_length)?;
-        // transformers splits special tokens out of the text: with SD2's pad token "!", every
-        // "!" in a prompt becomes the pad id (0), not "!</w>" (256).
-        if pad_token != START_OF_TEXT && pad_token != END_OF_TEXT {
-            let id = tok.pad_id;
-            tok.added.push((pad_token.clone(), id));
-            tok.added.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        }
+        let mut tok = Self::from_vocab_merges(encoder, merges, &pad_token, max_length)?;
         for (content, id) in added_from_json {
             if !tok.encoder.contains_key(&content) {
                 tok.insert_added(&content, id);
@@ -170,6 +163,20 @@ impl ClipTokenizer {
             }
         }
         Ok((vocab, merges, added))
+    }
+
+    /// Builds a tokenizer from an in-memory vocabulary and BPE merges as a `tokenizer/` folder
+    /// with pad token `pad_token` does: a pad token other than `<|startoftext|>` /
+    /// `<|endoftext|>` is a special token split out of the text, as transformers does (with
+    /// SD2's pad token "!", every "!" in a prompt becomes the pad id 0, not "!</w>" 256).
+    pub fn from_vocab_merges(encoder: HashMap<String, u32>, merges: Vec<(String, String)>, pad_token: &str, max_length: usize) -> Result<Self> {
+        let mut tok = Self::new(encoder, merges, pad_token, max_length)?;
+        if pad_token != START_OF_TEXT && pad_token != END_OF_TEXT {
+            let id = tok.pad_id;
+            tok.added.push((pad_token.to_string(), id));
+            tok.added.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        }
+        Ok(tok)
     }
 
     /// Builds a tokenizer from a vocabulary and BPE merges.

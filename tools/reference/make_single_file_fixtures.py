@@ -321,6 +321,117 @@ def build_real_keys(fixtures):
     (fixtures / "golden" / "single-real-keys.json").write_text(json.dumps(out, separators=(",", ":"), sort_keys=True) + "\n")
 
 
+# The original LDM inference configs (CompVis/Stability `configs/stable-diffusion/*.yaml`, the parts
+# diffusers' `create_*_diffusers_config_from_ldm` read): v1-inference.yaml, v1-inpainting-inference.yaml,
+# v2-inference.yaml (512 base, epsilon), v2-inference-v.yaml (768, v), v2-inpainting-inference.yaml.
+def ldm_config(v2, in_channels):
+    unet = dict(image_size=32, in_channels=in_channels, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+                num_res_blocks=2, channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=1,
+                context_dim=1024 if v2 else 768, legacy=False)
+    if v2:
+        unet.update(num_head_channels=64, use_linear_in_transformer=True)
+    else:
+        unet.update(num_heads=8)
+    dd = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+              num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    return {"model": {"params": {"linear_start": 0.00085, "linear_end": 0.0120, "timesteps": 1000, "scale_factor": 0.18215,
+                                 "unet_config": {"params": unet}, "first_stage_config": {"params": {"ddconfig": dd}}}}}
+
+
+# kind -> (SD2?, UNet input channels, global_step, image size, upcast_attention, diffusers' model type). The
+# image size and upcast_attention are those of the Hub configs diffusers' single-file loader fetches
+# (stable-diffusion-v1-5, -inpainting, stabilityai/stable-diffusion-2-1-base, -2-1, -2-inpainting).
+BASE_KINDS = {
+    "sd1": (False, 4, None, 512, None, "v1"),
+    "sd1-inpainting": (False, 9, None, 512, None, "inpainting"),
+    "sd2-512": (True, 4, 875000, 512, None, "v2"),
+    "sd2-768": (True, 4, 110000, 768, True, "v2"),
+    "sd2-inpainting": (True, 9, None, 512, None, "inpainting_v2"),
+}
+TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "max_position_embeddings", "hidden_act", "layer_norm_eps")
+
+
+def build_base_configs(fixtures):
+    """The configs diffusers builds for a real-size single file of each kind, from fake state dicts (meta
+    tensors with the real shapes of the keys detection reads, no weights)."""
+    print("== single-base-configs.json")
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTextConfig
+    out = {}
+    for kind, (v2, in_ch, step, size, upcast, model_type) in BASE_KINDS.items():
+        ctx = 1024 if v2 else 768
+        meta = lambda *s: torch.empty(*s, device="meta")
+        ckpt = {sfu.CHECKPOINT_KEY_NAMES["inpainting"]: meta(320, in_ch, 3, 3),
+                sfu.CHECKPOINT_KEY_NAMES["v2"]: meta(320, ctx),
+                sfu.CHECKPOINT_KEY_NAMES["v1"]: meta(320, 640, 1, 1)}
+        if v2:
+            ckpt[sfu.CHECKPOINT_KEY_NAMES["open_clip"]] = meta(49408, 1024)
+        else:
+            ckpt[sfu.CHECKPOINT_KEY_NAMES["clip"]] = meta(77, 768)
+        if step is not None:
+            ckpt["global_step"] = step
+        assert sfu.infer_diffusers_model_type(ckpt) == model_type, (kind, sfu.infer_diffusers_model_type(ckpt))
+        orig = ldm_config(v2, in_ch)
+        unet = sfu.create_unet_diffusers_config_from_ldm(orig, ckpt, image_size=size, upcast_attention=upcast)
+        vae = sfu.create_vae_diffusers_config_from_ldm(orig, ckpt, image_size=size)
+        sched = dict(sfu._legacy_load_scheduler(DDIMScheduler, ckpt, "scheduler", original_config=orig).config)
+        sched = {k: v for k, v in sched.items() if not k.startswith("_")}
+        # The text encoders' configs (openai/clip-vit-large-patch14's text part; OpenCLIP ViT-H as the
+        # SD2 repos' text_encoder/config.json); their shapes are checked against diffusers' converters in
+        # single-real-keys.json (REAL).
+        text = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **REAL["sd2" if v2 else "sd1"]["text"]).to_dict()
+        out[kind] = {"unet": unet, "vae": vae, "scheduler": sched, "text_encoder": {k: text[k] for k in TEXT_FIELDS},
+                     "model_type": model_type}
+        print(f"  {kind}: {model_type}, prediction {sched['prediction_type']}, sample_size {unet['sample_size']}")
+    (fixtures / "golden" / "single-base-configs.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+
+
+TOKENIZER_PROMPTS = [
+    "a photo of a cat", "A <new1> DOG, on the beach!!", "Ünïcödé café naïve — 東京 🐈 emoji", "3.14159 and 1,000,000 ids 42x",
+    "what's   up?  don't\tstop... (really)", "a <new1> cat wearing <new2>-style hat; 100% [sharp] {focus} #art @night",
+    "!!! ? !", "", " ".join(f"word{i}" for i in range(90)),
+]
+
+
+def build_tokenizer_ids(fixtures, merges_zlib):
+    """transformers' CLIPTokenizer built from the bundled merges (vocab = bytes, bytes + </w>, the merges
+    joined, the two specials, as CLIP's own tokenizer builds it), with SD1's and SD2's pad tokens; the ids
+    of tricky prompts, and of `<new1>` once added, for the Rust bundled tokenizer to match."""
+    print("== single-tokenizer.json")
+    import zlib
+    from transformers import CLIPTokenizer
+
+    def bytes_to_unicode():  # OpenAI CLIP's simple_tokenizer.bytes_to_unicode
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        return dict(zip(bs, map(chr, cs)))
+    merges = [tuple(l.split(" ")) for l in zlib.decompress(Path(merges_zlib).read_bytes()).decode("utf-8").splitlines()]
+    assert len(merges) == 48894
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408 and len(set(vocab)) == 49408
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        for fam, pad in (("sd1", "<|endoftext|>"), ("sd2", "!")):
+            tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token=pad)
+            enc = lambda p: tok(p, padding="max_length", max_length=77, truncation=True).input_ids
+            ids = {p: enc(p) for p in TOKENIZER_PROMPTS}
+            tok.add_tokens(["<new1>"])
+            added = {"token": "<new1>", "id": tok.convert_tokens_to_ids("<new1>"), "prompt": "a <new1> cat!", "ids": enc("a <new1> cat!")}
+            out[fam] = {"pad": pad, "ids": ids, "added": added, "vocab_size": len(vocab)}
+            print(f"  {fam}: {type(tok).__name__}, {len(ids)} prompts, <new1> = {added['id']}")
+    (fixtures / "golden" / "single-tokenizer.json").write_text(json.dumps(out, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, (f"echo ran > {MARKER}",))
@@ -343,6 +454,8 @@ def build_all(fixtures):
     build_sd2(fixtures)
     build_inpaint(fixtures)
     build_real_keys(fixtures)
+    build_base_configs(fixtures)
+    build_tokenizer_ids(fixtures, Path(__file__).resolve().parents[2] / "assets" / "clip-bpe-merges.txt.zlib")
     build_evil(fixtures)
 
 
