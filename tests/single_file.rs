@@ -1,6 +1,8 @@
-//! Single-file (CompVis) base models against diffusers: the tiny pipelines written as single
-//! files by tools/reference/make_single_file_fixtures.py (checked there with diffusers'
-//! `from_single_file(config=...)`) generate what the folders and diffusers generate; `.ckpt`
+//! Single-file (CompVis) base models against diffusers: the tiny pipelines as single files (the
+//! sd1 ones written here from the folders by the name list golden/single-names.json, the sd2
+//! `.ckpt` committed; both made and checked with diffusers' `from_single_file(config=...)` by
+//! tools/reference/make_single_file_fixtures.py) generate what the folders and diffusers generate;
+//! the built-in base-model configs and the bundled tokenizer match diffusers / transformers; `.ckpt`
 //! pickles that ask for code are refused without running it; malformed files give errors;
 //! architecture detection on synthetic key/shape lists of real SD sizes.
 
@@ -10,13 +12,50 @@ use candle_core::Tensor;
 use disendiff::formats::single_file::{detect, Family};
 use disendiff::model::sd::{LoadOptions, SingleFileOptions, StableDiffusion};
 use disendiff::pipelines::text2img::{self, Text2ImageParams};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn single_opts(config: &str, ema: bool) -> LoadOptions {
     let single_file = SingleFileOptions { config: Some(common::fixture(config)), prediction_type: None, ema };
     LoadOptions { single_file, ..LoadOptions::default() }
+}
+
+/// The CompVis tensors of `entry` of golden/single-names.json: each listed folder tensor (in its
+/// dtype) reshaped to its CompVis shape under its CompVis name, as the reference script wrote and
+/// checked with diffusers' from_single_file; for SD1 also the int64 `position_ids` buffer.
+fn compvis_tensors(entry: &str) -> HashMap<String, Tensor> {
+    let dev = candle_core::Device::Cpu;
+    let text = std::fs::read_to_string(common::fixture("golden/single-names.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let e = &v[entry];
+    let files: HashMap<String, HashMap<String, Tensor>> = e["files"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(c, f)| (c.clone(), candle_core::safetensors::load(common::fixture(f.as_str().unwrap()), &dev).unwrap()))
+        .collect();
+    let mut out = HashMap::new();
+    for p in e["pairs"].as_array().unwrap() {
+        let (name, comp, key) = (p[0].as_str().unwrap(), p[1].as_str().unwrap(), p[2].as_str().unwrap());
+        let shape: Vec<usize> = p[3].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let t = files[comp].get(key).unwrap_or_else(|| panic!("{entry}: no {key} in the {comp} folder file"));
+        assert!(out.insert(name.to_string(), t.reshape(shape).unwrap()).is_none(), "{entry}: {name} twice");
+    }
+    let used = e["pairs"].as_array().unwrap().len();
+    let present: usize = files.values().map(|f| f.keys().filter(|k| !k.ends_with("position_ids")).count()).sum();
+    assert_eq!(used, present, "{entry}: the name list does not cover the folder files");
+    if let Some(pos) = e["position_ids"].as_str() {
+        out.insert(pos.to_string(), Tensor::arange(0i64, 77, &dev).unwrap().reshape((1, 77)).unwrap());
+    }
+    out
+}
+
+/// sd1-tiny as a CompVis single `.safetensors` in `dir` (see [`compvis_tensors`]).
+fn sd1_single_file(dir: &Path) -> PathBuf {
+    let path = dir.join("single-sd1.safetensors");
+    candle_core::safetensors::save(&compvis_tensors("sd1"), &path).unwrap();
+    path
 }
 
 /// The golden pipeline settings of `golden/<name>.json`, with start latents `latents`.
@@ -58,7 +97,8 @@ fn check_run(sd: &StableDiffusion, name: &str, start: &Tensor, want: &Tensor, pn
 #[test]
 fn sd1_safetensors_generates_what_the_folder_generates() {
     let g = common::load_golden("sd1");
-    let single = StableDiffusion::load(&common::fixture("golden/single-sd1.safetensors"), &single_opts("sd1-tiny", false)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let single = StableDiffusion::load(&sd1_single_file(tmp.path()), &single_opts("sd1-tiny", false)).unwrap();
     let from_file = check_run(&single, "sd1", &g["pipe.latents"], &g["pipe.out_latents"], "sd1-pipe");
     let folder = StableDiffusion::load(&common::fixture("sd1-tiny"), &LoadOptions::default()).unwrap();
     let from_folder = text2img::sample_latents(&folder, &params(&folder, "sd1", &g["pipe.latents"]), |_, _| {}).unwrap();
@@ -83,8 +123,9 @@ fn sd2_ckpt_with_ema_matches_diffusers() {
 fn the_cli_generates_from_a_single_file() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
+    let sd1 = sd1_single_file(tmp.path()).display().to_string();
     let (ok, err) = common::disendiff(&[
-        "generate", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--config", "tests/fixtures/sd1-tiny",
+        "generate", "--model", sd1.as_str(), "--config", "tests/fixtures/sd1-tiny",
         "--prompt", "a red ball", "--steps", "2", "--out", out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
@@ -93,14 +134,14 @@ fn the_cli_generates_from_a_single_file() {
     // train and attention take the single file as well.
     let (train, att) = (tmp.path().join("train"), tmp.path().join("att"));
     let (ok, err) = common::disendiff(&[
-        "train", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--config", "tests/fixtures/sd1-tiny",
+        "train", "--model", sd1.as_str(), "--config", "tests/fixtures/sd1-tiny",
         "--image", "tests/fixtures/golden/sd1-pipe-00000.png", "--caption", "<new1> cat", "--out", train.to_str().unwrap(),
         "--resolution", "64", "--attn-resolution", "8", "--train-batch-size", "1", "--max-train-steps", "1",
     ]);
     assert!(ok, "{err}");
     let concepts = train.join("concepts.safetensors");
     let (ok, err) = common::disendiff(&[
-        "attention", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--config", "tests/fixtures/sd1-tiny",
+        "attention", "--model", sd1.as_str(), "--config", "tests/fixtures/sd1-tiny",
         "--concepts", concepts.to_str().unwrap(), "--prompt", "a <new1> cat", "--steps", "1", "--resolution", "16",
         "--out", att.to_str().unwrap(),
     ]);
@@ -109,10 +150,10 @@ fn the_cli_generates_from_a_single_file() {
     let (ok, err) = common::disendiff(&["generate", "--model", "tests/fixtures/sd1-tiny", "--ema", "--prompt", "x", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("single-file"), "{err}");
     let (ok, err) =
-        common::disendiff(&["generate", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--prompt", "x", "--out", out.to_str().unwrap()]);
+        common::disendiff(&["generate", "--model", sd1.as_str(), "--prompt", "x", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("--config"), "{err}");
     let (ok, err) = common::disendiff(&[
-        "generate", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--config", "tests/fixtures/sd1-tiny", "--ema",
+        "generate", "--model", sd1.as_str(), "--config", "tests/fixtures/sd1-tiny", "--ema",
         "--prompt", "x", "--out", out.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("no EMA weights"), "{err}");
@@ -230,7 +271,7 @@ fn malformed_files_give_clear_errors() {
     let e = load_err(&p);
     assert!(e.contains("no SD 1.x/2.x component"), "{e}");
     // The wrong config for the file: a tensor with no place in it is named.
-    let e = match StableDiffusion::load(&common::fixture("golden/single-sd1.safetensors"), &single_opts("sd2-tiny", false)) {
+    let e = match StableDiffusion::load(&sd1_single_file(tmp.path()), &single_opts("sd2-tiny", false)) {
         Ok(_) => panic!("loaded with the wrong config"),
         Err(e) => format!("{e:#}"),
     };
@@ -276,15 +317,14 @@ fn detection_of_real_sizes() {
     assert!(format!("{:#}", detect(&m, None).unwrap_err()).contains("not a CompVis"));
 }
 
-/// The 9-channel inpainting model as one file (single-sd1's VAE and text encoder with
-/// single-inpaint-unet's UNet, copied by CompVis name) inpaints as diffusers' inpaint9 golden.
+/// The 9-channel inpainting model as one file (the sd1 entry's VAE and text encoder with the
+/// inpaint_unet entry's UNet of golden/single-names.json, by CompVis name) inpaints as diffusers' inpaint9 golden.
 #[test]
 fn an_inpainting_single_file_inpaints_as_diffusers() {
     let tmp = tempfile::tempdir().unwrap();
-    let dev = candle_core::Device::Cpu;
-    let mut all = candle_core::safetensors::load(common::fixture("golden/single-sd1.safetensors"), &dev).unwrap();
+    let mut all = compvis_tensors("sd1");
     all.retain(|k, _| !k.starts_with("model.diffusion_model."));
-    all.extend(candle_core::safetensors::load(common::fixture("golden/single-inpaint-unet.safetensors"), &dev).unwrap());
+    all.extend(compvis_tensors("inpaint_unet"));
     let model = tmp.path().join("sd1-inpaint.safetensors");
     candle_core::safetensors::save(&all, &model).unwrap();
     // The config folder: sd1-tiny's configs with the inpainting UNet's, and no weights at all.

@@ -3,10 +3,13 @@
 Writes the committed tiny diffusers pipelines (sd1-tiny, sd2-tiny) as CompVis single files, the way
 the original LDM / Stability code saved them, and checks every file with diffusers' own loader:
 
-- `golden/single-sd1.safetensors`: sd1-tiny (UNet and VAE float32, CLIP text encoder float16 as in
-  the folder, plus the int64 `position_ids` buffer real SD1 files carry). diffusers'
-  `StableDiffusionPipeline.from_single_file(..., config=sd1-tiny, local_files_only=True)` must give
-  the folder's golden latents (golden/sd1.safetensors `pipe.out_latents`).
+- `golden/single-names.json`: for sd1-tiny (UNet, VAE float32, CLIP text encoder float16 as in the
+  folder) and unet-inpaint-tiny's 9-channel UNet (float16), every folder tensor's CompVis name, folder
+  key and CompVis shape; tests/single_file.rs writes the single files from it at run time (plus the
+  int64 `position_ids` buffer real SD1 files carry). Checked here on a file written the same way:
+  diffusers' converters give back every folder tensor, `StableDiffusionPipeline.from_single_file(...,
+  config=sd1-tiny, local_files_only=True)` gives the folder's golden latents (golden/sd1.safetensors
+  `pipe.out_latents`), and the file with the inpainting UNet is detected as "inpainting".
 - `golden/single-sd2-ema.ckpt`: sd2-tiny as a `torch.save` zip (float16 throughout), OpenCLIP text
   encoder with the fused `in_proj_weight`, `text_projection`, and EMA weights: `model_ema.*` holds
   the folder's UNet, `model.diffusion_model.*` a perturbed copy, so reading the wrong set shows.
@@ -14,10 +17,8 @@ the original LDM / Stability code saved them, and checks every file with diffuse
   `golden/single-sd2.safetensors`: `ema.out_latents` (diffusers' converter with extract_ema=True,
   i.e. the folder UNet in float16) and `plain.out_latents` (diffusers' from_single_file, the
   non-EMA weights), from the sd2 golden start latents; PNGs `single-sd2-{ema,plain}-0000K.png`.
-- `golden/single-inpaint-unet.safetensors`: unet-inpaint-tiny's 9-channel UNet (float16) alone, in CompVis
-  names; a test puts it together with single-sd1.safetensors' VAE and text encoder (a copy by name,
-  no renaming) into the single file of the inpaint9 pipeline (golden/inpaint9*). Checked here: diffusers
-  detects the merged file as "inpainting" and its converter gives back the UNet exactly.
+- `golden/single-base-configs.json`: the configs diffusers builds for a real-size file of each base kind.
+- `golden/single-tokenizer.json`: transformers' CLIPTokenizer ids from the bundled merges.
 - `golden/single-real-keys.json`: the CompVis key names and shapes of real SD 1.5 and SD 2.1 files (models
   built on PyTorch's meta device from the real configs, so no weights exist) with the diffusers name and
   shape diffusers' converters give each tensor, for a Rust check of the key maps at real sizes (4 levels,
@@ -194,24 +195,82 @@ def pipe_args(fixtures, name):
                 num_images_per_prompt=p["num_images_per_prompt"])
 
 
-def build_sd1(fixtures):
-    print("== single-sd1.safetensors")
+# The folders' weight files whose tensors the sd1 single files are written from (at test time, by
+# tests/single_file.rs, from golden/single-names.json).
+NAME_SOURCES = {
+    "sd1": {"unet": "sd1-tiny/unet/diffusion_pytorch_model.safetensors",
+            "vae": "sd1-tiny/vae/diffusion_pytorch_model.safetensors",
+            "text_encoder": "sd1-tiny/text_encoder/model.safetensors"},
+    "inpaint_unet": {"unet": "unet-inpaint-tiny/diffusion_pytorch_model.fp16.safetensors"},
+}
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+
+def name_pairs(fixtures, entry, configs):
+    """[CompVis name, component, folder key, CompVis shape] for every tensor of the entry's folder files,
+    by this script's maps (checked below with diffusers' converters and from_single_file)."""
+    pairs = []
+    for comp, rel in NAME_SOURCES[entry].items():
+        for k, v in load_file(str(fixtures / rel)).items():
+            if k.endswith("position_ids"):
+                continue
+            if comp == "unet":
+                out = unet_to_ldm({k: v}, configs[comp])
+            elif comp == "vae":
+                out = vae_to_ldm({k: v}, configs[comp])
+            else:
+                out = {n: t for n, t in clip_to_ldm({k: v}).items() if n != POSITION_IDS}
+            ((n, t),) = out.items()
+            pairs.append([n, comp, k, list(t.shape)])
+    return sorted(pairs)
+
+
+def write_from_pairs(fixtures, entry, pairs):
+    """What the Rust test writes: each folder tensor, in its dtype, reshaped to the CompVis shape, under its
+    CompVis name; for an SD1 text encoder also the int64 `position_ids` buffer real SD1 files carry."""
+    files = {comp: load_file(str(fixtures / rel)) for comp, rel in NAME_SOURCES[entry].items()}
+    out = {n: files[comp][k].reshape(shape).contiguous() for n, comp, k, shape in pairs}
+    if "text_encoder" in files:
+        out[POSITION_IDS] = torch.arange(77, dtype=torch.int64)[None]
+    return out
+
+
+def build_names(fixtures):
+    """golden/single-names.json; the sd1 single file written from it must load in diffusers'
+    from_single_file as the folder and reproduce the folder's golden latents, and the inpainting file
+    (its text encoder and VAE with inpaint_unet's UNet) must be detected and converted back exactly."""
+    print("== single-names.json")
+    from diffusers import UNet2DConditionModel
     folder = fixtures / "sd1-tiny"
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    inpaint = UNet2DConditionModel.from_pretrained(fixtures / "unet-inpaint-tiny", variant="fp16")
+    configs = {"sd1": {"unet": pipe.unet.config, "vae": pipe.vae.config, "text_encoder": None},
+               "inpaint_unet": {"unet": inpaint.config}}
+    names = {e: {"files": NAME_SOURCES[e], "pairs": name_pairs(fixtures, e, configs[e])} for e in NAME_SOURCES}
+    names["sd1"]["position_ids"] = POSITION_IDS
+    (fixtures / "golden" / "single-names.json").write_text(json.dumps(names, separators=(",", ":"), sort_keys=True) + "\n")
+
+    ckpt = write_from_pairs(fixtures, "sd1", names["sd1"]["pairs"])
     s = state(pipe, torch.float32)
-    te16 = {k: v.to(torch.float16) for k, v in s["text_encoder"].items()}
-    assert all(torch.equal(te16[k].float(), s["text_encoder"][k]) for k in te16)  # the folder's TE is float16
-    ckpt = {**unet_to_ldm(s["unet"], pipe.unet.config), **vae_to_ldm(s["vae"], pipe.vae.config), **clip_to_ldm(te16)}
-    path = fixtures / "golden" / "single-sd1.safetensors"
-    save_file(ckpt, str(path))
     check_same("unet", sfu.convert_ldm_unet_checkpoint(ckpt, pipe.unet.config), s["unet"])
     check_same("vae", sfu.convert_ldm_vae_checkpoint(ckpt, pipe.vae.config), s["vae"])
-    gold = load_file(str(fixtures / "golden" / "sd1.safetensors"))
-    single = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32)
-    lat, _ = run(single, pipe_args(fixtures, "sd1"), gold["pipe.latents"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "single-sd1.safetensors"
+        save_file(ckpt, str(path))
+        gold = load_file(str(fixtures / "golden" / "sd1.safetensors"))
+        single = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+        te = {k: v for k, v in with_text_model(single.text_encoder.state_dict()).items() if not k.endswith("position_ids")}
+        check_same("text encoder", te, {k: v for k, v in with_text_model(s["text_encoder"]).items() if not k.endswith("position_ids")})
+        lat, _ = run(single, pipe_args(fixtures, "sd1"), gold["pipe.latents"])
     err = (lat - gold["pipe.out_latents"]).abs().max().item()
-    print(f"  diffusers from_single_file vs the folder's golden latents: max |diff| {err:.2e}")
+    print(f"  sd1 file from the names, diffusers from_single_file vs the folder's golden latents: max |diff| {err:.2e}")
     assert err < 1e-4, err  # SDPA attention here, the plain processor in the golden run
+
+    sd = {k: v.detach().half().contiguous() for k, v in inpaint.state_dict().items()}
+    merged = {k: v for k, v in ckpt.items() if not k.startswith("model.diffusion_model.")}
+    merged.update(write_from_pairs(fixtures, "inpaint_unet", names["inpaint_unet"]["pairs"]))
+    assert sfu.infer_diffusers_model_type(merged) == "inpainting", sfu.infer_diffusers_model_type(merged)
+    check_same("unet (9 channels)", sfu.convert_ldm_unet_checkpoint(merged, inpaint.config), sd)
 
 
 def build_sd2(fixtures):
@@ -258,20 +317,6 @@ def build_sd2(fixtures):
     print(f"  EMA vs non-EMA final latents max |diff| {diff:.3f} (must differ)")
     assert diff > 1e-2
     save_file({k: v.contiguous() for k, v in gold.items()}, str(fixtures / "golden" / "single-sd2.safetensors"))
-
-
-def build_inpaint(fixtures):
-    print("== single-inpaint-unet.safetensors")
-    from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel.from_pretrained(fixtures / "unet-inpaint-tiny", variant="fp16")
-    sd = {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()}
-    ldm = unet_to_ldm(sd, unet.config)
-    save_file(ldm, str(fixtures / "golden" / "single-inpaint-unet.safetensors"))
-    merged = {k: v for k, v in load_file(str(fixtures / "golden" / "single-sd1.safetensors")).items()
-              if not k.startswith("model.diffusion_model.")}
-    merged.update(ldm)
-    assert sfu.infer_diffusers_model_type(merged) == "inpainting", sfu.infer_diffusers_model_type(merged)
-    check_same("unet (9 channels)", sfu.convert_ldm_unet_checkpoint(merged, unet.config), sd)
 
 
 REAL = {
@@ -450,9 +495,8 @@ def build_evil(fixtures):
 
 def build_all(fixtures):
     fixtures = Path(fixtures)
-    build_sd1(fixtures)
+    build_names(fixtures)
     build_sd2(fixtures)
-    build_inpaint(fixtures)
     build_real_keys(fixtures)
     build_base_configs(fixtures)
     build_tokenizer_ids(fixtures, Path(__file__).resolve().parents[2] / "assets" / "clip-bpe-merges.txt.zlib")
