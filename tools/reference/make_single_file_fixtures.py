@@ -12,7 +12,9 @@ the original LDM / Stability code saved them, and checks every file with diffuse
   `pipe.out_latents`), and the file with the inpainting UNet is detected as "inpainting".
 - `golden/single-sd2-ema.ckpt`: sd2-tiny as a `torch.save` zip (float16 throughout), OpenCLIP text
   encoder with the fused `in_proj_weight`, `text_projection`, and EMA weights: `model_ema.*` holds
-  the folder's UNet, `model.diffusion_model.*` a perturbed copy, so reading the wrong set shows.
+  the folder's UNet, `model.diffusion_model.*` another weight set, so reading the wrong set shows: both
+  are views of one storage (the UNet's tensors flat), the plain ones one element further on, so the
+  UNet is stored once (and the pickle reader's storage offsets are exercised).
   No `global_step` (SD2 without it is v-prediction, as the folder's scheduler). Goldens in
   `golden/single-sd2.safetensors`: `ema.out_latents` (diffusers' converter with extract_ema=True,
   i.e. the folder UNet in float16) and `plain.out_latents` (diffusers' from_single_file, the
@@ -279,10 +281,18 @@ def build_sd2(fixtures):
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     s = state(pipe, torch.float16)
     unet = unet_to_ldm(s["unet"], pipe.unet.config)
-    g = torch.Generator().manual_seed(7000)
-    plain = {k: (v.float() + 0.05 * v.float().std().nan_to_num(0.02) * torch.randn(v.shape, generator=g)).half() if v.numel() > 1
-             else v + 0.01 for k, v in unet.items()}
-    ema = {"model_ema." + "".join(k.split(".")[1:]): v for k, v in unet.items()}
+    # One float16 storage holds the UNet once (all tensors flat, by name, and one element more):
+    # model_ema.* are views of it, model.diffusion_model.* the same views one element further on,
+    # a different weight set that costs no space (torch.save writes a shared storage once).
+    keys = sorted(unet)
+    flat = torch.cat([unet[k].reshape(-1) for k in keys] + [torch.zeros(1, dtype=torch.float16)])
+    ema_views, plain, off = {}, {}, 0
+    for k in keys:
+        n, shape = unet[k].numel(), unet[k].shape
+        ema_views[k] = flat[off:off + n].view(shape)
+        plain[k] = flat[off + 1:off + 1 + n].view(shape)
+        off += n
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v for k, v in ema_views.items()}
     ema["model_ema.decay"] = torch.tensor(0.9999)
     ema["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
     hidden = pipe.text_encoder.config.hidden_size
