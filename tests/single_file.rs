@@ -471,12 +471,11 @@ fn built_in_configs_match_diffusers() {
 /// SD1's pad token and SD2's "!", and after adding `<new1>`.
 #[test]
 fn bundled_tokenizer_matches_transformers() {
-    use disendiff::formats::single_file::bundled_tokenizer;
     let text = std::fs::read_to_string(common::fixture("golden/single-tokenizer.json")).unwrap();
     let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
     for (fam, family) in [("sd1", Family::Sd1), ("sd2", Family::Sd2)] {
         let g = &golden[fam];
-        let mut tok = bundled_tokenizer::tokenizer(family).unwrap();
+        let mut tok = disendiff::model::tokenizer::ClipTokenizer::bundled(family).unwrap();
         assert_eq!(tok.vocab_size() as u64, g["vocab_size"].as_u64().unwrap());
         let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect() };
         for (prompt, want) in g["ids"].as_object().unwrap() {

@@ -99,7 +99,7 @@ impl Source {
         match self {
             Source::Folder(root) => ClipTokenizer::from_dir(&root.join("tokenizer")),
             Source::Single { config: Some(config), .. } => ClipTokenizer::from_dir(&config.join("tokenizer")),
-            Source::Single { detected, .. } => single_file::bundled_tokenizer::tokenizer(detected.family),
+            Source::Single { detected, .. } => ClipTokenizer::bundled(detected.family),
         }
     }
 

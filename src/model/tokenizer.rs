@@ -165,6 +165,16 @@ impl ClipTokenizer {
         Ok((vocab, merges, added))
     }
 
+    /// The tokenizer of a single file's text encoder (`family`), which ships none: CLIP's
+    /// vocabulary and merges from the bundled merges (`formats::single_file::bundled_tokenizer`),
+    /// 77 ids long, padded as that family's SD repos pad.
+    pub fn bundled(family: crate::formats::single_file::Family) -> Result<Self> {
+        use crate::formats::single_file::bundled_tokenizer as b;
+        let merges = b::merges()?;
+        let vocab = b::vocab(&merges);
+        Self::from_vocab_merges(vocab, merges, b::pad_token(family), 77)
+    }
+
     /// Builds a tokenizer from an in-memory vocabulary and BPE merges as a `tokenizer/` folder
     /// with pad token `pad_token` does: a pad token other than `<|startoftext|>` /
     /// `<|endoftext|>` is a special token split out of the text, as transformers does (with

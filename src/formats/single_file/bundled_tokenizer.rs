@@ -5,15 +5,17 @@
 //! CLIP's vocabulary is determined by its merges: the 256 byte characters (GPT-2's printable
 //! map, in code-point order), the same with `</w>`, each merge joined, then `<|startoftext|>`
 //! and `<|endoftext|>` (49408 in all). SD1 (OpenAI CLIP) pads with `<|endoftext|>`, SD2
-//! (OpenCLIP) with "!" (id 0), as the SD repos' tokenizer configs say.
+//! (OpenCLIP) with "!" (id 0), as the SD repos' tokenizer configs say. The tokenizer itself is
+//! `ClipTokenizer::bundled` (model/tokenizer.rs), built from what this file gives.
 
 use super::detect::Family;
-use crate::model::tokenizer::{ClipTokenizer, END_OF_TEXT, START_OF_TEXT};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 
 /// zlib-compressed merges, one `a b` pair a line.
 const MERGES_ZLIB: &[u8] = include_bytes!("../../../assets/clip-bpe-merges.txt.zlib");
+const START_OF_TEXT: &str = "<|startoftext|>";
+const END_OF_TEXT: &str = "<|endoftext|>";
 /// CLIP's number of merges: 49408 tokens - 2 specials - 2 x 256 byte tokens.
 pub const NUM_MERGES: usize = 48894;
 
@@ -54,13 +56,10 @@ pub fn vocab(merges: &[(String, String)]) -> HashMap<String, u32> {
     tokens.enumerate().map(|(i, t)| (t, i as u32)).collect()
 }
 
-/// The tokenizer of `family`'s text encoder, 77 ids long.
-pub fn tokenizer(family: Family) -> Result<ClipTokenizer> {
-    let merges = merges()?;
-    let vocab = vocab(&merges);
-    let pad = match family {
+/// The pad token of `family`'s tokenizer.
+pub fn pad_token(family: Family) -> &'static str {
+    match family {
         Family::Sd1 => END_OF_TEXT,
         Family::Sd2 => "!",
-    };
-    ClipTokenizer::from_vocab_merges(vocab, merges, pad, 77)
+    }
 }
