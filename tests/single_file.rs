@@ -1,6 +1,8 @@
-//! Single-file (CompVis) base models against diffusers: the tiny pipelines written as single
-//! files by tools/reference/make_single_file_fixtures.py (checked there with diffusers'
-//! `from_single_file(config=...)`) generate what the folders and diffusers generate; `.ckpt`
+//! Single-file (CompVis) base models against diffusers: the tiny pipelines as single files (the
+//! sd1 ones written here from the folders by the name list golden/single-names.json, the sd2
+//! `.ckpt` committed; both made and checked with diffusers' `from_single_file(config=...)` by
+//! tools/reference/make_single_file_fixtures.py) generate what the folders and diffusers generate;
+//! the built-in base-model configs and the bundled tokenizer match diffusers / transformers; `.ckpt`
 //! pickles that ask for code are refused without running it; malformed files give errors;
 //! architecture detection on synthetic key/shape lists of real SD sizes.
 
@@ -10,13 +12,50 @@ use candle_core::Tensor;
 use disendiff::formats::single_file::{detect, Family};
 use disendiff::model::sd::{LoadOptions, SingleFileOptions, StableDiffusion};
 use disendiff::pipelines::text2img::{self, Text2ImageParams};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn single_opts(config: &str, ema: bool) -> LoadOptions {
     let single_file = SingleFileOptions { config: Some(common::fixture(config)), prediction_type: None, ema };
     LoadOptions { single_file, ..LoadOptions::default() }
+}
+
+/// The CompVis tensors of `entry` of golden/single-names.json: each listed folder tensor (in its
+/// dtype) reshaped to its CompVis shape under its CompVis name, as the reference script wrote and
+/// checked with diffusers' from_single_file; for SD1 also the int64 `position_ids` buffer.
+fn compvis_tensors(entry: &str) -> HashMap<String, Tensor> {
+    let dev = candle_core::Device::Cpu;
+    let text = std::fs::read_to_string(common::fixture("golden/single-names.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let e = &v[entry];
+    let files: HashMap<String, HashMap<String, Tensor>> = e["files"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(c, f)| (c.clone(), candle_core::safetensors::load(common::fixture(f.as_str().unwrap()), &dev).unwrap()))
+        .collect();
+    let mut out = HashMap::new();
+    for p in e["pairs"].as_array().unwrap() {
+        let (name, comp, key) = (p[0].as_str().unwrap(), p[1].as_str().unwrap(), p[2].as_str().unwrap());
+        let shape: Vec<usize> = p[3].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let t = files[comp].get(key).unwrap_or_else(|| panic!("{entry}: no {key} in the {comp} folder file"));
+        assert!(out.insert(name.to_string(), t.reshape(shape).unwrap()).is_none(), "{entry}: {name} twice");
+    }
+    let used = e["pairs"].as_array().unwrap().len();
+    let present: usize = files.values().map(|f| f.keys().filter(|k| !k.ends_with("position_ids")).count()).sum();
+    assert_eq!(used, present, "{entry}: the name list does not cover the folder files");
+    if let Some(pos) = e["position_ids"].as_str() {
+        out.insert(pos.to_string(), Tensor::arange(0i64, 77, &dev).unwrap().reshape((1, 77)).unwrap());
+    }
+    out
+}
+
+/// sd1-tiny as a CompVis single `.safetensors` in `dir` (see [`compvis_tensors`]).
+fn sd1_single_file(dir: &Path) -> PathBuf {
+    let path = dir.join("single-sd1.safetensors");
+    candle_core::safetensors::save(&compvis_tensors("sd1"), &path).unwrap();
+    path
 }
 
 /// The golden pipeline settings of `golden/<name>.json`, with start latents `latents`.
@@ -58,7 +97,8 @@ fn check_run(sd: &StableDiffusion, name: &str, start: &Tensor, want: &Tensor, pn
 #[test]
 fn sd1_safetensors_generates_what_the_folder_generates() {
     let g = common::load_golden("sd1");
-    let single = StableDiffusion::load(&common::fixture("golden/single-sd1.safetensors"), &single_opts("sd1-tiny", false)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let single = StableDiffusion::load(&sd1_single_file(tmp.path()), &single_opts("sd1-tiny", false)).unwrap();
     let from_file = check_run(&single, "sd1", &g["pipe.latents"], &g["pipe.out_latents"], "sd1-pipe");
     let folder = StableDiffusion::load(&common::fixture("sd1-tiny"), &LoadOptions::default()).unwrap();
     let from_folder = text2img::sample_latents(&folder, &params(&folder, "sd1", &g["pipe.latents"]), |_, _| {}).unwrap();
@@ -83,8 +123,9 @@ fn sd2_ckpt_with_ema_matches_diffusers() {
 fn the_cli_generates_from_a_single_file() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
+    let sd1 = sd1_single_file(tmp.path()).display().to_string();
     let (ok, err) = common::disendiff(&[
-        "generate", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--config", "tests/fixtures/sd1-tiny",
+        "generate", "--model", sd1.as_str(), "--config", "tests/fixtures/sd1-tiny",
         "--prompt", "a red ball", "--steps", "2", "--out", out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
@@ -93,14 +134,14 @@ fn the_cli_generates_from_a_single_file() {
     // train and attention take the single file as well.
     let (train, att) = (tmp.path().join("train"), tmp.path().join("att"));
     let (ok, err) = common::disendiff(&[
-        "train", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--config", "tests/fixtures/sd1-tiny",
+        "train", "--model", sd1.as_str(), "--config", "tests/fixtures/sd1-tiny",
         "--image", "tests/fixtures/golden/sd1-pipe-00000.png", "--caption", "<new1> cat", "--out", train.to_str().unwrap(),
         "--resolution", "64", "--attn-resolution", "8", "--train-batch-size", "1", "--max-train-steps", "1",
     ]);
     assert!(ok, "{err}");
     let concepts = train.join("concepts.safetensors");
     let (ok, err) = common::disendiff(&[
-        "attention", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--config", "tests/fixtures/sd1-tiny",
+        "attention", "--model", sd1.as_str(), "--config", "tests/fixtures/sd1-tiny",
         "--concepts", concepts.to_str().unwrap(), "--prompt", "a <new1> cat", "--steps", "1", "--resolution", "16",
         "--out", att.to_str().unwrap(),
     ]);
@@ -109,10 +150,10 @@ fn the_cli_generates_from_a_single_file() {
     let (ok, err) = common::disendiff(&["generate", "--model", "tests/fixtures/sd1-tiny", "--ema", "--prompt", "x", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("single-file"), "{err}");
     let (ok, err) =
-        common::disendiff(&["generate", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--prompt", "x", "--out", out.to_str().unwrap()]);
+        common::disendiff(&["generate", "--model", sd1.as_str(), "--prompt", "x", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("--config"), "{err}");
     let (ok, err) = common::disendiff(&[
-        "generate", "--model", "tests/fixtures/golden/single-sd1.safetensors", "--config", "tests/fixtures/sd1-tiny", "--ema",
+        "generate", "--model", sd1.as_str(), "--config", "tests/fixtures/sd1-tiny", "--ema",
         "--prompt", "x", "--out", out.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("no EMA weights"), "{err}");
@@ -230,7 +271,7 @@ fn malformed_files_give_clear_errors() {
     let e = load_err(&p);
     assert!(e.contains("no SD 1.x/2.x component"), "{e}");
     // The wrong config for the file: a tensor with no place in it is named.
-    let e = match StableDiffusion::load(&common::fixture("golden/single-sd1.safetensors"), &single_opts("sd2-tiny", false)) {
+    let e = match StableDiffusion::load(&sd1_single_file(tmp.path()), &single_opts("sd2-tiny", false)) {
         Ok(_) => panic!("loaded with the wrong config"),
         Err(e) => format!("{e:#}"),
     };
@@ -276,15 +317,14 @@ fn detection_of_real_sizes() {
     assert!(format!("{:#}", detect(&m, None).unwrap_err()).contains("not a CompVis"));
 }
 
-/// The 9-channel inpainting model as one file (single-sd1's VAE and text encoder with
-/// single-inpaint-unet's UNet, copied by CompVis name) inpaints as diffusers' inpaint9 golden.
+/// The 9-channel inpainting model as one file (the sd1 entry's VAE and text encoder with the
+/// inpaint_unet entry's UNet of golden/single-names.json, by CompVis name) inpaints as diffusers' inpaint9 golden.
 #[test]
 fn an_inpainting_single_file_inpaints_as_diffusers() {
     let tmp = tempfile::tempdir().unwrap();
-    let dev = candle_core::Device::Cpu;
-    let mut all = candle_core::safetensors::load(common::fixture("golden/single-sd1.safetensors"), &dev).unwrap();
+    let mut all = compvis_tensors("sd1");
     all.retain(|k, _| !k.starts_with("model.diffusion_model."));
-    all.extend(candle_core::safetensors::load(common::fixture("golden/single-inpaint-unet.safetensors"), &dev).unwrap());
+    all.extend(compvis_tensors("inpaint_unet"));
     let model = tmp.path().join("sd1-inpaint.safetensors");
     candle_core::safetensors::save(&all, &model).unwrap();
     // The config folder: sd1-tiny's configs with the inpainting UNet's, and no weights at all.
@@ -368,5 +408,82 @@ fn key_maps_at_real_sizes_match_diffusers() {
             }
             println!("{fam} {c}: {} diffusers tensors, names and shapes as diffusers'", want.len());
         }
+    }
+}
+
+/// The built-in configs of each base model (no --config) against the configs diffusers builds
+/// for it (golden/single-base-configs.json: diffusers' create_*_diffusers_config_from_ldm and
+/// legacy scheduler config on fake real-size state dicts), field by field; the kind comes
+/// from detection on the same shapes, and each config parses and validates.
+#[test]
+fn built_in_configs_match_diffusers() {
+    use disendiff::formats::single_file::base_configs;
+    let text = std::fs::read_to_string(common::fixture("golden/single-base-configs.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let clip = ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight", vec![77, 768]);
+    let open_clip = ("cond_stage_model.model.token_embedding.weight", vec![49408, 1024]);
+    // Fields of diffusers' configs that no component here reads (PNDM / thresholding options).
+    let unread = ["interpolation_type", "sample_max_value", "skip_prk_steps", "dynamic_thresholding_ratio", "thresholding"];
+    let kinds = [
+        ("sd1", real(clip.clone(), 4, 768), None),
+        ("sd1-inpainting", real(clip, 9, 768), None),
+        ("sd2-512", real(open_clip.clone(), 4, 1024), Some(875000)),
+        ("sd2-768", real(open_clip.clone(), 4, 1024), Some(110000)),
+        ("sd2-inpainting", real(open_clip, 9, 1024), None),
+    ];
+    assert_eq!(golden.as_object().unwrap().len(), kinds.len());
+    for (kind, shapes, step) in kinds {
+        let built = base_configs(&detect(&shapes, step).unwrap()).unwrap();
+        assert_eq!(built.kind, kind);
+        for component in ["unet", "vae", "text_encoder", "scheduler"] {
+            let want = golden[kind][component].as_object().unwrap();
+            let got = built.get(component).unwrap().as_object().unwrap();
+            for (k, v) in got {
+                let w = want.get(k).unwrap_or_else(|| panic!("{kind} {component}: {k} is not in diffusers' config"));
+                let same = match (v.as_f64(), w.as_f64()) {
+                    (Some(a), Some(b)) => (a - b).abs() <= 1e-12 * b.abs(),
+                    _ => v == w,
+                };
+                assert!(same, "{kind} {component}.{k}: built-in {v}, diffusers {w}");
+            }
+            for (k, w) in want {
+                if !w.is_null() && !unread.contains(&k.as_str()) {
+                    assert!(got.contains_key(k), "{kind} {component}: diffusers sets {k} = {w}, the built-in config does not");
+                }
+            }
+            println!("{kind} {component}: {} fields as diffusers'", got.len());
+        }
+        let origin = format!("built-in {kind}");
+        disendiff::model::clip::ClipTextConfig::from_json(&built.text_encoder.to_string(), &origin).unwrap();
+        disendiff::model::unet::UNetConfig::from_json_str(&built.unet.to_string()).unwrap();
+        disendiff::model::vae::VaeConfig::from_json(&built.vae.to_string()).unwrap();
+        let s = disendiff::scheduler::SchedulerConfig::from_json(&built.scheduler.to_string()).unwrap();
+        let v = s.prediction_type == disendiff::scheduler::PredictionType::VPrediction;
+        assert_eq!(v, kind == "sd2-768", "{kind}: {:?}", s.prediction_type);
+    }
+    // A UNet attending to a width no base model has is not guessed at.
+    let e = base_configs(&detect(&real(("cond_stage_model.model.token_embedding.weight", vec![49408, 1024]), 4, 1280), None).unwrap());
+    assert!(format!("{:#}", e.unwrap_err()).contains("1280"));
+}
+
+/// The bundled CLIP tokenizer (no tokenizer files) gives transformers' CLIPTokenizer ids
+/// (golden/single-tokenizer.json, built from the same merges by the reference script), with
+/// SD1's pad token and SD2's "!", and after adding `<new1>`.
+#[test]
+fn bundled_tokenizer_matches_transformers() {
+    let text = std::fs::read_to_string(common::fixture("golden/single-tokenizer.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (fam, family) in [("sd1", Family::Sd1), ("sd2", Family::Sd2)] {
+        let g = &golden[fam];
+        let mut tok = disendiff::model::tokenizer::ClipTokenizer::bundled(family).unwrap();
+        assert_eq!(tok.vocab_size() as u64, g["vocab_size"].as_u64().unwrap());
+        let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect() };
+        for (prompt, want) in g["ids"].as_object().unwrap() {
+            assert_eq!(tok.encode(prompt).ids, ids(want), "{fam}: {prompt:?}");
+        }
+        let added = &g["added"];
+        assert_eq!(tok.add_token(added["token"].as_str().unwrap()).unwrap() as u64, added["id"].as_u64().unwrap());
+        assert_eq!(tok.encode(added["prompt"].as_str().unwrap()).ids, ids(&added["ids"]), "{fam}: after adding <new1>");
+        println!("{fam}: {} prompts and <new1> as transformers'", g["ids"].as_object().unwrap().len());
     }
 }

@@ -46,16 +46,20 @@ fn default_eps() -> f64 {
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates a config from JSON text; `origin` names it in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(text).with_context(|| format!("{origin} is not valid JSON"))?;
         // Some configs nest the text part (full CLIPModel configs): accept both.
         let v = if v.get("text_config").is_some() && v.get("hidden_size").is_none() { v["text_config"].clone() } else { v };
-        let cfg: Self = serde_json::from_value(v).with_context(|| format!("{}: not a CLIP text config", path.display()))?;
+        let cfg: Self = serde_json::from_value(v).with_context(|| format!("{origin}: not a CLIP text config"))?;
         if !matches!(cfg.hidden_act.as_str(), "quick_gelu" | "gelu") {
-            bail!("{}: hidden_act {:?} is not supported (quick_gelu or gelu)", path.display(), cfg.hidden_act);
+            bail!("{origin}: hidden_act {:?} is not supported (quick_gelu or gelu)", cfg.hidden_act);
         }
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            bail!("{}: hidden_size {} is not divisible by num_attention_heads {}", path.display(), cfg.hidden_size, cfg.num_attention_heads);
+            bail!("{origin}: hidden_size {} is not divisible by num_attention_heads {}", cfg.hidden_size, cfg.num_attention_heads);
         }
         Ok(cfg)
     }

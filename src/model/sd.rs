@@ -3,7 +3,8 @@
 //! The folder layout is diffusers' (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`,
 //! `vae/`, `scheduler/`). A single `.safetensors` / `.ckpt` file in CompVis layout is read
 //! through the in-memory name map of `formats/single_file/`, with the configs of `--config DIR`
-//! (see [`SingleFileOptions`]). Every component is loaded through the strict [`WeightStore`], so a
+//! or, without it, the built-in configs and tokenizer of the detected base model
+//! (`formats/single_file/configs.rs`, `bundled_tokenizer.rs`; see [`SingleFileOptions`]). Every component is loaded through the strict [`WeightStore`], so a
 //! missing or unexpected tensor, or a shape that disagrees with the config, is an error that
 //! names the file and key. The same code path serves real SD 1.x / 2.x folders, the test
 //! fixtures and the toy model.
@@ -13,7 +14,7 @@ use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
 use super::weights::{component_weight_files, WeightStore};
-use crate::formats::single_file::{self, Detected, Part, SingleFile};
+use crate::formats::single_file::{self, BaseConfigs, Detected, Part, SingleFile};
 use crate::scheduler::{PredictionType, SchedulerConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Var};
@@ -55,7 +56,8 @@ pub struct SingleFileOptions {
 /// Where a model's parts come from.
 enum Source {
     Folder(PathBuf),
-    Single { file: Arc<SingleFile>, config: PathBuf, detected: Detected },
+    /// `config`: the `--config` folder; `None`: the built-in configs of a base model.
+    Single { file: Arc<SingleFile>, config: Option<PathBuf>, builtin: Option<BaseConfigs>, detected: Detected },
 }
 
 impl Source {
@@ -75,30 +77,47 @@ impl Source {
         if opts.ema && !detected.has_ema {
             bail!("--ema: {} holds no EMA weights (model_ema.*)", path.display());
         }
-        let Some(config) = opts.config.clone() else {
-            bail!(
-                "{}: a single file needs --config DIR, a diffusers folder with the model's config files \
-                 (unet/, vae/, text_encoder/, scheduler/, tokenizer/; no weights are read from it)",
-                path.display()
-            );
+        let (config, builtin) = match opts.config.clone() {
+            Some(config) if !config.is_dir() => bail!("--config {} is not a folder", config.display()),
+            Some(config) => (Some(config), None),
+            None => {
+                let base = single_file::base_configs(&detected).with_context(|| {
+                    format!(
+                        "{}: no built-in configs fit; pass --config DIR, a diffusers folder with the model's config files \
+                         (unet/, vae/, text_encoder/, scheduler/, tokenizer/; no weights are read from it)",
+                        path.display()
+                    )
+                })?;
+                eprintln!("{}: built-in {} configs and the bundled CLIP tokenizer (no --config)", path.display(), base.kind);
+                (None, Some(base))
+            }
         };
-        if !config.is_dir() {
-            bail!("--config {} is not a folder", config.display());
-        }
-        Ok(Source::Single { file: Arc::new(file), config, detected })
+        Ok(Source::Single { file: Arc::new(file), config, builtin, detected })
     }
 
     fn tokenizer(&self) -> Result<ClipTokenizer> {
         match self {
             Source::Folder(root) => ClipTokenizer::from_dir(&root.join("tokenizer")),
-            Source::Single { config, .. } => ClipTokenizer::from_dir(&config.join("tokenizer")),
+            Source::Single { config: Some(config), .. } => ClipTokenizer::from_dir(&config.join("tokenizer")),
+            Source::Single { detected, .. } => ClipTokenizer::bundled(detected.family),
         }
     }
 
+    /// The config file of `component`, or `Err` where the configs are built in (see [`builtin`](Self::builtin)).
     fn config(&self, component: &str, file: &str) -> Result<PathBuf> {
         match self {
             Source::Folder(root) => config_path(root, component, file),
-            Source::Single { config, .. } => config_path(config, component, file),
+            Source::Single { config: Some(config), .. } => config_path(config, component, file),
+            Source::Single { .. } => bail!("no config file for {component}: the configs are built in"),
+        }
+    }
+
+    /// The built-in config of `component` as JSON text with a name for errors (`None`: read
+    /// it from [`config`](Self::config)).
+    fn builtin(&self, component: &str) -> Result<Option<(String, String)>> {
+        match self {
+            Source::Single { builtin: Some(b), .. } => Ok(Some((format!("the built-in {} {component} config", b.kind), b.get(component)?.to_string()))),
+            _ => Ok(None),
         }
     }
 
@@ -248,7 +267,10 @@ impl StableDiffusion {
         };
         let tokenizer = src.tokenizer()?;
 
-        let te_cfg = ClipTextConfig::from_file(&src.config("text_encoder", "config.json")?)?;
+        let te_cfg = match src.builtin("text_encoder")? {
+            Some((origin, text)) => ClipTextConfig::from_json(&text, &origin)?,
+            None => ClipTextConfig::from_file(&src.config("text_encoder", "config.json")?)?,
+        };
         let te_part = Part::TextEncoder { num_layers: te_cfg.num_hidden_layers };
         let te_store = Arc::new(src.store("text_encoder", te_part, opts)?.with_patchable(move |n| te_extra.contains(n)));
         let text_encoder = ClipTextModel::new(te_store.root(), &te_cfg)
@@ -263,7 +285,10 @@ impl StableDiffusion {
             );
         }
 
-        let unet_config = UNetConfig::from_file(&src.config("unet", "config.json")?)?;
+        let unet_config = match src.builtin("unet")? {
+            Some((origin, text)) => UNetConfig::from_json_str(&text).with_context(|| origin)?,
+            None => UNetConfig::from_file(&src.config("unet", "config.json")?)?,
+        };
         if let Source::Single { detected, file, .. } = &src {
             if detected.in_channels != unet_config.in_channels {
                 bail!(
@@ -292,13 +317,19 @@ impl StableDiffusion {
             );
         }
 
-        let vae_config = VaeConfig::from_file(&src.config("vae", "config.json")?)?;
+        let vae_config = match src.builtin("vae")? {
+            Some((origin, text)) => VaeConfig::from_json(&text).with_context(|| origin)?,
+            None => VaeConfig::from_file(&src.config("vae", "config.json")?)?,
+        };
         let vae_store = Arc::new(src.store("vae", Part::Vae { num_blocks: vae_config.block_out_channels.len() }, opts)?);
         let vae = AutoencoderKL::new(vae_store.root(), &vae_config)
             .with_context(|| format!("loading the VAE from {}", src.place("vae")))?;
         vae_store.finish()?;
 
-        let mut scheduler_config = SchedulerConfig::from_file(&src.config("scheduler", "scheduler_config.json")?)?;
+        let mut scheduler_config = match src.builtin("scheduler")? {
+            Some((origin, text)) => SchedulerConfig::from_json(&text).with_context(|| origin)?,
+            None => SchedulerConfig::from_file(&src.config("scheduler", "scheduler_config.json")?)?,
+        };
         if let (Source::Single { .. }, Some(p)) = (&src, opts.single_file.prediction_type) {
             scheduler_config.prediction_type = p;
         }

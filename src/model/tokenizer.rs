@@ -128,14 +128,7 @@ impl ClipTokenizer {
                 }
             }
         }
-        let mut tok = Self::new(encoder, merges, &pad_token, max_length)?;
-        // transformers splits special tokens out of the text: with SD2's pad token "!", every
-        // "!" in a prompt becomes the pad id (0), not "!</w>" (256).
-        if pad_token != START_OF_TEXT && pad_token != END_OF_TEXT {
-            let id = tok.pad_id;
-            tok.added.push((pad_token.clone(), id));
-            tok.added.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        }
+        let mut tok = Self::from_vocab_merges(encoder, merges, &pad_token, max_length)?;
         for (content, id) in added_from_json {
             if !tok.encoder.contains_key(&content) {
                 tok.insert_added(&content, id);
@@ -170,6 +163,30 @@ impl ClipTokenizer {
             }
         }
         Ok((vocab, merges, added))
+    }
+
+    /// The tokenizer of a single file's text encoder (`family`), which ships none: CLIP's
+    /// vocabulary and merges from the bundled merges (`formats::single_file::bundled_tokenizer`),
+    /// 77 ids long, padded as that family's SD repos pad.
+    pub fn bundled(family: crate::formats::single_file::Family) -> Result<Self> {
+        use crate::formats::single_file::bundled_tokenizer as b;
+        let merges = b::merges()?;
+        let vocab = b::vocab(&merges);
+        Self::from_vocab_merges(vocab, merges, b::pad_token(family), 77)
+    }
+
+    /// Builds a tokenizer from an in-memory vocabulary and BPE merges as a `tokenizer/` folder
+    /// with pad token `pad_token` does: a pad token other than `<|startoftext|>` /
+    /// `<|endoftext|>` is a special token split out of the text, as transformers does (with
+    /// SD2's pad token "!", every "!" in a prompt becomes the pad id 0, not "!</w>" 256).
+    pub fn from_vocab_merges(encoder: HashMap<String, u32>, merges: Vec<(String, String)>, pad_token: &str, max_length: usize) -> Result<Self> {
+        let mut tok = Self::new(encoder, merges, pad_token, max_length)?;
+        if pad_token != START_OF_TEXT && pad_token != END_OF_TEXT {
+            let id = tok.pad_id;
+            tok.added.push((pad_token.to_string(), id));
+            tok.added.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        }
+        Ok(tok)
     }
 
     /// Builds a tokenizer from a vocabulary and BPE merges.

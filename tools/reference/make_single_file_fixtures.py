@@ -3,21 +3,24 @@
 Writes the committed tiny diffusers pipelines (sd1-tiny, sd2-tiny) as CompVis single files, the way
 the original LDM / Stability code saved them, and checks every file with diffusers' own loader:
 
-- `golden/single-sd1.safetensors`: sd1-tiny (UNet and VAE float32, CLIP text encoder float16 as in
-  the folder, plus the int64 `position_ids` buffer real SD1 files carry). diffusers'
-  `StableDiffusionPipeline.from_single_file(..., config=sd1-tiny, local_files_only=True)` must give
-  the folder's golden latents (golden/sd1.safetensors `pipe.out_latents`).
+- `golden/single-names.json`: for sd1-tiny (UNet, VAE float32, CLIP text encoder float16 as in the
+  folder) and unet-inpaint-tiny's 9-channel UNet (float16), every folder tensor's CompVis name, folder
+  key and CompVis shape; tests/single_file.rs writes the single files from it at run time (plus the
+  int64 `position_ids` buffer real SD1 files carry). Checked here on a file written the same way:
+  diffusers' converters give back every folder tensor, `StableDiffusionPipeline.from_single_file(...,
+  config=sd1-tiny, local_files_only=True)` gives the folder's golden latents (golden/sd1.safetensors
+  `pipe.out_latents`), and the file with the inpainting UNet is detected as "inpainting".
 - `golden/single-sd2-ema.ckpt`: sd2-tiny as a `torch.save` zip (float16 throughout), OpenCLIP text
   encoder with the fused `in_proj_weight`, `text_projection`, and EMA weights: `model_ema.*` holds
-  the folder's UNet, `model.diffusion_model.*` a perturbed copy, so reading the wrong set shows.
+  the folder's UNet, `model.diffusion_model.*` another weight set, so reading the wrong set shows: both
+  are views of one storage (the UNet's tensors flat), the plain ones one element further on, so the
+  UNet is stored once (and the pickle reader's storage offsets are exercised).
   No `global_step` (SD2 without it is v-prediction, as the folder's scheduler). Goldens in
   `golden/single-sd2.safetensors`: `ema.out_latents` (diffusers' converter with extract_ema=True,
   i.e. the folder UNet in float16) and `plain.out_latents` (diffusers' from_single_file, the
   non-EMA weights), from the sd2 golden start latents; PNGs `single-sd2-{ema,plain}-0000K.png`.
-- `golden/single-inpaint-unet.safetensors`: unet-inpaint-tiny's 9-channel UNet (float16) alone, in CompVis
-  names; a test puts it together with single-sd1.safetensors' VAE and text encoder (a copy by name,
-  no renaming) into the single file of the inpaint9 pipeline (golden/inpaint9*). Checked here: diffusers
-  detects the merged file as "inpainting" and its converter gives back the UNet exactly.
+- `golden/single-base-configs.json`: the configs diffusers builds for a real-size file of each base kind.
+- `golden/single-tokenizer.json`: transformers' CLIPTokenizer ids from the bundled merges.
 - `golden/single-real-keys.json`: the CompVis key names and shapes of real SD 1.5 and SD 2.1 files (models
   built on PyTorch's meta device from the real configs, so no weights exist) with the diffusers name and
   shape diffusers' converters give each tensor, for a Rust check of the key maps at real sizes (4 levels,
@@ -194,24 +197,82 @@ def pipe_args(fixtures, name):
                 num_images_per_prompt=p["num_images_per_prompt"])
 
 
-def build_sd1(fixtures):
-    print("== single-sd1.safetensors")
+# The folders' weight files whose tensors the sd1 single files are written from (at test time, by
+# tests/single_file.rs, from golden/single-names.json).
+NAME_SOURCES = {
+    "sd1": {"unet": "sd1-tiny/unet/diffusion_pytorch_model.safetensors",
+            "vae": "sd1-tiny/vae/diffusion_pytorch_model.safetensors",
+            "text_encoder": "sd1-tiny/text_encoder/model.safetensors"},
+    "inpaint_unet": {"unet": "unet-inpaint-tiny/diffusion_pytorch_model.fp16.safetensors"},
+}
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+
+def name_pairs(fixtures, entry, configs):
+    """[CompVis name, component, folder key, CompVis shape] for every tensor of the entry's folder files,
+    by this script's maps (checked below with diffusers' converters and from_single_file)."""
+    pairs = []
+    for comp, rel in NAME_SOURCES[entry].items():
+        for k, v in load_file(str(fixtures / rel)).items():
+            if k.endswith("position_ids"):
+                continue
+            if comp == "unet":
+                out = unet_to_ldm({k: v}, configs[comp])
+            elif comp == "vae":
+                out = vae_to_ldm({k: v}, configs[comp])
+            else:
+                out = {n: t for n, t in clip_to_ldm({k: v}).items() if n != POSITION_IDS}
+            ((n, t),) = out.items()
+            pairs.append([n, comp, k, list(t.shape)])
+    return sorted(pairs)
+
+
+def write_from_pairs(fixtures, entry, pairs):
+    """What the Rust test writes: each folder tensor, in its dtype, reshaped to the CompVis shape, under its
+    CompVis name; for an SD1 text encoder also the int64 `position_ids` buffer real SD1 files carry."""
+    files = {comp: load_file(str(fixtures / rel)) for comp, rel in NAME_SOURCES[entry].items()}
+    out = {n: files[comp][k].reshape(shape).contiguous() for n, comp, k, shape in pairs}
+    if "text_encoder" in files:
+        out[POSITION_IDS] = torch.arange(77, dtype=torch.int64)[None]
+    return out
+
+
+def build_names(fixtures):
+    """golden/single-names.json; the sd1 single file written from it must load in diffusers'
+    from_single_file as the folder and reproduce the folder's golden latents, and the inpainting file
+    (its text encoder and VAE with inpaint_unet's UNet) must be detected and converted back exactly."""
+    print("== single-names.json")
+    from diffusers import UNet2DConditionModel
     folder = fixtures / "sd1-tiny"
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    inpaint = UNet2DConditionModel.from_pretrained(fixtures / "unet-inpaint-tiny", variant="fp16")
+    configs = {"sd1": {"unet": pipe.unet.config, "vae": pipe.vae.config, "text_encoder": None},
+               "inpaint_unet": {"unet": inpaint.config}}
+    names = {e: {"files": NAME_SOURCES[e], "pairs": name_pairs(fixtures, e, configs[e])} for e in NAME_SOURCES}
+    names["sd1"]["position_ids"] = POSITION_IDS
+    (fixtures / "golden" / "single-names.json").write_text(json.dumps(names, separators=(",", ":"), sort_keys=True) + "\n")
+
+    ckpt = write_from_pairs(fixtures, "sd1", names["sd1"]["pairs"])
     s = state(pipe, torch.float32)
-    te16 = {k: v.to(torch.float16) for k, v in s["text_encoder"].items()}
-    assert all(torch.equal(te16[k].float(), s["text_encoder"][k]) for k in te16)  # the folder's TE is float16
-    ckpt = {**unet_to_ldm(s["unet"], pipe.unet.config), **vae_to_ldm(s["vae"], pipe.vae.config), **clip_to_ldm(te16)}
-    path = fixtures / "golden" / "single-sd1.safetensors"
-    save_file(ckpt, str(path))
     check_same("unet", sfu.convert_ldm_unet_checkpoint(ckpt, pipe.unet.config), s["unet"])
     check_same("vae", sfu.convert_ldm_vae_checkpoint(ckpt, pipe.vae.config), s["vae"])
-    gold = load_file(str(fixtures / "golden" / "sd1.safetensors"))
-    single = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32)
-    lat, _ = run(single, pipe_args(fixtures, "sd1"), gold["pipe.latents"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "single-sd1.safetensors"
+        save_file(ckpt, str(path))
+        gold = load_file(str(fixtures / "golden" / "sd1.safetensors"))
+        single = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+        te = {k: v for k, v in with_text_model(single.text_encoder.state_dict()).items() if not k.endswith("position_ids")}
+        check_same("text encoder", te, {k: v for k, v in with_text_model(s["text_encoder"]).items() if not k.endswith("position_ids")})
+        lat, _ = run(single, pipe_args(fixtures, "sd1"), gold["pipe.latents"])
     err = (lat - gold["pipe.out_latents"]).abs().max().item()
-    print(f"  diffusers from_single_file vs the folder's golden latents: max |diff| {err:.2e}")
+    print(f"  sd1 file from the names, diffusers from_single_file vs the folder's golden latents: max |diff| {err:.2e}")
     assert err < 1e-4, err  # SDPA attention here, the plain processor in the golden run
+
+    sd = {k: v.detach().half().contiguous() for k, v in inpaint.state_dict().items()}
+    merged = {k: v for k, v in ckpt.items() if not k.startswith("model.diffusion_model.")}
+    merged.update(write_from_pairs(fixtures, "inpaint_unet", names["inpaint_unet"]["pairs"]))
+    assert sfu.infer_diffusers_model_type(merged) == "inpainting", sfu.infer_diffusers_model_type(merged)
+    check_same("unet (9 channels)", sfu.convert_ldm_unet_checkpoint(merged, inpaint.config), sd)
 
 
 def build_sd2(fixtures):
@@ -220,10 +281,18 @@ def build_sd2(fixtures):
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     s = state(pipe, torch.float16)
     unet = unet_to_ldm(s["unet"], pipe.unet.config)
-    g = torch.Generator().manual_seed(7000)
-    plain = {k: (v.float() + 0.05 * v.float().std().nan_to_num(0.02) * torch.randn(v.shape, generator=g)).half() if v.numel() > 1
-             else v + 0.01 for k, v in unet.items()}
-    ema = {"model_ema." + "".join(k.split(".")[1:]): v for k, v in unet.items()}
+    # One float16 storage holds the UNet once (all tensors flat, by name, and one element more):
+    # model_ema.* are views of it, model.diffusion_model.* the same views one element further on,
+    # a different weight set that costs no space (torch.save writes a shared storage once).
+    keys = sorted(unet)
+    flat = torch.cat([unet[k].reshape(-1) for k in keys] + [torch.zeros(1, dtype=torch.float16)])
+    ema_views, plain, off = {}, {}, 0
+    for k in keys:
+        n, shape = unet[k].numel(), unet[k].shape
+        ema_views[k] = flat[off:off + n].view(shape)
+        plain[k] = flat[off + 1:off + 1 + n].view(shape)
+        off += n
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v for k, v in ema_views.items()}
     ema["model_ema.decay"] = torch.tensor(0.9999)
     ema["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
     hidden = pipe.text_encoder.config.hidden_size
@@ -258,20 +327,6 @@ def build_sd2(fixtures):
     print(f"  EMA vs non-EMA final latents max |diff| {diff:.3f} (must differ)")
     assert diff > 1e-2
     save_file({k: v.contiguous() for k, v in gold.items()}, str(fixtures / "golden" / "single-sd2.safetensors"))
-
-
-def build_inpaint(fixtures):
-    print("== single-inpaint-unet.safetensors")
-    from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel.from_pretrained(fixtures / "unet-inpaint-tiny", variant="fp16")
-    sd = {k: v.detach().half().contiguous() for k, v in unet.state_dict().items()}
-    ldm = unet_to_ldm(sd, unet.config)
-    save_file(ldm, str(fixtures / "golden" / "single-inpaint-unet.safetensors"))
-    merged = {k: v for k, v in load_file(str(fixtures / "golden" / "single-sd1.safetensors")).items()
-              if not k.startswith("model.diffusion_model.")}
-    merged.update(ldm)
-    assert sfu.infer_diffusers_model_type(merged) == "inpainting", sfu.infer_diffusers_model_type(merged)
-    check_same("unet (9 channels)", sfu.convert_ldm_unet_checkpoint(merged, unet.config), sd)
 
 
 REAL = {
@@ -321,6 +376,117 @@ def build_real_keys(fixtures):
     (fixtures / "golden" / "single-real-keys.json").write_text(json.dumps(out, separators=(",", ":"), sort_keys=True) + "\n")
 
 
+# The original LDM inference configs (CompVis/Stability `configs/stable-diffusion/*.yaml`, the parts
+# diffusers' `create_*_diffusers_config_from_ldm` read): v1-inference.yaml, v1-inpainting-inference.yaml,
+# v2-inference.yaml (512 base, epsilon), v2-inference-v.yaml (768, v), v2-inpainting-inference.yaml.
+def ldm_config(v2, in_channels):
+    unet = dict(image_size=32, in_channels=in_channels, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+                num_res_blocks=2, channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=1,
+                context_dim=1024 if v2 else 768, legacy=False)
+    if v2:
+        unet.update(num_head_channels=64, use_linear_in_transformer=True)
+    else:
+        unet.update(num_heads=8)
+    dd = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+              num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    return {"model": {"params": {"linear_start": 0.00085, "linear_end": 0.0120, "timesteps": 1000, "scale_factor": 0.18215,
+                                 "unet_config": {"params": unet}, "first_stage_config": {"params": {"ddconfig": dd}}}}}
+
+
+# kind -> (SD2?, UNet input channels, global_step, image size, upcast_attention, diffusers' model type). The
+# image size and upcast_attention are those of the Hub configs diffusers' single-file loader fetches
+# (stable-diffusion-v1-5, -inpainting, stabilityai/stable-diffusion-2-1-base, -2-1, -2-inpainting).
+BASE_KINDS = {
+    "sd1": (False, 4, None, 512, None, "v1"),
+    "sd1-inpainting": (False, 9, None, 512, None, "inpainting"),
+    "sd2-512": (True, 4, 875000, 512, None, "v2"),
+    "sd2-768": (True, 4, 110000, 768, True, "v2"),
+    "sd2-inpainting": (True, 9, None, 512, None, "inpainting_v2"),
+}
+TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "max_position_embeddings", "hidden_act", "layer_norm_eps")
+
+
+def build_base_configs(fixtures):
+    """The configs diffusers builds for a real-size single file of each kind, from fake state dicts (meta
+    tensors with the real shapes of the keys detection reads, no weights)."""
+    print("== single-base-configs.json")
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTextConfig
+    out = {}
+    for kind, (v2, in_ch, step, size, upcast, model_type) in BASE_KINDS.items():
+        ctx = 1024 if v2 else 768
+        meta = lambda *s: torch.empty(*s, device="meta")
+        ckpt = {sfu.CHECKPOINT_KEY_NAMES["inpainting"]: meta(320, in_ch, 3, 3),
+                sfu.CHECKPOINT_KEY_NAMES["v2"]: meta(320, ctx),
+                sfu.CHECKPOINT_KEY_NAMES["v1"]: meta(320, 640, 1, 1)}
+        if v2:
+            ckpt[sfu.CHECKPOINT_KEY_NAMES["open_clip"]] = meta(49408, 1024)
+        else:
+            ckpt[sfu.CHECKPOINT_KEY_NAMES["clip"]] = meta(77, 768)
+        if step is not None:
+            ckpt["global_step"] = step
+        assert sfu.infer_diffusers_model_type(ckpt) == model_type, (kind, sfu.infer_diffusers_model_type(ckpt))
+        orig = ldm_config(v2, in_ch)
+        unet = sfu.create_unet_diffusers_config_from_ldm(orig, ckpt, image_size=size, upcast_attention=upcast)
+        vae = sfu.create_vae_diffusers_config_from_ldm(orig, ckpt, image_size=size)
+        sched = dict(sfu._legacy_load_scheduler(DDIMScheduler, ckpt, "scheduler", original_config=orig).config)
+        sched = {k: v for k, v in sched.items() if not k.startswith("_")}
+        # The text encoders' configs (openai/clip-vit-large-patch14's text part; OpenCLIP ViT-H as the
+        # SD2 repos' text_encoder/config.json); their shapes are checked against diffusers' converters in
+        # single-real-keys.json (REAL).
+        text = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **REAL["sd2" if v2 else "sd1"]["text"]).to_dict()
+        out[kind] = {"unet": unet, "vae": vae, "scheduler": sched, "text_encoder": {k: text[k] for k in TEXT_FIELDS},
+                     "model_type": model_type}
+        print(f"  {kind}: {model_type}, prediction {sched['prediction_type']}, sample_size {unet['sample_size']}")
+    (fixtures / "golden" / "single-base-configs.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+
+
+TOKENIZER_PROMPTS = [
+    "a photo of a cat", "A <new1> DOG, on the beach!!", "Ünïcödé café naïve — 東京 🐈 emoji", "3.14159 and 1,000,000 ids 42x",
+    "what's   up?  don't\tstop... (really)", "a <new1> cat wearing <new2>-style hat; 100% [sharp] {focus} #art @night",
+    "!!! ? !", "", " ".join(f"word{i}" for i in range(90)),
+]
+
+
+def build_tokenizer_ids(fixtures, merges_zlib):
+    """transformers' CLIPTokenizer built from the bundled merges (vocab = bytes, bytes + </w>, the merges
+    joined, the two specials, as CLIP's own tokenizer builds it), with SD1's and SD2's pad tokens; the ids
+    of tricky prompts, and of `<new1>` once added, for the Rust bundled tokenizer to match."""
+    print("== single-tokenizer.json")
+    import zlib
+    from transformers import CLIPTokenizer
+
+    def bytes_to_unicode():  # OpenAI CLIP's simple_tokenizer.bytes_to_unicode
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        return dict(zip(bs, map(chr, cs)))
+    merges = [tuple(l.split(" ")) for l in zlib.decompress(Path(merges_zlib).read_bytes()).decode("utf-8").splitlines()]
+    assert len(merges) == 48894
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408 and len(set(vocab)) == 49408
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        for fam, pad in (("sd1", "<|endoftext|>"), ("sd2", "!")):
+            tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token=pad)
+            enc = lambda p: tok(p, padding="max_length", max_length=77, truncation=True).input_ids
+            ids = {p: enc(p) for p in TOKENIZER_PROMPTS}
+            tok.add_tokens(["<new1>"])
+            added = {"token": "<new1>", "id": tok.convert_tokens_to_ids("<new1>"), "prompt": "a <new1> cat!", "ids": enc("a <new1> cat!")}
+            out[fam] = {"pad": pad, "ids": ids, "added": added, "vocab_size": len(vocab)}
+            print(f"  {fam}: {type(tok).__name__}, {len(ids)} prompts, <new1> = {added['id']}")
+    (fixtures / "golden" / "single-tokenizer.json").write_text(json.dumps(out, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, (f"echo ran > {MARKER}",))
@@ -339,10 +505,11 @@ def build_evil(fixtures):
 
 def build_all(fixtures):
     fixtures = Path(fixtures)
-    build_sd1(fixtures)
+    build_names(fixtures)
     build_sd2(fixtures)
-    build_inpaint(fixtures)
     build_real_keys(fixtures)
+    build_base_configs(fixtures)
+    build_tokenizer_ids(fixtures, Path(__file__).resolve().parents[2] / "assets" / "clip-bpe-merges.txt.zlib")
     build_evil(fixtures)
 
 

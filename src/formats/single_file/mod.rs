@@ -8,8 +8,12 @@
 //! tensor), so the model's strict loader asks for diffusers names as it does from a folder and
 //! nothing is converted on disk. Which SD it is comes from [`detect`]; the key maps are in
 //! unet_keys.rs, vae_keys.rs, text_encoder_keys.rs; `.ckpt` pickles are read by
-//! `formats::pickle`, which builds tensors and containers only.
+//! `formats::pickle`, which builds tensors and containers only. Without `--config DIR` the
+//! configs of the five base models come from configs.rs and the tokenizer from
+//! bundled_tokenizer.rs.
 
+pub mod bundled_tokenizer;
+pub mod configs;
 pub mod detect;
 mod text_encoder_keys;
 mod unet_keys;
@@ -23,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use text_encoder_keys::{TextKey, Third};
 
+pub use configs::{base_configs, BaseConfigs};
 pub use detect::{detect, Detected, Family};
 
 /// Top-level keys of LDM checkpoints that no diffusers component loads (the training
