@@ -3,9 +3,11 @@
 //!
 //! Layout (each part uses only parts listed before it):
 //! - [`model`]: Stable Diffusion itself (tokenizer, CLIP text encoder, UNet with an attention
-//!   probe, VAE), loaded strictly from diffusers folders, and the CLIP model (both towers) of
-//!   the metrics; [`scheduler`]: DDPM training noise and the DDIM sampler.
-//! - [`formats`]: the files users exchange (the concept file, LoRA files).
+//!   probe, VAE, memory estimates), loaded strictly from diffusers folders or single-file
+//!   CompVis checkpoints (`model/single_file/`, with its safe pickle reader), and the CLIP model
+//!   (both towers) of the metrics; [`scheduler`]: DDPM training noise and the DDIM sampler.
+//! - [`formats`]: the files users exchange (the concept file, LoRA files, Custom Diffusion
+//!   folders, the exports for diffusers and the webui tools).
 //! - [`patch`]: LoRAs, then concept files, applied to a loaded model in order, and undone.
 //! - [`calibration`]: the paper's contribution, attention maps -> L_bind and L_s&s (Eq. 3-6).
 //! - [`training`]: every method and ablation as a preset, data, the loss of a micro-batch,

@@ -9,7 +9,7 @@
 mod common;
 
 use candle_core::Tensor;
-use disendiff::formats::single_file::{detect, Family};
+use disendiff::model::single_file::{detect, Family};
 use disendiff::model::sd::{LoadOptions, SingleFileOptions, StableDiffusion};
 use disendiff::pipelines::text2img::{self, Text2ImageParams};
 use std::collections::{BTreeMap, HashMap};
@@ -379,7 +379,7 @@ fn an_inpainting_single_file_inpaints_as_diffusers() {
 /// converters give it; detection reads the full lists as SD1 (768) and SD2 (1024).
 #[test]
 fn key_maps_at_real_sizes_match_diffusers() {
-    use disendiff::formats::single_file::{diffusers_names, Part};
+    use disendiff::model::single_file::{diffusers_names, Part};
     let text = std::fs::read_to_string(common::fixture("golden/single-real-keys.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let shapes_of = |o: &serde_json::Value| -> BTreeMap<String, Vec<usize>> {
@@ -417,7 +417,7 @@ fn key_maps_at_real_sizes_match_diffusers() {
 /// from detection on the same shapes, and each config parses and validates.
 #[test]
 fn built_in_configs_match_diffusers() {
-    use disendiff::formats::single_file::base_configs;
+    use disendiff::model::single_file::base_configs;
     let text = std::fs::read_to_string(common::fixture("golden/single-base-configs.json")).unwrap();
     let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
     let clip = ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight", vec![77, 768]);

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod ops;
 pub mod pil_resize;
 pub mod sd;
+pub mod single_file;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -2,9 +2,9 @@
 //!
 //! The folder layout is diffusers' (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`,
 //! `vae/`, `scheduler/`). A single `.safetensors` / `.ckpt` file in CompVis layout is read
-//! through the in-memory name map of `formats/single_file/`, with the configs of `--config DIR`
+//! through the in-memory name map of `model/single_file/`, with the configs of `--config DIR`
 //! or, without it, the built-in configs and tokenizer of the detected base model
-//! (`formats/single_file/configs.rs`, `bundled_tokenizer.rs`; see [`SingleFileOptions`]). Every component is loaded through the strict [`WeightStore`], so a
+//! (`model/single_file/configs.rs`, `bundled_tokenizer.rs`; see [`SingleFileOptions`]). Every component is loaded through the strict [`WeightStore`], so a
 //! missing or unexpected tensor, or a shape that disagrees with the config, is an error that
 //! names the file and key. The same code path serves real SD 1.x / 2.x folders, the test
 //! fixtures and the toy model.
@@ -14,7 +14,7 @@ use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
 use super::weights::{component_weight_files, WeightStore};
-use crate::formats::single_file::{self, BaseConfigs, Detected, Part, SingleFile};
+use crate::model::single_file::{self, BaseConfigs, Detected, Part, SingleFile};
 use crate::scheduler::{PredictionType, SchedulerConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Var};

@@ -166,10 +166,10 @@ impl ClipTokenizer {
     }
 
     /// The tokenizer of a single file's text encoder (`family`), which ships none: CLIP's
-    /// vocabulary and merges from the bundled merges (`formats::single_file::bundled_tokenizer`),
+    /// vocabulary and merges from the bundled merges (`model::single_file::bundled_tokenizer`),
     /// 77 ids long, padded as that family's SD repos pad.
-    pub fn bundled(family: crate::formats::single_file::Family) -> Result<Self> {
-        use crate::formats::single_file::bundled_tokenizer as b;
+    pub fn bundled(family: crate::model::single_file::Family) -> Result<Self> {
+        use crate::model::single_file::bundled_tokenizer as b;
         let merges = b::merges()?;
         let vocab = b::vocab(&merges);
         Self::from_vocab_merges(vocab, merges, b::pad_token(family), 77)

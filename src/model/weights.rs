@@ -14,7 +14,7 @@
 //! inference keeps its untracked fast path.
 //!
 //! A store can also read through a [`TensorSource`] instead of files: a single-file checkpoint
-//! whose CompVis names are mapped to diffusers names in memory (formats/single_file/).
+//! whose CompVis names are mapped to diffusers names in memory (model/single_file/).
 
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;

@@ -8,10 +8,11 @@
 //! tensor), so the model's strict loader asks for diffusers names as it does from a folder and
 //! nothing is converted on disk. Which SD it is comes from [`detect`]; the key maps are in
 //! unet_keys.rs, vae_keys.rs, text_encoder_keys.rs; `.ckpt` pickles are read by
-//! `formats::pickle`, which builds tensors and containers only. Without `--config DIR` the
+//! `pickle.rs`, which builds tensors and containers only. Without `--config DIR` the
 //! configs of the five base models come from configs.rs and the tokenizer from
 //! bundled_tokenizer.rs.
 
+pub mod pickle;
 pub mod bundled_tokenizer;
 pub mod configs;
 pub mod detect;
@@ -80,7 +81,7 @@ impl SingleFile {
                 (Raw::Safetensors(st), None)
             }
             Some("ckpt" | "pt" | "pth") => {
-                let ckpt = crate::formats::pickle::read_checkpoint(path)?;
+                let ckpt = crate::model::single_file::pickle::read_checkpoint(path)?;
                 (Raw::Tensors(ckpt.tensors), ckpt.global_step)
             }
             _ => bail!("{}: a single-file model must end in .safetensors or .ckpt", path.display()),
