@@ -202,6 +202,20 @@ pub fn open_component(root: &Path, component: &str, opts: &LoadOptions) -> Resul
     WeightStore::open(&files, opts.dtype, &opts.device)
 }
 
+/// The UNet weights of a diffusers folder in f32 on the CPU (the plain files, else the `fp16`
+/// variant), e.g. of the base a concept file was trained on.
+pub fn open_unet_f32(folder: &Path) -> Result<WeightStore> {
+    let mut opts = LoadOptions::default();
+    match open_component(folder, "unet", &opts) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            opts.variant = Some("fp16".into());
+            open_component(folder, "unet", &opts).map_err(|_| e)
+        }
+    }
+    .with_context(|| format!("reading the UNet weights of {}", folder.display()))
+}
+
 /// The UNet weights every loaded model can have patched in place: the cross-attention
 /// projections that concept files replace (`attn2.to_q/to_k/to_v.weight`).
 pub fn is_patchable(name: &str) -> bool {

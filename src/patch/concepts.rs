@@ -16,9 +16,9 @@
 use super::{set_weight, BaseValues, Layer, Patch, Undo};
 use crate::formats::concept_file::{self, ConceptFile};
 use crate::model::clip::ClipTextConfig;
-use crate::model::sd::{open_component, LoadOptions, StableDiffusion};
+use crate::model::sd::{open_unet_f32, StableDiffusion};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
 
 /// Whether, and from where, a concept file may be applied to a model other than the one it
@@ -58,7 +58,7 @@ impl ConceptPatch {
             TrainedBase::Folder(p) => p.clone(),
         };
         let names: Vec<&String> = self.file.unet_weights.keys().collect();
-        let store = read_unet_store(&folder)?;
+        let store = open_unet_f32(&folder)?;
         let mut weights = Vec::new();
         for name in names {
             let Some(shape) = store.shape_of(name) else {
@@ -82,18 +82,6 @@ impl ConceptPatch {
     }
 }
 
-/// The UNet weights of a diffusers folder, in f32 on the CPU (the plain files, else `fp16`).
-fn read_unet_store(folder: &Path) -> Result<crate::model::weights::WeightStore> {
-    let mut opts = LoadOptions { dtype: DType::F32, device: Device::Cpu, variant: None, single_file: Default::default() };
-    match open_component(folder, "unet", &opts) {
-        Ok(s) => Ok(s),
-        Err(e) => {
-            opts.variant = Some("fp16".into());
-            open_component(folder, "unet", &opts).map_err(|_| e)
-        }
-    }
-    .with_context(|| format!("reading the UNet weights of {}", folder.display()))
-}
 
 impl Patch for ConceptPatch {
     fn layer(&self) -> Layer {

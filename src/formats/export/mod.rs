@@ -12,7 +12,7 @@ pub mod webui;
 
 use crate::formats::concept_file::{self, ConceptFile};
 use crate::model::clip::ClipTextConfig;
-use crate::model::sd::{open_component, LoadOptions};
+use crate::model::sd::open_unet_f32;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
@@ -26,23 +26,11 @@ pub struct Base {
     pub attention_modules: Vec<String>,
 }
 
-/// The UNet store of a diffusers folder in f32 on the CPU: the plain files, else `fp16`.
-fn unet_store(folder: &Path) -> Result<crate::model::weights::WeightStore> {
-    let mut opts = LoadOptions::default();
-    match open_component(folder, "unet", &opts) {
-        Ok(s) => Ok(s),
-        Err(e) => {
-            opts.variant = Some("fp16".into());
-            open_component(folder, "unet", &opts).map_err(|_| e)
-        }
-    }
-    .with_context(|| format!("reading the UNet weights of {}", folder.display()))
-}
 
 /// Reads the base model `folder` for `file` (from `source`, for messages), refusing a model
 /// whose weights are not the ones the file was trained on (fingerprint) or lack its layers.
 pub fn read_base(folder: &Path, file: &ConceptFile, source: &Path) -> Result<Base> {
-    let store = unet_store(folder)?;
+    let store = open_unet_f32(folder)?;
     let mut weights = BTreeMap::new();
     for name in file.unet_weights.keys() {
         let Some(shape) = store.shape_of(name) else {
