@@ -131,3 +131,33 @@ fn bad_delta_ckpts_are_refused_with_the_reason() {
     let (ok, err) = generate(&tmp.path().join("x"), &common::fixture("golden/export-concepts.safetensors"), &["--modifier-tokens", "<a>"]);
     assert!(!ok && err.contains("--modifier-tokens belongs to a delta.ckpt"), "{err}");
 }
+
+#[test]
+fn export_of_the_delta_ckpt_gives_the_concept_files_diffusers_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cd");
+    let (ok, err) = common::disendiff(&[
+        "export", "--concepts", s(&fixture("delta.ckpt")), "--model", s(&common::fixture("sd1-tiny")), "--format", "diffusers",
+        "--out", s(&out),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("does not name its modifier tokens"), "{err}");
+    let want_dir = common::fixture("golden/export-diffusers");
+    for name in ["pytorch_custom_diffusion_weights.safetensors", "new1.safetensors"] {
+        let got = candle_core::safetensors::load(out.join(name), &candle_core::Device::Cpu).unwrap();
+        let want = candle_core::safetensors::load(want_dir.join(name), &candle_core::Device::Cpu).unwrap();
+        let mut keys: Vec<_> = got.keys().collect();
+        keys.sort();
+        let mut want_keys: Vec<_> = want.keys().collect();
+        want_keys.sort();
+        assert_eq!(keys, want_keys, "{name}");
+        for (k, w) in &want {
+            assert_eq!(got[k].dims(), w.dims(), "{name}: {k}");
+            if w.elem_count() > 0 {
+                assert_eq!(bits(&got[k]), bits(w), "{name}: {k}");
+            }
+        }
+    }
+    let (ok, err) = common::disendiff(&["export", "--concepts", s(&fixture("delta.ckpt")), "--format", "diffusers", "--out", s(&out)]);
+    assert!(!ok && err.contains("pass it with --model"), "{err}");
+}

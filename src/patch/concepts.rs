@@ -130,7 +130,10 @@ impl Patch for ConceptPatch {
 
     fn apply(&self, sd: &mut StableDiffusion, base: &BaseValues) -> Result<(Undo, Vec<String>)> {
         let file = &self.file;
-        let made_for = &file.meta.base_model.path;
+        let made_for = match file.meta.base_model.path.as_str() {
+            "" => "a model it does not record",
+            p => p,
+        };
         // Everything is checked before anything changes.
         for (name, w) in &file.unet_weights {
             let Some(var) = sd.unet_weight_var(name) else {
