@@ -1,10 +1,12 @@
-//! `disendiff export`: a concept file (or a diffusers Custom Diffusion folder) written for other
+//! `disendiff export`: a concept file (or a diffusers Custom Diffusion folder, or an official
+//! `delta.ckpt`) written for other
 //! tools: `--format diffusers` (Custom Diffusion folder + textual-inversion files) or
 //! `--format webui` (a kohya-named network file + `embeddings/`, for AUTOMATIC1111, ComfyUI,
 //! InvokeAI and kohya's scripts). The files are described in `formats::export`.
 
-use crate::formats::custom_diffusion;
+use crate::formats::{custom_diffusion, delta_ckpt};
 use crate::formats::export::{self, diffusers, webui};
+use crate::model::unet::UNetConfig;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,9 +31,13 @@ pub enum LoraFormat {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A concept file from `disendiff train`, or a diffusers Custom Diffusion folder.
+    /// A concept file from `disendiff train`, a diffusers Custom Diffusion folder, or an official
+    /// DisenDiff / Custom Diffusion delta.ckpt (then --model is needed).
     #[arg(long, value_name = "FILE")]
     pub concepts: PathBuf,
+    /// The modifier tokens of a delta.ckpt, joined by '+' (default: <new1>..<newN>).
+    #[arg(long, value_name = "TOKENS")]
+    pub modifier_tokens: Option<String>,
     /// The base model the concepts were trained on (default: the folder the file records),
     /// checked against the file's fingerprint.
     #[arg(long, value_name = "DIR")]
@@ -76,7 +82,21 @@ pub fn run(a: Args) -> Result<()> {
             bail!("--names names {k} twice");
         }
     }
-    let file = custom_diffusion::load_any(&a.concepts)?;
+    let file = if delta_ckpt::is_delta_ckpt(&a.concepts) {
+        let model = a.model.as_ref().with_context(|| format!("{} does not record its base model: pass it with --model", a.concepts.display()))?;
+        let cfg = UNetConfig::from_file(model.join("unet/config.json"))?;
+        let layers = cfg.layers_per_block.expand(cfg.block_out_channels.len(), "layers_per_block")?;
+        let tokens = a.modifier_tokens.as_deref().map(delta_ckpt::parse_modifier_tokens).transpose()?;
+        let (file, note) = delta_ckpt::load(&a.concepts, &layers, tokens.as_deref())?;
+        if let Some(n) = note {
+            eprintln!("note: {n}");
+        }
+        file
+    } else if a.modifier_tokens.is_some() {
+        bail!("--modifier-tokens belongs to a delta.ckpt; {} names its own tokens", a.concepts.display());
+    } else {
+        custom_diffusion::load_any(&a.concepts)?
+    };
     let model = match &a.model {
         Some(m) => m.clone(),
         None if !file.meta.base_model.path.is_empty() => PathBuf::from(&file.meta.base_model.path),

@@ -215,8 +215,8 @@ impl SamplingArgs {
 /// Concept-file flags of the subcommands that generate.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ConceptArgs {
-    /// A concept file from `disendiff train`, or a diffusers Custom Diffusion folder (its
-    /// modifier tokens can then be used in the prompt).
+    /// A concept file from `disendiff train`, a diffusers Custom Diffusion folder or an official
+    /// DisenDiff / Custom Diffusion delta.ckpt (its modifier tokens can then be used in the prompt).
     #[arg(long, value_name = "FILE")]
     pub concepts: Option<PathBuf>,
     /// The model the concept file was trained on, to apply it to a different --model with the
@@ -224,6 +224,11 @@ pub struct ConceptArgs {
     /// (without it, a model other than the one trained on is refused).
     #[arg(long, value_name = "DIR", requires = "concepts")]
     pub concepts_base: Option<PathBuf>,
+    /// The modifier tokens of an official DisenDiff / Custom Diffusion `delta.ckpt` given as
+    /// --concepts, joined by '+' (e.g. "<new1>+<new2>"), one per row of its `embed`
+    /// (default: <new1>..<newN>).
+    #[arg(long, value_name = "TOKENS", requires = "concepts")]
+    pub modifier_tokens: Option<String>,
     /// Refuse prompt words written like modifier tokens (`<new3>`) that no loaded concept file
     /// holds, instead of warning.
     #[arg(long)]
@@ -292,7 +297,8 @@ pub fn load_model(model: &ModelArgs, concepts: &ConceptArgs) -> Result<PatchedMo
     }
     if let Some(file) = &concepts.concepts {
         let base = concepts.concepts_base.clone().map_or(TrainedBase::Refuse, TrainedBase::Folder);
-        let (described, warnings) = m.add_concepts(file, base)?;
+        let tokens = concepts.modifier_tokens.as_deref().map(crate::formats::delta_ckpt::parse_modifier_tokens).transpose()?;
+        let (described, warnings) = m.add_concepts_with(file, base, tokens.as_deref())?;
         for w in warnings {
             eprintln!("warning: {w}");
         }

@@ -15,6 +15,7 @@
 
 use super::{set_weight, BaseValues, Layer, Patch, Undo};
 use crate::formats::concept_file::{self, ConceptFile};
+use crate::formats::delta_ckpt;
 use crate::model::clip::ClipTextConfig;
 use crate::model::sd::{open_unet_f32, StableDiffusion};
 use anyhow::{bail, Context, Result};
@@ -41,7 +42,30 @@ pub struct ConceptPatch {
 impl ConceptPatch {
     /// Reads a concept file, or a diffusers Custom Diffusion folder.
     pub fn load(path: &Path, trained_base: TrainedBase) -> Result<Self> {
+        if delta_ckpt::is_delta_ckpt(path) {
+            bail!("{}: a delta.ckpt is read for a loaded model (its layout names its layers): use PatchedModel::add_concepts", path.display());
+        }
         Ok(Self { path: path.to_path_buf(), file: crate::formats::custom_diffusion::load_any(path)?, trained_base })
+    }
+
+    /// Reads a concept file, a diffusers Custom Diffusion folder or an official DisenDiff /
+    /// Custom Diffusion `delta.ckpt` (its CompVis names mapped for a UNet with
+    /// `layers_per_block`; `modifier_tokens` names its embedding rows and is refused for
+    /// anything else). Returns a note for the user when the tokens were assumed.
+    pub fn load_for(
+        path: &Path,
+        trained_base: TrainedBase,
+        layers_per_block: &[usize],
+        modifier_tokens: Option<&[String]>,
+    ) -> Result<(Self, Option<String>)> {
+        if !delta_ckpt::is_delta_ckpt(path) {
+            if modifier_tokens.is_some() {
+                bail!("--modifier-tokens belongs to a delta.ckpt; {} names its own tokens", path.display());
+            }
+            return Ok((Self::load(path, trained_base)?, None));
+        }
+        let (file, note) = delta_ckpt::load(path, layers_per_block, modifier_tokens)?;
+        Ok((Self { path: path.to_path_buf(), file, trained_base }, note))
     }
 
     /// "<new1> cat, <new2> dog".
@@ -94,7 +118,10 @@ impl Patch for ConceptPatch {
 
     fn apply(&self, sd: &mut StableDiffusion, base: &BaseValues) -> Result<(Undo, Vec<String>)> {
         let file = &self.file;
-        let made_for = &file.meta.base_model.path;
+        let made_for = match file.meta.base_model.path.as_str() {
+            "" => "a model it does not record",
+            p => p,
+        };
         // Everything is checked before anything changes.
         for (name, w) in &file.unet_weights {
             let Some(var) = sd.unet_weight_var(name) else {

@@ -85,9 +85,19 @@ impl PatchedModel {
     /// Applies a concept file on top (after any LoRA); returns its concepts ("<new1> cat,
     /// <new2> dog") and warnings for the user.
     pub fn add_concepts(&mut self, file: &Path, trained_base: TrainedBase) -> Result<(String, Vec<String>)> {
-        let patch = ConceptPatch::load(file, trained_base)?;
+        self.add_concepts_with(file, trained_base, None)
+    }
+
+    /// [`Self::add_concepts`] that also reads an official `delta.ckpt` (for this model's UNet
+    /// layout), whose embedding rows `modifier_tokens` names (default `<new1>`..`<newN>`, with
+    /// a note among the warnings).
+    pub fn add_concepts_with(&mut self, file: &Path, trained_base: TrainedBase, modifier_tokens: Option<&[String]>) -> Result<(String, Vec<String>)> {
+        let c = &self.sd.unet_config;
+        let layers = c.layers_per_block.expand(c.block_out_channels.len(), "layers_per_block")?;
+        let (patch, note) = ConceptPatch::load_for(file, trained_base, &layers, modifier_tokens)?;
         let described = patch.describe();
-        let warnings = self.patches.push(&mut self.sd, Box::new(patch))?;
+        let mut warnings: Vec<String> = note.into_iter().collect();
+        warnings.extend(self.patches.push(&mut self.sd, Box::new(patch))?);
         Ok((described, warnings))
     }
 

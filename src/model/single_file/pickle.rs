@@ -23,6 +23,9 @@ use std::path::Path;
 pub struct Checkpoint {
     pub tensors: HashMap<String, Tensor>,
     pub global_step: Option<i64>,
+    /// Tensors stored next to the `state_dict` at the top of the pickle (e.g. the `embed` of a
+    /// DisenDiff / Custom Diffusion `delta.ckpt`); empty when the top is the state dict.
+    pub top_level: HashMap<String, Tensor>,
 }
 
 /// A name a `GLOBAL` may refer to.
@@ -136,8 +139,16 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
         Some(Value::Int(n)) => Some(n),
         _ => None,
     };
+    let mut top_level = HashMap::new();
     let state = match get(&top, "state_dict") {
-        Some(Value::Dict(d)) => d,
+        Some(Value::Dict(d)) => {
+            for (k, v) in top {
+                if let (Value::Str(k), Value::Tensor(t)) = (k, v) {
+                    top_level.insert(k, t);
+                }
+            }
+            d
+        }
         _ => top,
     };
     let mut tensors = HashMap::new();
@@ -149,7 +160,7 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     if tensors.is_empty() {
         bail!("{}: no tensors in the checkpoint's state dict", path.display());
     }
-    Ok(Checkpoint { tensors, global_step })
+    Ok(Checkpoint { tensors, global_step, top_level })
 }
 
 /// The pickle machine: a stack, a memo and the storages read so far.
