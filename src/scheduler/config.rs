@@ -8,6 +8,9 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
 
+/// The most training timesteps a scheduler config may declare (its schedules hold one value per step).
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 /// What the denoiser predicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PredictionType {
@@ -138,6 +141,10 @@ impl SchedulerConfig {
         };
         if cfg.num_train_timesteps == 0 {
             bail!("num_train_timesteps must be positive");
+        }
+        // The schedules allocate one value per training step: bound what a config may ask for.
+        if cfg.num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+            bail!("num_train_timesteps {} is more than {MAX_TRAIN_TIMESTEPS} (Stable Diffusion uses 1000)", cfg.num_train_timesteps);
         }
         if let BetaSchedule::Trained(b) = &cfg.beta_schedule {
             if b.len() != cfg.num_train_timesteps {

@@ -542,6 +542,11 @@ fn build_tensor(bytes: &[u8], dtype: DType, offset: usize, size: &[usize], strid
             bail!("tensor of size {size:?}, stride {stride:?}, offset {offset} reaches element {last} of a storage of {numel_storage}");
         }
     }
+    // Overlapping strides (0 = broadcast) can make a view far larger than its storage; it is
+    // copied out, so a header could ask for any allocation: state dicts hold no such views.
+    if numel > numel_storage {
+        bail!("tensor of size {size:?}, stride {stride:?} has {numel} elements, more than its storage's {numel_storage} (an expanded view is not read)");
+    }
     let mut contiguous = vec![1usize; size.len()];
     for i in (0..size.len().saturating_sub(1)).rev() {
         contiguous[i] = contiguous[i + 1] * size[i + 1];
