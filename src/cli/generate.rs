@@ -41,14 +41,6 @@ pub struct Args {
     pub out: PathBuf,
 }
 
-/// Reads the tensor `latents` of a safetensors file.
-pub(super) fn read_latents(path: &std::path::Path, device: &candle_core::Device) -> Result<candle_core::Tensor> {
-    util::require_file(path, "latents file")?;
-    let mut map = candle_core::safetensors::load(path, device)
-        .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
-    map.remove("latents").with_context(|| format!("{} has no tensor named `latents`", path.display()))
-}
-
 /// Checks a `--latents` tensor against the shape the run needs.
 fn check_latents(l: &candle_core::Tensor, want: &[usize], path: &std::path::Path, what: &str) -> Result<()> {
     if l.dims() != want {
@@ -63,7 +55,7 @@ pub fn run(a: Args) -> Result<()> {
         super::validate::in_range("--strength", a.strength, 0.0, 1.0)?;
     }
     let opts = a.model.load_options()?;
-    let latents = a.latents.as_ref().map(|p| read_latents(p, &opts.device)).transpose()?;
+    let latents = a.latents.as_ref().map(|p| super::images::read_latents(p, &opts.device)).transpose()?;
     let picture = a.image.as_ref().map(|p| util::load_rgb(p)).transpose()?;
     let mut model = super::load_model(&a.model, &a.concepts)?;
     if a.sampling.vae_tiling {
@@ -94,17 +86,8 @@ pub fn run(a: Args) -> Result<()> {
             super::memory::check_generation(&a.model, sd, &g, "image-to-image at")?;
             let noise = super::images::initial_noise(latents, &shape, seed, &sd.device)?;
             std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-            super::images::generate_each(n, &noise, &a.out, |i, noise| {
-                let pb = super::progress_bar(p.steps as u64, &format!("image {}/{n}", i + 1));
-                let mut p = p.clone();
-                p.noise = Some(noise);
-                p.seed = super::images::step_seed(seed, i);
-                let image = img2img::generate(sd, &p, |i, total| {
-                    pb.set_length(total as u64);
-                    pb.set_position(i as u64)
-                })?;
-                pb.finish_and_clear();
-                Ok(image)
+            super::images::generate_each(n, &noise, seed, &a.out, "image", p.steps, |noise, step_seed, on_step| {
+                img2img::generate(sd, &Img2ImgParams { noise: Some(noise), seed: step_seed, ..p.clone() }, on_step)
             })
         }
         None => {
@@ -130,14 +113,8 @@ pub fn run(a: Args) -> Result<()> {
             let noise = super::images::initial_noise(latents, &shape, seed, &sd.device)?;
             p.num_images = 1;
             std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-            super::images::generate_each(n, &noise, &a.out, |i, noise| {
-                let pb = super::progress_bar(p.steps as u64, &format!("image {}/{n}", i + 1));
-                let mut p = p.clone();
-                p.latents = Some(noise);
-                p.seed = super::images::step_seed(seed, i);
-                let image = text2img::generate(sd, &p, |i, _| pb.set_position(i as u64))?;
-                pb.finish_and_clear();
-                Ok(image)
+            super::images::generate_each(n, &noise, seed, &a.out, "image", p.steps, |noise, step_seed, on_step| {
+                text2img::generate(sd, &Text2ImageParams { latents: Some(noise), seed: step_seed, ..p.clone() }, on_step)
             })
         }
     }

@@ -8,7 +8,7 @@
 //! step comes from a seed derived from `--seed` and `i`.
 
 use crate::util;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -27,14 +27,37 @@ pub fn step_seed(seed: u64, i: usize) -> u64 {
     seed ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)
 }
 
-/// Runs `one(i, noise_i)` (noise row `i` as [1, c, h, w]; returns the image [1, 3, H, W] in
-/// [0, 1]) for `i` in `0..n`, writing each image to `out/{i:05}.png` atomically as it
-/// finishes and printing its path. After a first Ctrl-C (or SIGTERM) the current image is
-/// finished and written, and the run stops with an error saying how many were kept.
-pub fn generate_each(n: usize, noise: &Tensor, out: &Path, mut one: impl FnMut(usize, Tensor) -> Result<Tensor>) -> Result<()> {
+/// Reads the tensor `latents` of a `--latents` safetensors file.
+pub fn read_latents(path: &Path, device: &Device) -> Result<Tensor> {
+    util::require_file(path, "latents file")?;
+    let mut map = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
+    map.remove("latents").with_context(|| format!("{} has no tensor named `latents`", path.display()))
+}
+
+/// Runs `one(noise_i, step_seed_i, on_step)` (noise row `i` as [1, c, h, w], the seed of its
+/// per-step noise, the progress callback; returns the image [1, 3, H, W] in [0, 1]) for `i`
+/// in `0..n` under a progress bar "`what` i/n" of `steps`, writing each image to
+/// `out/{i:05}.png` atomically as it finishes and printing its path. After a first Ctrl-C (or
+/// SIGTERM) the current image is finished and written, and the run stops with an error
+/// saying how many were kept.
+pub fn generate_each(
+    n: usize,
+    noise: &Tensor,
+    seed: u64,
+    out: &Path,
+    what: &str,
+    steps: usize,
+    mut one: impl FnMut(Tensor, u64, &mut dyn FnMut(usize, usize)) -> Result<Tensor>,
+) -> Result<()> {
     let stop = super::interrupt::install("stopping after the current image (press Ctrl-C again to stop at once)");
     for i in 0..n {
-        let image = one(i, noise.narrow(0, i, 1)?)?;
+        let pb = super::progress_bar(steps as u64, &format!("{what} {}/{n}", i + 1));
+        let image = one(noise.narrow(0, i, 1)?, step_seed(seed, i), &mut |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64)
+        })?;
+        pb.finish_and_clear();
         for img in util::to_rgb8(&image)? {
             let path = out.join(format!("{i:05}.png"));
             util::save_png(&img, &path)?;

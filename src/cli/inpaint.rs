@@ -11,7 +11,7 @@ use crate::pipelines::inpaint::{self, InpaintParams};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use image::imageops::{self, FilterType};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -65,15 +65,6 @@ fn output_size(a: &Args, img: &image::RgbImage, f: usize) -> Result<(usize, usiz
     Ok((height, width))
 }
 
-fn read_latents(path: &Path, device: &candle_core::Device) -> Result<candle_core::Tensor> {
-    if !path.is_file() {
-        bail!("latents file {} does not exist", path.display());
-    }
-    let mut map = candle_core::safetensors::load(path, device)
-        .with_context(|| format!("{} is not a readable safetensors file", path.display()))?;
-    map.remove("latents").with_context(|| format!("{} has no tensor named `latents`", path.display()))
-}
-
 pub fn run(a: Args) -> Result<()> {
     a.sampling.validate()?;
     super::validate::in_range("--strength", a.strength, 0.0, 1.0)?;
@@ -108,7 +99,7 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("note: the mask {} has no white pixel: nothing will be repainted", a.mask.display());
     }
     let image = util::rgb_to_tensor(&picture, &opts.device)?;
-    let latents = a.latents.as_deref().map(|p| read_latents(p, &opts.device)).transpose()?;
+    let latents = a.latents.as_deref().map(|p| super::images::read_latents(p, &opts.device)).transpose()?;
 
     let sd = &model.sd;
     super::check_prompt_tokens(sd, &[&a.sampling.prompt, &a.sampling.negative_prompt], a.concepts.strict_tokens)?;
@@ -134,13 +125,8 @@ pub fn run(a: Args) -> Result<()> {
     let noise = super::images::initial_noise(p.noise.take(), &shape, seed, &sd.device)?;
     p.num_images = 1;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    super::images::generate_each(n, &noise, &a.out, |i, noise| {
-        let pb = super::progress_bar(total as u64, &format!("inpainting {}/{n}", i + 1));
-        let mut p = p.clone();
-        p.noise = Some(noise);
-        p.seed = super::images::step_seed(seed, i);
-        let images = inpaint::generate(sd, &p, |i, _| pb.set_position(i as u64))?;
-        pb.finish_and_clear();
+    super::images::generate_each(n, &noise, seed, &a.out, "inpainting", total, |noise, step_seed, on_step| {
+        let images = inpaint::generate(sd, &InpaintParams { noise: Some(noise), seed: step_seed, ..p.clone() }, on_step)?;
         if a.paste_original {
             return inpaint::paste_unmasked(&images, &image, &mask);
         }
