@@ -128,7 +128,7 @@ pub fn train(model_dir: &Path, task: &Task, opts: &ToyTrainOptions, out: &Path, 
         Vec::new()
     };
     let mut preset = preset.clone();
-    preset.loss.attn_resolution = latent;
+    preset.loss.attn_resolution = calibration_side(&model.sd, latent)?;
     let config = TrainConfig {
         preset,
         caption: task.caption(),
@@ -152,10 +152,20 @@ pub fn train(model_dir: &Path, task: &Task, opts: &ToyTrainOptions, out: &Path, 
     Ok((trainer.model, start.elapsed().as_secs_f64()))
 }
 
+/// The side of the attention maps the calibration losses use on the toy model: the trainer's
+/// rule for any model (the deepest cross-attention level with at least 8x8 queries,
+/// [`UNetConfig::calibration_resolution`](crate::model::unet::UNetConfig::calibration_resolution)),
+/// 8x8 on the shipped toy model, whose 16x16 level is its full latent and shallowest one.
+pub fn calibration_side(sd: &crate::model::sd::StableDiffusion, latent: usize) -> Result<usize> {
+    sd.unet_config
+        .calibration_resolution(latent)
+        .ok_or_else(|| anyhow::anyhow!("the toy model's UNet has no down block with cross-attention"))
+}
+
 /// What a trained model's cross-attention does on its own training image: the calibration
 /// losses (the quantities DisenDiff minimises, whatever the method trained) and how well each
 /// class token's map covers its object rather than the other one. Averaged over timesteps
-/// 100, 300, 500 and 700 with fixed noise; maps at the latent resolution.
+/// 100, 300, 500 and 700 with fixed noise; maps at [`calibration_side`], as trained.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct AttentionDiagnostics {
     /// Sum over concepts of 1 - soft IoU(modifier map, class map), as trained (Eq. 4; 0 to the
@@ -179,7 +189,8 @@ pub fn attention_diagnostics(model: &Personalized, task: &Task) -> Result<Attent
     let dev = Device::Cpu;
     let sd = &model.sd;
     let side = sd.default_size();
-    let s = side / sd.vae_scale_factor();
+    let latent = side / sd.vae_scale_factor();
+    let s = calibration_side(sd, latent)?;
     let timesteps = [100u32, 300, 500, 700];
     let b = timesteps.len();
     let x = util::rgb_to_tensor(&task.image, &dev)?.to_dtype(sd.dtype)?;
@@ -196,7 +207,7 @@ pub fn attention_diagnostics(model: &Personalized, task: &Task) -> Result<Attent
         x0: x0.clone(),
         noise,
         timesteps: Tensor::new(&timesteps, &dev)?,
-        mask: Tensor::ones((b, 1, s, s), DType::F32, &dev)?,
+        mask: Tensor::ones((b, 1, latent, latent), DType::F32, &dev)?,
         targets: vec![Some(positions.clone()); b],
     };
     let schedule = crate::scheduler::NoiseSchedule::new(sd.scheduler_config.clone());
