@@ -42,6 +42,30 @@ fn reduced_toy_bench_writes_the_report() {
     let all = per_scene.lines().find(|l| l.starts_with("| all | disendiff |")).expect("a total row for disendiff");
     let leakage: f64 = all.split('|').nth(4).unwrap().trim().parse().unwrap();
     assert!((leakage - report["methods"]["disendiff"]["leakage"].as_f64().unwrap()).abs() < 1e-3, "{all}");
+
+    // A rerun into the same OUT resumes: finished runs (run.json) are not trained again, an
+    // unfinished one is, and the report comes out the same (train time of the retrained run aside).
+    let kept = out.join("scene-1/disendiff/concepts.safetensors");
+    let kept_time = std::fs::metadata(&kept).unwrap().modified().unwrap();
+    std::fs::remove_file(out.join("scene-1/custom-diffusion/run.json")).unwrap();
+    let args = |n: &'static str| -> Vec<String> {
+        ["toy", "bench", "--scenes", "1", "--steps", "2", "--num-images", n, "--sample-steps", "2", "--methods",
+         "disendiff,custom-diffusion,textual-inversion,base,disendiff/no-ss", "--out", out.to_str().unwrap()]
+            .iter().map(|s| s.to_string()).collect()
+    };
+    let (ok, err) = common::disendiff(&args("1").iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::metadata(&kept).unwrap().modified().unwrap(), kept_time, "a finished run was trained again");
+    assert!(out.join("scene-1/custom-diffusion/run.json").is_file(), "the unfinished run was not redone");
+    let mut again: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let mut first = report.clone();
+    for r in [&mut first, &mut again] {
+        r["methods"]["custom-diffusion"]["train_seconds"] = serde_json::Value::Null;
+    }
+    assert_eq!(first, again, "the resumed bench's report differs");
+    // other settings into the same OUT are refused, naming the run
+    let (ok, err) = common::disendiff(&args("2").iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok && err.contains("other settings") && err.contains("scene-1"), "{err}");
 }
 
 #[test]

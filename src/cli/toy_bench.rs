@@ -4,7 +4,8 @@
 //! method is trained on the scene, generates images for the prompt sets (combined, then each
 //! concept alone; each with edits), and the images are scored (`toyworld::score`): identity
 //! fidelity per set, leakage (over every pair of concepts), prompt fidelity. Writes
-//! `OUT/report.json` and `OUT/report.md` (Fig. 6 form, with image grids).
+//! `OUT/report.json` and `OUT/report.md` (Fig. 6 form, with image grids). A rerun into the same
+//! OUT resumes: runs that finished (`run.json`) are scored from their kept images.
 
 use crate::pipelines::attention_maps::grid;
 use crate::toyworld::experiment::{self, default_toy_model, enlarge, ToyTrainOptions};
@@ -62,7 +63,8 @@ pub struct BenchArgs {
     /// The toy base model (default: the bundled assets/toy-model).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Output folder: report.md, report.json, scene-K/METHOD/ runs and images.
+    /// Output folder: report.md, report.json, scene-K/METHOD/ runs and images. Running the same
+    /// command again resumes: finished runs (run.json) are scored from their kept images.
     #[arg(long, value_name = "DIR", visible_alias = "output-dir", alias = "output_dir")]
     pub out: PathBuf,
 }
@@ -106,6 +108,47 @@ fn variants(a: &BenchArgs) -> Result<Vec<ToyTrainOptions>> {
         .collect()
 }
 
+/// Everything a run's images depend on; a finished run is reused only under the same settings.
+fn run_settings(a: &BenchArgs, opts: &ToyTrainOptions, model_dir: &std::path::Path) -> serde_json::Value {
+    serde_json::json!({
+        "method": opts.name(), "max_train_steps": opts.steps, "learning_rate": opts.learning_rate,
+        "attn_weight": opts.preset.as_ref().map(|p| (p.loss.bind_weight, p.loss.ss_weight)),
+        "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "seed": opts.seed, "reg_images": opts.reg_images,
+        "concepts_per_scene": a.concepts_per_scene, "num_images": a.num_images,
+        "num_inference_steps": a.num_inference_steps, "guidance_scale": a.guidance_scale,
+        "model": model_dir.display().to_string(),
+    })
+}
+
+/// `scene-K/METHOD/run.json`, written once a run's images are all kept: what makes a rerun of
+/// the bench into the same OUT resume (a killed bench loses at most the run it was in).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunRecord {
+    settings: serde_json::Value,
+    train_seconds: f64,
+    diagnostics: experiment::AttentionDiagnostics,
+}
+
+impl RunRecord {
+    fn read(run_dir: &std::path::Path, settings: &serde_json::Value) -> Result<Option<Self>> {
+        let path = run_dir.join("run.json");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+        let record: Self = serde_json::from_str(&text).with_context(|| format!("{} is not a bench run record", path.display()))?;
+        if &record.settings != settings {
+            bail!(
+                "{} was made with other settings ({}; now {settings}): give another --out, or remove that folder",
+                run_dir.display(),
+                record.settings
+            );
+        }
+        Ok(Some(record))
+    }
+
+    fn write(&self, run_dir: &std::path::Path) -> Result<()> {
+        util::write_atomic(&run_dir.join("run.json"), serde_json::to_string_pretty(self)?.as_bytes())
+    }
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.scenes == 0 || a.num_images == 0 {
         bail!("--scenes and --num-images must be at least 1");
@@ -138,24 +181,45 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let name = &opts.name();
             pb.set_message(format!("scene {} {name}", task.seed));
             let run_dir = scene_dir.join(name.replace('/', "_"));
-            let (model, seconds) = experiment::train(&model_dir, &task, opts, &run_dir, |_| {})?;
+            let settings = run_settings(&a, opts, &model_dir);
+            // A run finished by an earlier call into the same OUT is scored from its kept
+            // images; an unfinished one (no run.json) is trained again from the start.
+            let (model, record) = match RunRecord::read(&run_dir, &settings)? {
+                Some(record) => (None, record),
+                None => {
+                    let (model, seconds) = experiment::train(&model_dir, &task, opts, &run_dir, |_| {})?;
+                    let diagnostics = experiment::attention_diagnostics(&model, &task)?;
+                    (Some(model), RunRecord { settings, train_seconds: seconds, diagnostics })
+                }
+            };
             std::fs::create_dir_all(run_dir.join("images"))?;
-            let diagnostics = experiment::attention_diagnostics(&model, &task)?;
             let tally = tallies.entry(name.clone()).or_default();
-            tally.train_seconds += seconds / a.scenes as f64;
-            tally.attention.push(diagnostics);
+            tally.train_seconds += record.train_seconds / a.scenes as f64;
+            tally.attention.push(record.diagnostics);
             let mut rows = Vec::new();
             for (set_name, concept, set) in sets.named() {
                 for (p, spec) in set.iter().enumerate() {
-                    let images = experiment::generate(&model, &spec.prompt, a.num_images, 1000, a.num_inference_steps, a.guidance_scale)?;
-                    for (i, img) in images.iter().enumerate() {
-                        util::save_png(img, &run_dir.join(format!("images/{set_name}-{p}-{i}.png")))?;
+                    let path = |i: usize| run_dir.join(format!("images/{set_name}-{p}-{i}.png"));
+                    let images = match &model {
+                        Some(m) => {
+                            let images = experiment::generate(m, &spec.prompt, a.num_images, 1000, a.num_inference_steps, a.guidance_scale)?;
+                            for (i, img) in images.iter().enumerate() {
+                                util::save_png(img, &path(i))?;
+                            }
+                            images
+                        }
+                        None => (0..a.num_images).map(|i| util::load_rgb(&path(i))).collect::<Result<Vec<_>>>()?,
+                    };
+                    for img in &images {
                         tally.add(concept, &scorer.score(img, spec));
                     }
                     if spec.base {
                         rows.push(grid(&images.iter().map(|i| enlarge(i, 2)).collect::<Vec<_>>(), images.len()));
                     }
                 }
+            }
+            if model.is_some() {
+                record.write(&run_dir)?;
             }
             let sheet = grid(&rows, 1);
             let file = format!("scene-{}/{}.png", task.seed, name.replace('/', "_"));

@@ -166,7 +166,7 @@ pub fn calibration_side(sd: &crate::model::sd::StableDiffusion, latent: usize) -
 /// losses (the quantities DisenDiff minimises, whatever the method trained) and how well each
 /// class token's map covers its object rather than the other one. Averaged over timesteps
 /// 100, 300, 500 and 700 with fixed noise; maps at [`calibration_side`], as trained.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct AttentionDiagnostics {
     /// Sum over concepts of 1 - soft IoU(modifier map, class map), as trained (Eq. 4; 0 to the
     /// number of concepts; lower = bound).
