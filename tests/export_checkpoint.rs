@@ -11,6 +11,7 @@
 //!   sd2-tiny exported with unchanged K/V and read back give every folder tensor bit for bit;
 //! - a single-file base (golden/single-sd2-ema.ckpt, trained on for 2 steps with --ema): every tensor
 //!   of the file kept as it is, EMA UNet written as the model's, K/V = trained, `model_ema.*` dropped;
+//!   generate's `--concepts-base` takes that single file as the trained-on base;
 //! - bad input (fingerprint, a weight with no place, an unwritable --out): an error, no file.
 
 mod common;
@@ -275,6 +276,23 @@ fn a_single_file_base_keeps_every_tensor_and_merges_the_kv() {
     }
     let emb = load(&out.join("embeddings/mycat.safetensors"));
     assert_eq!(raw(&emb["emb_params"]), raw(&file.embeddings));
+
+    // generate's --concepts-base takes the single file too: the concept file applied to another
+    // model with the same layers (the merged file) as the difference from the file it was trained on
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate", "--model", s(&merged), "--config", "tests/fixtures/sd2-tiny", "--concepts", s(&concepts),
+            "--prompt", "a <new1> cat", "--steps", "1", "--height", "64", "--width", "64", "--out", s(&tmp.path().join("gen")),
+        ];
+        args.extend_from_slice(extra);
+        common::disendiff(&args)
+    };
+    let (ok, err) = gen(&[]);
+    assert!(!ok && err.contains("--concepts-base"), "{err}");
+    let (ok, err) = gen(&["--concepts-base", s(&sd2_ckpt()), "--concepts-base-config", "tests/fixtures/sd2-tiny", "--concepts-base-ema"]);
+    assert!(ok && err.contains("is a different model with the same layers"), "{err}");
+    let (ok, err) = gen(&["--concepts-base", s(&sd2_ckpt()), "--concepts-base-config", "tests/fixtures/sd2-tiny"]);
+    assert!(!ok && err.contains("is not the model"), "the non-EMA weights are not the base: {err}");
 
     // the plain (non-EMA) weights are not what it was trained on
     let bad = tmp.path().join("bad");
