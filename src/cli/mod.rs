@@ -16,7 +16,6 @@ mod toy_bench;
 mod train;
 mod validate;
 
-use crate::model::sd::SingleFileOptions;
 use crate::patch::{LoraSpec, PatchedModel, TrainedBase};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -306,10 +305,9 @@ pub fn load_model(model: &ModelArgs, concepts: &ConceptArgs) -> Result<PatchedMo
     if let Some(file) = &concepts.concepts {
         let base = match &concepts.concepts_base {
             None => TrainedBase::Refuse,
-            Some(p) if p.is_file() => TrainedBase::File(
-                p.clone(),
-                SingleFileOptions { config: concepts.concepts_base_config.clone(), prediction_type: None, ema: concepts.concepts_base_ema },
-            ),
+            Some(p) if p.is_file() => {
+                TrainedBase::File { path: p.clone(), config: concepts.concepts_base_config.clone(), ema: concepts.concepts_base_ema }
+            }
             Some(_) if concepts.concepts_base_config.is_some() || concepts.concepts_base_ema => {
                 bail!("--concepts-base-config and --concepts-base-ema belong to a single-file --concepts-base")
             }

@@ -30,9 +30,10 @@ pub enum TrainedBase {
     /// Also to a model with the same layers, as the difference from this folder, which must
     /// hold the model it was trained on (diffusers layout; only its UNet weights are read).
     Folder(PathBuf),
-    /// As `Folder`, the model it was trained on being a single-file checkpoint read with these
-    /// options (`--config`, `--ema`; only its UNet weights are read).
-    File(PathBuf, SingleFileOptions),
+    /// As `Folder`, the model it was trained on being a single-file checkpoint, read with the
+    /// configs of `config` (else the built-in ones) and its EMA UNet if `ema` (only its UNet
+    /// weights are read).
+    File { path: PathBuf, config: Option<PathBuf>, ema: bool },
 }
 
 pub struct ConceptPatch {
@@ -82,7 +83,9 @@ impl ConceptPatch {
         let (folder, single) = match &self.trained_base {
             TrainedBase::Refuse => return Ok(None),
             TrainedBase::Folder(p) => (p.clone(), SingleFileOptions::default()),
-            TrainedBase::File(p, opts) => (p.clone(), opts.clone()),
+            TrainedBase::File { path, config, ema } => {
+                (path.clone(), SingleFileOptions { config: config.clone(), prediction_type: None, ema: *ema })
+            }
         };
         let names: Vec<&String> = self.file.unet_weights.keys().collect();
         let base = open_base_unet_f32(&folder, &single)?;
