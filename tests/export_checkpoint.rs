@@ -12,6 +12,7 @@
 //! - a single-file base (golden/single-sd2-ema.ckpt, trained on for 2 steps with --ema): every tensor
 //!   of the file kept as it is, EMA UNet written as the model's, K/V = trained, `model_ema.*` dropped;
 //!   generate's `--concepts-base` takes that single file as the trained-on base;
+//! - the reverse maps at real SD 1.5 / 2.1 sizes give the CompVis names of real files;
 //! - bad input (fingerprint, a weight with no place, an unwritable --out): an error, no file.
 
 mod common;
@@ -358,4 +359,63 @@ fn bad_input_is_refused_and_nothing_is_written() {
     let (ok, err) = common::disendiff(&["export", "--concepts", s(&concepts), "--model", s(&sd1), "--format", "checkpoint", "--ema", "--out", s(&out)]);
     assert!(!ok && err.contains("single-file"), "{err}");
     assert!(!out.exists());
+}
+
+/// The reverse maps at real SD 1.5 / 2.1 sizes (golden/single-real-keys.json: the CompVis and
+/// diffusers names of real files, no weights): the diffusers names of every component go to
+/// exactly the CompVis keys the reader takes them from (4 levels, 2 layers per block, up block 0
+/// without attention, SD2's fused in-projections; stand-in [1, 1] tensors, so only names are checked).
+#[test]
+fn reverse_maps_at_real_sizes_give_the_compvis_names() {
+    use disendiff::model::single_file::to_compvis::{to_compvis, Components};
+    use disendiff::model::single_file::diffusers_names;
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/single-real-keys.json")).unwrap()).unwrap();
+    let shapes_of = |o: &serde_json::Value| -> BTreeMap<String, Vec<usize>> {
+        o.as_object().unwrap().iter().map(|(k, s)| (k.clone(), s.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect())).collect()
+    };
+    let stand_in = Tensor::zeros((1, 1), DType::F32, &Device::Cpu).unwrap();
+    for (fam, layers, open_clip) in [("sd1", 12, false), ("sd2", 23, true)] {
+        let mut all = BTreeMap::new();
+        for c in ["unet", "vae", "text_encoder"] {
+            all.extend(shapes_of(&v[fam][c]["compvis"]));
+        }
+        let mut want = std::collections::BTreeSet::new();
+        let mut by_part = BTreeMap::new();
+        for (c, part) in [
+            ("unet", Part::Unet { layers_per_block: vec![2; 4], ema: false }),
+            ("vae", Part::Vae { num_blocks: 4 }),
+            ("text_encoder", Part::TextEncoder { num_layers: layers }),
+        ] {
+            let names = diffusers_names(&all, &part).unwrap();
+            want.extend(names.values().map(|(src, _)| src.clone()));
+            let t: BTreeMap<String, Tensor> = names.keys().map(|k| (k.clone(), stand_in.clone())).collect();
+            by_part.insert(c, t);
+        }
+        if !open_clip {
+            want.insert("cond_stage_model.transformer.text_model.embeddings.position_ids".to_string());
+        }
+        let got = to_compvis(&Components {
+            unet: &by_part["unet"],
+            layers_per_block: &[2; 4],
+            vae: &by_part["vae"],
+            vae_blocks: 4,
+            text_encoder: &by_part["text_encoder"],
+            open_clip,
+        })
+        .unwrap();
+        let got: std::collections::BTreeSet<String> = got.into_keys().collect();
+        let missing: Vec<_> = want.difference(&got).take(5).collect();
+        let extra: Vec<_> = got.difference(&want).take(5).collect();
+        assert!(missing.is_empty() && extra.is_empty(), "{fam}: missing {missing:?}, extra {extra:?}");
+        assert!(got.iter().all(|k| all.contains_key(k)), "{fam}: every key is a real file's");
+        println!("{fam}: {} CompVis keys from the diffusers names, as a real file has them", got.len());
+    }
+    // a tensor with no CompVis name is an error naming it, not dropped
+    let mut unet = BTreeMap::new();
+    unet.insert("add_embedding.linear_1.weight".to_string(), stand_in.clone());
+    let empty = BTreeMap::new();
+    let err = to_compvis(&Components { unet: &unet, layers_per_block: &[2; 4], vae: &empty, vae_blocks: 4, text_encoder: &empty, open_clip: false })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("add_embedding.linear_1.weight") && err.contains("no CompVis name"), "{err}");
 }
