@@ -101,9 +101,6 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let single = SingleFileOptions { config: a.config.clone(), prediction_type: None, ema: a.ema };
-    if (a.config.is_some() || a.ema) && !a.model.as_deref().is_some_and(|m| m.is_file()) {
-        bail!("--config and --ema belong to a single-file --model");
-    }
     let file = if delta_ckpt::is_delta_ckpt(&a.concepts) {
         let model = a.model.as_ref().with_context(|| format!("{} does not record its base model: pass it with --model", a.concepts.display()))?;
         let cfg = open_base_unet_f32(model, &single)?.unet_config;
@@ -124,6 +121,9 @@ pub fn run(a: Args) -> Result<()> {
         None if !file.meta.base_model.path.is_empty() => PathBuf::from(&file.meta.base_model.path),
         None => bail!("{} does not record its base model: pass it with --model", a.concepts.display()),
     };
+    if (a.config.is_some() || a.ema) && !model.is_file() {
+        bail!("--config and --ema belong to a single-file --model ({} is not a file)", model.display());
+    }
     let base = export::read_base(&model, &file, &a.concepts, &single)?;
     let stem = match &a.name {
         Some(n) => n.clone(),
