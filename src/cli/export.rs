@@ -2,11 +2,13 @@
 //! `delta.ckpt`) written for other
 //! tools: `--format diffusers` (Custom Diffusion folder + textual-inversion files) or
 //! `--format webui` (a kohya-named network file + `embeddings/`, for AUTOMATIC1111, ComfyUI,
-//! InvokeAI and kohya's scripts). The files are described in `formats::export`.
+//! InvokeAI and kohya's scripts) or `--format checkpoint` (the base with the concepts merged, one
+//! CompVis single file + `embeddings/`). The base is a diffusers folder or a single file. The
+//! files are described in `formats::export`.
 
 use crate::formats::{custom_diffusion, delta_ckpt};
-use crate::formats::export::{self, diffusers, webui};
-use crate::model::unet::UNetConfig;
+use crate::formats::export::{self, checkpoint, diffusers, webui};
+use crate::model::sd::{open_base_unet_f32, SingleFileOptions};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,6 +19,11 @@ pub enum Format {
     Diffusers,
     /// AUTOMATIC1111 / ComfyUI / InvokeAI / kohya: DIR/<name>.safetensors + DIR/embeddings/.
     Webui,
+    /// The base with the concepts merged, one CompVis single file DIR/<name>.safetensors
+    /// (A1111/ComfyUI models/Stable-diffusion/, diffusers from_single_file) + DIR/embeddings/.
+    /// A single-file base keeps every tensor as it is but drops model_ema.* (with --ema its EMA
+    /// UNet is written, merged, as the model's).
+    Checkpoint,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,10 +45,18 @@ pub struct Args {
     /// The modifier tokens of a delta.ckpt, joined by '+' (default: <new1>..<newN>).
     #[arg(long, value_name = "TOKENS")]
     pub modifier_tokens: Option<String>,
-    /// The base model the concepts were trained on (default: the folder the file records),
-    /// checked against the file's fingerprint.
-    #[arg(long, value_name = "DIR")]
+    /// The base model the concepts were trained on, a diffusers folder or a single
+    /// .safetensors/.ckpt file (default: the model the file records), checked against the
+    /// file's fingerprint.
+    #[arg(long, value_name = "DIR|FILE")]
     pub model: Option<PathBuf>,
+    /// With a single-file --model: a diffusers folder of its config files (default: the
+    /// built-in configs of the detected base model).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// With a single-file --model: its EMA UNet weights (model_ema.*) are the base.
+    #[arg(long)]
+    pub ema: bool,
     #[arg(long, value_enum)]
     pub format: Format,
     /// With --format webui: how the K/V differences are stored.
@@ -50,11 +65,11 @@ pub struct Args {
     /// With --lora-format lowrank: the rank kept.
     #[arg(long, value_name = "N")]
     pub rank: Option<usize>,
-    /// With --format webui: the network file's name (DIR/NAME.safetensors; the <lora:NAME:1>
-    /// of A1111). Default: the concept file's stem.
+    /// With --format webui or checkpoint: the file's name (DIR/NAME.safetensors; the
+    /// <lora:NAME:1> of A1111). Default: the concept file's stem.
     #[arg(long)]
     pub name: Option<String>,
-    /// With --format webui: trigger words of the embeddings, e.g. new1=mycat (default: the token
+    /// With --format webui or checkpoint: trigger words of the embeddings, e.g. new1=mycat (default: the token
     /// without <>). Comma-separated or repeated.
     #[arg(long, value_name = "TOKEN=WORD", value_delimiter = ',')]
     pub names: Vec<String>,
@@ -64,8 +79,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.format != Format::Webui && (a.lora_format != LoraFormat::Full || a.rank.is_some() || a.name.is_some() || !a.names.is_empty()) {
-        bail!("--lora-format, --rank, --name and --names belong to --format webui");
+    if a.format != Format::Webui && (a.lora_format != LoraFormat::Full || a.rank.is_some()) {
+        bail!("--lora-format and --rank belong to --format webui");
+    }
+    if a.format == Format::Diffusers && (a.name.is_some() || !a.names.is_empty()) {
+        bail!("--name and --names belong to --format webui and checkpoint");
     }
     let form = match (a.lora_format, a.rank) {
         (LoraFormat::Lowrank, Some(0)) => bail!("--rank must be at least 1"),
@@ -82,9 +100,10 @@ pub fn run(a: Args) -> Result<()> {
             bail!("--names names {k} twice");
         }
     }
+    let single = SingleFileOptions { config: a.config.clone(), prediction_type: None, ema: a.ema };
     let file = if delta_ckpt::is_delta_ckpt(&a.concepts) {
         let model = a.model.as_ref().with_context(|| format!("{} does not record its base model: pass it with --model", a.concepts.display()))?;
-        let cfg = UNetConfig::from_file(model.join("unet/config.json"))?;
+        let cfg = open_base_unet_f32(model, &single)?.unet_config;
         let layers = cfg.layers_per_block.expand(cfg.block_out_channels.len(), "layers_per_block")?;
         let tokens = a.modifier_tokens.as_deref().map(delta_ckpt::parse_modifier_tokens).transpose()?;
         let (file, note) = delta_ckpt::load(&a.concepts, &layers, tokens.as_deref())?;
@@ -102,14 +121,18 @@ pub fn run(a: Args) -> Result<()> {
         None if !file.meta.base_model.path.is_empty() => PathBuf::from(&file.meta.base_model.path),
         None => bail!("{} does not record its base model: pass it with --model", a.concepts.display()),
     };
-    let base = export::read_base(&model, &file, &a.concepts)?;
+    if (a.config.is_some() || a.ema) && !model.is_file() {
+        bail!("--config and --ema belong to a single-file --model ({} is not a file)", model.display());
+    }
+    let base = export::read_base(&model, &file, &a.concepts, &single)?;
+    let stem = match &a.name {
+        Some(n) => n.clone(),
+        None => a.concepts.file_stem().and_then(|s| s.to_str()).context("the concept file has no name")?.to_string(),
+    };
     let files = match a.format {
         Format::Diffusers => diffusers::write(&file, &base, &a.out)?,
+        Format::Checkpoint => checkpoint::write(&file, &base, &a.concepts, &a.out, &stem, &names)?,
         Format::Webui => {
-            let stem = match &a.name {
-                Some(n) => n.clone(),
-                None => a.concepts.file_stem().and_then(|s| s.to_str()).context("the concept file has no name")?.to_string(),
-            };
             let w = webui::write(&file, &base, form, &a.out, &stem, &names)?;
             if !w.errors.is_empty() {
                 let worst = w.errors.iter().map(|e| e.1).fold(0.0, f64::max);

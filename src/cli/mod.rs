@@ -222,8 +222,15 @@ pub struct ConceptArgs {
     /// The model the concept file was trained on, to apply it to a different --model with the
     /// same layers (e.g. an inpainting or fine-tuned model) as the difference from that base
     /// (without it, a model other than the one trained on is refused).
-    #[arg(long, value_name = "DIR", requires = "concepts")]
+    #[arg(long, value_name = "DIR|FILE", requires = "concepts")]
     pub concepts_base: Option<PathBuf>,
+    /// With a single-file --concepts-base: a diffusers folder of its config files (default: the
+    /// built-in configs of the detected base model).
+    #[arg(long, value_name = "DIR", requires = "concepts_base")]
+    pub concepts_base_config: Option<PathBuf>,
+    /// With a single-file --concepts-base: the file was trained on its EMA weights.
+    #[arg(long, requires = "concepts_base")]
+    pub concepts_base_ema: bool,
     /// The modifier tokens of an official DisenDiff / Custom Diffusion `delta.ckpt` given as
     /// --concepts, joined by '+' (e.g. "<new1>+<new2>"), one per row of its `embed`
     /// (default: <new1>..<newN>).
@@ -296,7 +303,16 @@ pub fn load_model(model: &ModelArgs, concepts: &ConceptArgs) -> Result<PatchedMo
         eprintln!("lora: {label}");
     }
     if let Some(file) = &concepts.concepts {
-        let base = concepts.concepts_base.clone().map_or(TrainedBase::Refuse, TrainedBase::Folder);
+        let base = match &concepts.concepts_base {
+            None => TrainedBase::Refuse,
+            Some(p) if p.is_file() => {
+                TrainedBase::File { path: p.clone(), config: concepts.concepts_base_config.clone(), ema: concepts.concepts_base_ema }
+            }
+            Some(_) if concepts.concepts_base_config.is_some() || concepts.concepts_base_ema => {
+                bail!("--concepts-base-config and --concepts-base-ema belong to a single-file --concepts-base")
+            }
+            Some(p) => TrainedBase::Folder(p.clone()),
+        };
         let tokens = concepts.modifier_tokens.as_deref().map(crate::formats::delta_ckpt::parse_modifier_tokens).transpose()?;
         let (described, warnings) = m.add_concepts_with(file, base, tokens.as_deref())?;
         for w in warnings {

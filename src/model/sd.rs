@@ -216,6 +216,48 @@ pub fn open_unet_f32(folder: &Path) -> Result<WeightStore> {
     .with_context(|| format!("reading the UNet weights of {}", folder.display()))
 }
 
+/// The UNet of a base model (f32 on the CPU, by diffusers name) with the configs a concept
+/// file is checked and exported against.
+pub struct BaseUnet {
+    pub store: WeightStore,
+    pub unet_config: UNetConfig,
+    /// The text encoder's token table (vocab_size, hidden_size), part of the fingerprint.
+    pub token_table: (usize, usize),
+    /// The opened single file (`None` for a folder).
+    pub single_file: Option<Arc<SingleFile>>,
+}
+
+/// The UNet weights of a base model: a diffusers folder ([`open_unet_f32`]), or a single-file
+/// checkpoint read with `single` (`--config`, `--ema`; configs built in without `--config`).
+pub fn open_base_unet_f32(path: &Path, single: &SingleFileOptions) -> Result<BaseUnet> {
+    if !(path.is_file() && single_file::is_single_file(path)) {
+        let store = open_unet_f32(path)?;
+        let unet_config = UNetConfig::from_file(path.join("unet/config.json"))?;
+        let te = ClipTextConfig::from_file(&path.join("text_encoder/config.json"))?;
+        return Ok(BaseUnet { store, unet_config, token_table: (te.vocab_size, te.hidden_size), single_file: None });
+    }
+    let src = Source::single(path, single)?;
+    let te = match src.builtin("text_encoder")? {
+        Some((origin, text)) => ClipTextConfig::from_json(&text, &origin)?,
+        None => ClipTextConfig::from_file(&src.config("text_encoder", "config.json")?)?,
+    };
+    let unet_config = match src.builtin("unet")? {
+        Some((origin, text)) => UNetConfig::from_json_str(&text).with_context(|| origin)?,
+        None => UNetConfig::from_file(&src.config("unet", "config.json")?)?,
+    };
+    let part = Part::Unet {
+        layers_per_block: unet_config.layers_per_block.expand(unet_config.block_out_channels.len(), "layers_per_block")?,
+        ema: single.ema,
+    };
+    let opts = LoadOptions::default();
+    let store = src.store("unet", part, &opts).with_context(|| format!("reading the UNet weights of {}", path.display()))?;
+    let file = match &src {
+        Source::Single { file, .. } => file.clone(),
+        Source::Folder(_) => bail!("{} was opened as a folder", path.display()),
+    };
+    Ok(BaseUnet { store, unet_config, token_table: (te.vocab_size, te.hidden_size), single_file: Some(file) })
+}
+
 /// The UNet weights every loaded model can have patched in place: the cross-attention
 /// projections that concept files replace (`attn2.to_q/to_k/to_v.weight`).
 pub fn is_patchable(name: &str) -> bool {

@@ -16,8 +16,7 @@
 use super::{set_weight, BaseValues, Layer, Patch, Undo};
 use crate::formats::concept_file::{self, ConceptFile};
 use crate::formats::delta_ckpt;
-use crate::model::clip::ClipTextConfig;
-use crate::model::sd::{open_unet_f32, StableDiffusion};
+use crate::model::sd::{open_base_unet_f32, SingleFileOptions, StableDiffusion};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
@@ -31,6 +30,10 @@ pub enum TrainedBase {
     /// Also to a model with the same layers, as the difference from this folder, which must
     /// hold the model it was trained on (diffusers layout; only its UNet weights are read).
     Folder(PathBuf),
+    /// As `Folder`, the model it was trained on being a single-file checkpoint, read with the
+    /// configs of `config` (else the built-in ones) and its EMA UNet if `ema` (only its UNet
+    /// weights are read).
+    File { path: PathBuf, config: Option<PathBuf>, ema: bool },
 }
 
 pub struct ConceptPatch {
@@ -77,12 +80,16 @@ impl ConceptPatch {
     /// checked against the file's fingerprint; `None` when no such folder is available.
     fn trained_base_weights(&self) -> Result<Option<(PathBuf, Vec<(String, Tensor)>)>> {
         let recorded = &self.file.meta.base_model;
-        let folder = match &self.trained_base {
+        let (folder, single) = match &self.trained_base {
             TrainedBase::Refuse => return Ok(None),
-            TrainedBase::Folder(p) => p.clone(),
+            TrainedBase::Folder(p) => (p.clone(), SingleFileOptions::default()),
+            TrainedBase::File { path, config, ema } => {
+                (path.clone(), SingleFileOptions { config: config.clone(), prediction_type: None, ema: *ema })
+            }
         };
         let names: Vec<&String> = self.file.unet_weights.keys().collect();
-        let store = open_unet_f32(&folder)?;
+        let base = open_base_unet_f32(&folder, &single)?;
+        let store = &base.store;
         let mut weights = Vec::new();
         for name in names {
             let Some(shape) = store.shape_of(name) else {
@@ -91,8 +98,7 @@ impl ConceptPatch {
             let shape = candle_core::Shape::from(shape.to_vec());
             weights.push((name.clone(), store.get(name, &shape)?));
         }
-        let te = ClipTextConfig::from_file(&folder.join("text_encoder/config.json"))?;
-        let fp = concept_file::fingerprint(&weights, (te.vocab_size, te.hidden_size))?;
+        let fp = concept_file::fingerprint(&weights, base.token_table)?;
         if fp != recorded.fingerprint {
             bail!(
                 "{} (fingerprint {fp}) is not the model {} was trained on ({}, fingerprint {})",
@@ -202,7 +208,7 @@ impl Patch for ConceptPatch {
             let Some((folder, trained_from)) = self.trained_base_weights()? else {
                 bail!(
                     "{} was trained on the base model {made_for} (fingerprint {}), but {} is a different model. \
-                     To apply it as the difference from the model it was trained on, pass that model with --concepts-base DIR",
+                     To apply it as the difference from the model it was trained on, pass that model with --concepts-base DIR|FILE",
                     self.path.display(),
                     file.meta.base_model.fingerprint,
                     sd.root.display()

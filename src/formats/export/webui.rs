@@ -201,11 +201,19 @@ pub fn write(file: &ConceptFile, base: &Base, form: LoraForm, out: &Path, name: 
     let path = out.join(format!("{stem}.safetensors"));
     write_safetensors(&path, &net.tensors, metadata(file, &stem, form, net.rank))?;
     files.push(path);
+    files.extend(write_embeddings(file, out, &words)?);
+    Ok(Written { files, errors: net.errors })
+}
+
+/// Writes `out/embeddings/<word>.safetensors` (`emb_params` [1, dim]) for each concept, the
+/// trigger words as [`trigger_words`] gives them.
+pub fn write_embeddings(file: &ConceptFile, out: &Path, words: &[String]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
     for (i, w) in words.iter().enumerate() {
         let path = out.join("embeddings").join(format!("{w}.safetensors"));
         let row = file.embeddings.get(i)?.to_dtype(DType::F32)?.unsqueeze(0)?;
         write_safetensors(&path, &[("emb_params".to_string(), row)], HashMap::new())?;
         files.push(path);
     }
-    Ok(Written { files, errors: net.errors })
+    Ok(files)
 }

@@ -10,13 +10,15 @@
 //! unet_keys.rs, vae_keys.rs, text_encoder_keys.rs; `.ckpt` pickles are read by
 //! `pickle.rs`, which builds tensors and containers only. Without `--config DIR` the
 //! configs of the five base models come from configs.rs and the tokenizer from
-//! bundled_tokenizer.rs.
+//! bundled_tokenizer.rs. to_compvis.rs writes diffusers-named components back under their
+//! CompVis names (the inverse maps).
 
 pub mod pickle;
 pub mod bundled_tokenizer;
 pub mod configs;
 pub mod detect;
 mod text_encoder_keys;
+pub mod to_compvis;
 mod unet_keys;
 mod vae_keys;
 
@@ -41,11 +43,11 @@ const IGNORED: &[&str] = &[
 ];
 
 /// The prefixes of the components' keys.
-const UNET: &str = "model.diffusion_model.";
-const VAE: &str = "first_stage_model.";
-const CLIP: &str = "cond_stage_model.transformer.";
-const OPEN_CLIP: &str = "cond_stage_model.model.";
-const EMA: &str = "model_ema.";
+pub const UNET: &str = "model.diffusion_model.";
+pub const VAE: &str = "first_stage_model.";
+pub const CLIP: &str = "cond_stage_model.transformer.";
+pub const OPEN_CLIP: &str = "cond_stage_model.model.";
+pub const EMA: &str = "model_ema.";
 
 enum Raw {
     Safetensors(MmapedSafetensors),
@@ -116,6 +118,11 @@ impl SingleFile {
     /// Detects the architecture ([`detect`]).
     pub fn detect(&self) -> Result<Detected> {
         detect(&self.shapes, self.global_step).with_context(|| format!("detecting the model in {}", self.path.display()))
+    }
+
+    /// The tensor stored under CompVis name `name`, as it is in the file (its dtype, on the CPU).
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.load_raw(name, &Device::Cpu).with_context(|| format!("reading {name} from {}", self.path.display()))
     }
 
     fn load_raw(&self, name: &str, device: &Device) -> Result<Tensor> {

@@ -7,6 +7,9 @@
 //! penultimate layer's output, so diffusers' SD2 text encoder has one layer fewer than the
 //! OpenCLIP one (23 of 24): layers at or beyond the config's `num_hidden_layers` are not
 //! loaded. Facts source: diffusers' `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`.
+//! [`reverse_clip`] and [`reverse_open_clip`] are the inverses (diffusers'
+//! scripts/convert_diffusers_to_original_stable_diffusion.py), used to write a diffusers text
+//! encoder as a single file.
 
 /// Which third of a fused in-projection a diffusers weight is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,4 +80,62 @@ pub fn map_open_clip(key: &str, num_layers: usize) -> Option<TextKey> {
         }
     };
     Some(if i >= num_layers { TextKey::Skip } else { mapped })
+}
+
+/// The CompVis key (without `cond_stage_model.transformer.`) of a diffusers CLIP text-encoder
+/// name, with or without the `text_model.` level (transformers >= 5.6 writes it without);
+/// the inverse of [`map_clip`]. `None`: no place in the SD1 layout.
+pub fn reverse_clip(name: &str) -> Option<String> {
+    let key = name.strip_prefix("text_model.").unwrap_or(name);
+    let known = ["embeddings.token_embedding.", "embeddings.position_embedding.", "encoder.layers.", "final_layer_norm."];
+    known.iter().any(|p| key.starts_with(p)).then(|| format!("text_model.{key}"))
+}
+
+/// Where a diffusers text-encoder tensor goes in the OpenCLIP layout.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OpenClipKey {
+    /// The same values under this key (without `cond_stage_model.model.`).
+    Plain(String),
+    /// This third of the fused in-projection under this key.
+    Fused(String, Third),
+}
+
+/// The OpenCLIP key (without `cond_stage_model.model.`) of a diffusers CLIP text-encoder name
+/// (with or without `text_model.`); the inverse of [`map_open_clip`]. `None`: no place in it.
+pub fn reverse_open_clip(name: &str) -> Option<OpenClipKey> {
+    let key = name.strip_prefix("text_model.").unwrap_or(name);
+    let plain = |s: &str| Some(OpenClipKey::Plain(s.to_string()));
+    match key {
+        "embeddings.token_embedding.weight" => return plain("token_embedding.weight"),
+        "embeddings.position_embedding.weight" => return plain("positional_embedding"),
+        "final_layer_norm.weight" => return plain("ln_final.weight"),
+        "final_layer_norm.bias" => return plain("ln_final.bias"),
+        _ => {}
+    }
+    let r = key.strip_prefix("encoder.layers.")?;
+    let (i, r) = r.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    let (module, p) = r.rsplit_once('.')?;
+    if p != "weight" && p != "bias" {
+        return None;
+    }
+    let layer = format!("transformer.resblocks.{i}");
+    let third = match module {
+        "self_attn.q_proj" => Some(Third::Q),
+        "self_attn.k_proj" => Some(Third::K),
+        "self_attn.v_proj" => Some(Third::V),
+        _ => None,
+    };
+    if let Some(t) = third {
+        return Some(OpenClipKey::Fused(format!("{layer}.attn.in_proj_{p}"), t));
+    }
+    let to = match module {
+        "self_attn.out_proj" => "attn.out_proj",
+        "layer_norm1" => "ln_1",
+        "layer_norm2" => "ln_2",
+        "mlp.fc1" => "mlp.c_fc",
+        "mlp.fc2" => "mlp.c_proj",
+        _ => return None,
+    };
+    Some(OpenClipKey::Plain(format!("{layer}.{to}.{p}")))
 }

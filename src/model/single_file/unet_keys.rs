@@ -5,7 +5,9 @@
 //! turned into (block, layer) from the layers per block of the UNet config; the names inside a
 //! transformer (`transformer_blocks.0.attn1.to_q`) are the same in both layouts, those inside a
 //! ResNet block are renamed (`in_layers.0` -> `norm1`). Facts source: diffusers'
-//! `convert_ldm_unet_checkpoint` (loaders/single_file_utils.py).
+//! `convert_ldm_unet_checkpoint` (loaders/single_file_utils.py). [`UnetLayout::reverse`] is the
+//! inverse (diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py), used to
+//! write a diffusers UNet as a single file.
 
 /// The position of each flat CompVis block in diffusers' nesting, built from the layers per
 /// down block (`layers_per_block` expanded to one entry per block).
@@ -90,6 +92,67 @@ impl UnetLayout {
         }
     }
 
+    /// The CompVis key (without `model.diffusion_model.`) of diffusers UNet name `name`, the
+    /// exact inverse of [`map`](Self::map); `up_attention(b)`: whether up block `b` has
+    /// attentions (its upsampler is then module 2 of the last output block, else module 1).
+    /// `None` when the name has no place in this layout.
+    pub fn reverse(&self, name: &str, up_attention: impl Fn(usize) -> bool) -> Option<String> {
+        let fixed = [
+            ("time_embedding.linear_1.", "time_embed.0."),
+            ("time_embedding.linear_2.", "time_embed.2."),
+            ("conv_in.", "input_blocks.0.0."),
+            ("conv_norm_out.", "out.0."),
+            ("conv_out.", "out.2."),
+        ];
+        for (from, to) in fixed {
+            if let Some(rest) = name.strip_prefix(from) {
+                return leaf(rest).then(|| format!("{to}{rest}"));
+            }
+        }
+        if let Some(rest) = name.strip_prefix("mid_block.") {
+            let (kind, rest) = rest.split_once('.')?;
+            let (i, rest) = split_index_num(rest)?;
+            return match (kind, i) {
+                ("resnets", 0) => resnet_reverse(rest).map(|r| format!("middle_block.0.{r}")),
+                ("attentions", 0) => transformer(rest).then(|| format!("middle_block.1.{rest}")),
+                ("resnets", 1) => resnet_reverse(rest).map(|r| format!("middle_block.2.{r}")),
+                _ => None,
+            };
+        }
+        let (head, rest) = split_index(name)?;
+        let (b, rest) = split_index_num(rest)?;
+        let (kind, rest) = split_index(rest)?;
+        let (l, rest) = split_index_num(rest)?;
+        match head {
+            "down_blocks" => {
+                let flat = |down: bool| self.input.iter().position(|&e| e == (b, l, down)).map(|p| p + 1);
+                match kind {
+                    "resnets" => Some(format!("input_blocks.{}.0.{}", flat(false)?, resnet_reverse(rest)?)),
+                    "attentions" => transformer(rest).then(|| Some(format!("input_blocks.{}.1.{rest}", flat(false)?))).flatten(),
+                    "downsamplers" if l == 0 => {
+                        let p = rest.strip_prefix("conv.").filter(|r| leaf(r))?;
+                        Some(format!("input_blocks.{}.0.op.{p}", flat(true)?))
+                    }
+                    _ => None,
+                }
+            }
+            "up_blocks" => {
+                let flat = |l: usize| self.output.iter().position(|&e| e == (b, l));
+                match kind {
+                    "resnets" => Some(format!("output_blocks.{}.0.{}", flat(l)?, resnet_reverse(rest)?)),
+                    "attentions" => transformer(rest).then(|| Some(format!("output_blocks.{}.1.{rest}", flat(l)?))).flatten(),
+                    "upsamplers" if l == 0 && b + 1 < self.num_up_blocks() => {
+                        let p = rest.strip_prefix("conv.").filter(|r| leaf(r))?;
+                        let last = self.output.iter().rposition(|&(nb, _)| nb == b)?;
+                        Some(format!("output_blocks.{last}.{}.conv.{p}", if up_attention(b) { 2 } else { 1 }))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
     fn num_up_blocks(&self) -> usize {
         self.output.last().map_or(0, |&(b, _)| b + 1)
     }
@@ -118,6 +181,19 @@ fn resnet(rest: &str) -> Option<String> {
         ("out_layers.0.", "norm2."),
         ("out_layers.3.", "conv2."),
         ("skip_connection.", "conv_shortcut."),
+    ];
+    map.iter().find_map(|(from, to)| rest.strip_prefix(from).filter(|r| leaf(r)).map(|r| format!("{to}{r}")))
+}
+
+/// A diffusers ResNet parameter -> its CompVis name (the inverse of [`resnet`]).
+fn resnet_reverse(rest: &str) -> Option<String> {
+    let map = [
+        ("norm1.", "in_layers.0."),
+        ("conv1.", "in_layers.2."),
+        ("time_emb_proj.", "emb_layers.1."),
+        ("norm2.", "out_layers.0."),
+        ("conv2.", "out_layers.3."),
+        ("conv_shortcut.", "skip_connection."),
     ];
     map.iter().find_map(|(from, to)| rest.strip_prefix(from).filter(|r| leaf(r)).map(|r| format!("{to}{r}")))
 }

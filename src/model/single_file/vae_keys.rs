@@ -4,7 +4,9 @@
 //! the other way; mid-block attention is a set of 1x1 convolutions (`q`, `k`, `v`, `proj_out`,
 //! shape `[c, c, 1, 1]`) where diffusers has linear layers (`to_q` ... `to_out.0`, `[c, c]`),
 //! so those weights are reshaped (see [`VaeKey::squeeze`]). Facts source: diffusers'
-//! `convert_ldm_vae_checkpoint`.
+//! `convert_ldm_vae_checkpoint`. [`reverse`] is the inverse (diffusers'
+//! scripts/convert_diffusers_to_original_stable_diffusion.py), used to write a diffusers VAE
+//! as a single file.
 
 /// The diffusers name of a CompVis VAE key, and whether its 1x1 convolution weight becomes a
 /// linear weight.
@@ -69,6 +71,76 @@ pub fn map(key: &str, num_blocks: usize) -> Option<VaeKey> {
     } else {
         None
     }
+}
+
+/// The CompVis key (without `first_stage_model.`) of diffusers VAE name `name` for a VAE with
+/// `num_blocks` resolution levels, the exact inverse of [`map`]; `squeeze` here means the
+/// linear attention weight `[c, c]` is written as the 1x1 convolution `[c, c, 1, 1]`.
+pub fn reverse(name: &str, num_blocks: usize) -> Option<VaeKey> {
+    let plain = |name: String| Some(VaeKey { name, squeeze: false });
+    for top in ["quant_conv.", "post_quant_conv."] {
+        if let Some(r) = name.strip_prefix(top) {
+            return leaf(r).then(|| VaeKey { name: name.to_string(), squeeze: false });
+        }
+    }
+    let (side, rest) = name.split_once('.')?;
+    if side != "encoder" && side != "decoder" {
+        return None;
+    }
+    for (from, to) in [("conv_in.", "conv_in."), ("conv_out.", "conv_out."), ("conv_norm_out.", "norm_out.")] {
+        if let Some(r) = rest.strip_prefix(from) {
+            return if leaf(r) { plain(format!("{side}.{to}{r}")) } else { None };
+        }
+    }
+    if let Some(r) = rest.strip_prefix("mid_block.") {
+        for (from, to) in [("resnets.0.", "block_1."), ("resnets.1.", "block_2.")] {
+            if let Some(r) = r.strip_prefix(from) {
+                return resnet_reverse(r).map(|r| VaeKey { name: format!("{side}.mid.{to}{r}"), squeeze: false });
+            }
+        }
+        let r = r.strip_prefix("attentions.0.")?;
+        let (module, param) = r.rsplit_once('.')?;
+        let to = match module {
+            "group_norm" => "norm",
+            "to_q" => "q",
+            "to_k" => "k",
+            "to_v" => "v",
+            "to_out.0" => "proj_out",
+            _ => return None,
+        };
+        return leaf(param).then(|| VaeKey { name: format!("{side}.mid.attn_1.{to}.{param}"), squeeze: to != "norm" && param == "weight" });
+    }
+    let (kind, level_kind, sampler, to_sampler) =
+        if side == "encoder" { ("down_blocks.", "down", "downsamplers.0.conv.", "downsample") } else { ("up_blocks.", "up", "upsamplers.0.conv.", "upsample") };
+    let r = rest.strip_prefix(kind)?;
+    let (b, r) = r.split_once('.')?;
+    let b: usize = b.parse().ok()?;
+    if b >= num_blocks {
+        return None;
+    }
+    let n = if side == "encoder" { b } else { num_blocks - 1 - b };
+    if let Some(r) = r.strip_prefix("resnets.") {
+        let (j, r) = r.split_once('.')?;
+        let j: usize = j.parse().ok()?;
+        return resnet_reverse(r).map(|r| VaeKey { name: format!("{side}.{level_kind}.{n}.block.{j}.{r}"), squeeze: false });
+    }
+    let p = r.strip_prefix(sampler)?;
+    if leaf(p) {
+        plain(format!("{side}.{level_kind}.{n}.{to_sampler}.conv.{p}"))
+    } else {
+        None
+    }
+}
+
+/// A diffusers VAE ResNet parameter -> its CompVis name (the inverse of [`resnet`]).
+fn resnet_reverse(rest: &str) -> Option<String> {
+    let (module, param) = rest.split_once('.')?;
+    let to = match module {
+        "norm1" | "conv1" | "norm2" | "conv2" => module,
+        "conv_shortcut" => "nin_shortcut",
+        _ => return None,
+    };
+    leaf(param).then(|| format!("{to}.{param}"))
 }
 
 fn leaf(rest: &str) -> bool {
