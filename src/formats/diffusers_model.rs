@@ -5,8 +5,7 @@
 //! - `model_index.json`, `scheduler/`, `vae/` copied as given;
 //! - `unet/`: the base config and `diffusion_pytorch_model.safetensors` with every trained
 //!   tensor (f32, as trained) and any base tensor the model did not load copied unchanged;
-//! - `text_encoder/`: the base weights with `text_model.embeddings.token_embedding.weight`
-//!   extended by the new tokens' rows (in the table's dtype) and `vocab_size` raised to match
+//! - `text_encoder/`: the base weights with the token table ([`TOKEN_TABLE`]) extended by the new tokens' rows (in the table's dtype) and `vocab_size` raised to match
 //!   in `config.json`;
 //! - `tokenizer/`: the base files with the new tokens added as transformers writes them:
 //!   `added_tokens_decoder` of `tokenizer_config.json` (and `added_tokens` of `tokenizer.json`
@@ -20,8 +19,9 @@ use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The text encoder's token table, by transformers' `CLIPTextModel` key.
-pub const TOKEN_TABLE: &str = "text_model.embeddings.token_embedding.weight";
+/// The text encoder's token table, by transformers' `CLIPTextModel` keys (transformers 5 saves
+/// it without the `text_model.` prefix).
+pub const TOKEN_TABLE: [&str; 2] = ["text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight"];
 
 /// What goes into the folder besides the copied parts.
 pub struct FineTuned<'a> {
@@ -106,7 +106,8 @@ fn write_text_encoder(base: &Path, dir: &Path, ft: &FineTuned) -> Result<()> {
         let t = st.load(&name, &Device::Cpu)?;
         out.insert(name, t);
     }
-    let table = out.get(TOKEN_TABLE).with_context(|| format!("{} has no {TOKEN_TABLE}", file.display()))?;
+    let key = TOKEN_TABLE.into_iter().find(|k| out.contains_key(*k)).with_context(|| format!("{} has no {}", file.display(), TOKEN_TABLE.join(" or ")))?;
+    let table = &out[key];
     let (rows, hidden) = table.dims2()?;
     let (n, h) = ft.rows.dims2()?;
     if rows != vocab || h != hidden || n != ft.tokens.len() {
@@ -122,7 +123,7 @@ fn write_text_encoder(base: &Path, dir: &Path, ft: &FineTuned) -> Result<()> {
         }
     }
     let extended = Tensor::cat(&[table.clone(), ft.rows.to_device(&Device::Cpu)?.to_dtype(table.dtype())?], 0)?;
-    out.insert(TOKEN_TABLE.to_string(), extended);
+    out.insert(key.to_string(), extended);
     save(&dir.join(file.file_name().unwrap()), &out)?;
     config["vocab_size"] = serde_json::json!(vocab + n);
     write_json(&dir.join("config.json"), &config)
