@@ -248,7 +248,12 @@ pub fn run(a: Args) -> Result<()> {
     let defaults = preset.defaults;
     let batch_size = a.train_batch_size.unwrap_or(defaults.train_batch_size);
     let grad_accum = a.gradient_accumulation_steps.unwrap_or(defaults.gradient_accumulation_steps);
-    let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution };
+    let trainable_params: u64 = model.trainable(preset.train_embeddings).iter().map(|(_, v)| v.elem_count() as u64).sum();
+    let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution, trainable_params, grad_accum };
+    eprintln!(
+        "trainable: {trainable_params} parameters; their gradients and AdamW state take about {}",
+        crate::model::memory::human(t.optimizer_state_bytes() + t.gradient_bytes())
+    );
     super::memory::check_training(&a.model, &model.sd, &t)?;
     let mut lr = a.learning_rate.unwrap_or(defaults.learning_rate);
     if a.scale_lr {
