@@ -118,6 +118,8 @@ fn dreambooth_refuses_what_it_cannot_write() {
     let (ok, err) = train(&tmp.path().join("l"), &["--lora", s(&lora)]);
     assert!(!ok && err.contains("--lora"), "{err}");
     assert!(!tmp.path().join("l/model").exists());
+    let (ok, err) = train(&tmp.path().join("h"), &["--dtype", "f16"]);
+    assert!(!ok && err.contains("--dtype"), "{err}");
     let (ok, err) = train(&tmp.path().join("q"), &["--ablation", "train-q"]);
     assert!(!ok && err.contains("train-q"), "{err}");
 }

@@ -203,6 +203,14 @@ pub fn run(a: Args) -> Result<()> {
                 preset.name()
             );
         }
+        if opts.dtype != candle_core::DType::F32 {
+            bail!(
+                "--method {} trains every UNet weight in f32 and computes in f32: --dtype {:?} is not supported for it \
+                 (no mixed-precision training here)",
+                preset.name(),
+                opts.dtype
+            );
+        }
         if !a.loras.lora.is_empty() {
             bail!("--method {} with --lora: the written model folder would lack the LoRA's text-encoder changes; merge the LoRA into a base folder first", preset.name());
         }
