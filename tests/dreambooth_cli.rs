@@ -89,9 +89,14 @@ fn dreambooth_writes_a_diffusers_folder_that_generates_as_diffusers() {
     for f in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"] {
         assert!(std::fs::read(model.join(f)).unwrap() == std::fs::read(b.join("model").join(f)).unwrap(), "{f} differs after resume");
     }
-    // A finished run is not overwritten.
+    // A finished run is not overwritten; resumed at its end it writes the same folder again.
     let (ok, err) = train(&a, &[]);
     assert!(!ok && err.contains("already exists"), "{err}");
+    let before = std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let (ok, err) = train(&b, &["--resume"]);
+    assert!(ok && err.contains("resuming at step 1"), "{err}");
+    assert!(std::fs::read(b.join("model/unet/diffusion_pytorch_model.safetensors")).unwrap() == before);
+    assert_eq!(std::fs::read_dir(&b).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count(), 0);
 
     // generate --model OUT/model against diffusers' images of the same folder.
     let gen = tmp.path().join("gen");

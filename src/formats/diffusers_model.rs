@@ -162,14 +162,15 @@ fn write_tokenizer(base: &Path, dir: &Path, tokens: &[(String, u32)]) -> Result<
     Ok(())
 }
 
-/// Writes the fine-tuned model as a diffusers folder at `out` (which must not exist yet),
-/// from the base diffusers folder `base`.
+/// Writes the fine-tuned model as a diffusers folder at `out` from the base diffusers folder
+/// `base`. A folder already at `out` (a resumed run's earlier result) is replaced only once the
+/// new one is complete.
 pub fn write(base: &Path, out: &Path, ft: &FineTuned) -> Result<()> {
     if !base.join("model_index.json").is_file() {
         bail!("{} is not a diffusers folder (no model_index.json): a fine-tuned model folder is written from a diffusers base", base.display());
     }
-    if out.exists() {
-        bail!("{} already exists", out.display());
+    if out.exists() && !out.join("model_index.json").is_file() {
+        bail!("{} exists and is not a model folder: not replacing it", out.display());
     }
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -186,7 +187,15 @@ pub fn write(base: &Path, out: &Path, ft: &FineTuned) -> Result<()> {
         write_tokenizer(&base.join("tokenizer"), &tmp.join("tokenizer"), ft.tokens)?;
         write_text_encoder(&base.join("text_encoder"), &tmp.join("text_encoder"), ft)?;
         write_unet(&base.join("unet"), &tmp.join("unet"), ft.unet)?;
-        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        if out.exists() {
+            std::fs::rename(out, &old).with_context(|| format!("moving the earlier {} aside", out.display()))?;
+        }
+        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
