@@ -1,5 +1,6 @@
 //! `disendiff train`: learn the concepts of one image (DisenDiff, or the paper's baselines and
-//! ablations as presets of the same trainer) and write `OUT/concepts.safetensors`.
+//! ablations as presets of the same trainer) and write `OUT/concepts.safetensors`, or for
+//! DreamBooth (which fine-tunes the whole UNet) the diffusers folder `OUT/model/`.
 //!
 //! With `--lora FILE[:SCALE]` the LoRAs are merged into the base before training and stay a
 //! fixed part of it: the concept file holds K/V trained from the merged weights and the
@@ -17,7 +18,7 @@ use crate::training::concepts::{class_word_pieces, modifier_tokens_in, parse_con
 use crate::training::data;
 use crate::training::method::{Ablation, Method};
 use crate::training::model::Personalized;
-use crate::training::trainer::{TrainConfig, Trainer};
+use crate::training::trainer::{result_path, TrainConfig, Trainer};
 use crate::util;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -35,7 +36,8 @@ pub struct Args {
     /// e.g. "<new1> cat and <new2> dog".
     #[arg(long, alias = "instance_prompt")]
     pub caption: String,
-    /// Output folder: concepts.safetensors, train_log.jsonl, checkpoints/, validation/.
+    /// Output folder: concepts.safetensors (dreambooth: model/, a diffusers folder),
+    /// train_log.jsonl, checkpoints/, validation/.
     #[arg(long, value_name = "DIR", visible_alias = "output-dir", alias = "output_dir")]
     pub out: PathBuf,
     /// Training method (each a preset of the one trainer; see docs/method.md §8).
@@ -57,11 +59,11 @@ pub struct Args {
     /// Samples per micro-batch (default 2; 4 for textual-inversion).
     #[arg(long, alias = "train_batch_size")]
     pub train_batch_size: Option<usize>,
-    /// Micro-batches accumulated per optimiser step (default 4).
+    /// Micro-batches accumulated per optimiser step (default 4; 1 for dreambooth).
     #[arg(long, alias = "gradient_accumulation_steps")]
     pub gradient_accumulation_steps: Option<usize>,
     /// AdamW learning rate as used (default 8e-5 = 1e-5 x batch 2 x accumulation 4 of the
-    /// official run; 5e-4 for textual-inversion).
+    /// official run; 5e-4 for textual-inversion, 5e-6 for dreambooth).
     #[arg(long, alias = "learning_rate")]
     pub learning_rate: Option<f64>,
     /// Multiply --learning-rate by batch size x accumulation steps (diffusers' --scale_lr).
@@ -90,7 +92,7 @@ pub struct Args {
     /// Training image side in pixels (default: the model's native size).
     #[arg(long)]
     pub resolution: Option<usize>,
-    /// Turn off Custom Diffusion's scale/crop augmentation.
+    /// Turn off Custom Diffusion's scale/crop augmentation (dreambooth has none).
     #[arg(long, alias = "noaug")]
     pub no_augment: bool,
     /// Regularisation images: a folder of images with captions (name.png + name.txt).
@@ -188,9 +190,30 @@ pub fn run(a: Args) -> Result<()> {
     if a.checkpoints_total_limit == Some(0) {
         bail!("--checkpoints-total-limit must be at least 1");
     }
-    let concepts_path = a.out.join("concepts.safetensors");
-    if concepts_path.exists() && resume.is_none() {
-        bail!("{} already exists: choose another --out, or --resume to continue that run", concepts_path.display());
+    let result = result_path(&a.out, &preset);
+    if result.exists() && resume.is_none() {
+        bail!("{} already exists: choose another --out, or --resume to continue that run", result.display());
+    }
+    if preset.writes_model() {
+        // The result is a diffusers folder built from the base's own files.
+        if !a.model.model.join("model_index.json").is_file() {
+            bail!(
+                "--method {} writes a complete diffusers folder (OUT/model) from the base's files, so --model must be a \
+                 diffusers folder (convert a single-file checkpoint first)",
+                preset.name()
+            );
+        }
+        if opts.dtype != candle_core::DType::F32 {
+            bail!(
+                "--method {} trains every UNet weight in f32 and computes in f32: --dtype {:?} is not supported for it \
+                 (no mixed-precision training here)",
+                preset.name(),
+                opts.dtype
+            );
+        }
+        if !a.loras.lora.is_empty() {
+            bail!("--method {} with --lora: the written model folder would lack the LoRA's text-encoder changes; merge the LoRA into a base folder first", preset.name());
+        }
     }
     if resume.is_none() && !checkpoint::list(&a.out)?.is_empty() {
         bail!("{} holds checkpoints of an earlier run: --resume to continue it, or choose another --out", checkpoint::folder(&a.out).display());
@@ -233,12 +256,18 @@ pub fn run(a: Args) -> Result<()> {
     let defaults = preset.defaults;
     let batch_size = a.train_batch_size.unwrap_or(defaults.train_batch_size);
     let grad_accum = a.gradient_accumulation_steps.unwrap_or(defaults.gradient_accumulation_steps);
-    let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution };
+    let trainable_params: u64 = model.trainable(preset.train_embeddings).iter().map(|(_, v)| v.elem_count() as u64).sum();
+    let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution, trainable_params, grad_accum };
+    eprintln!(
+        "trainable: {trainable_params} parameters; their gradients and AdamW state take about {}",
+        crate::model::memory::human(t.optimizer_state_bytes() + t.gradient_bytes())
+    );
     super::memory::check_training(&a.model, &model.sd, &t)?;
     let mut lr = a.learning_rate.unwrap_or(defaults.learning_rate);
     if a.scale_lr {
         lr *= (batch_size * grad_accum) as f64;
     }
+    let augment = preset.augment && !a.no_augment;
     let config = TrainConfig {
         caption: a.caption.clone(),
         template: a.template.clone(),
@@ -246,9 +275,9 @@ pub fn run(a: Args) -> Result<()> {
         batch_size,
         grad_accum,
         adamw: AdamWConfig { lr, ..Default::default() },
-        preset,
         resolution,
-        augment: !a.no_augment,
+        preset,
+        augment,
         seed: a.seed,
         checkpoint_every: a.checkpointing_steps,
     };

@@ -7,5 +7,6 @@
 pub mod concept_file;
 pub mod custom_diffusion;
 pub mod delta_ckpt;
+pub mod diffusers_model;
 pub mod export;
 pub mod lora;

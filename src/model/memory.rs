@@ -16,7 +16,12 @@
 //! - the UNet's skip connections, alive through the up path: (layers + 1) C P per level;
 //! - training keeps the activations of the whole forward for the backward: the sum over
 //!   levels instead of the largest, three tensors per layer (norm, activation, output), with
-//!   the attention probabilities of the probed level kept in full.
+//!   the attention probabilities of the probed level kept in full;
+//! - training also holds, per trainable parameter (f32; the weights themselves are loaded, so
+//!   part of the model's measured memory), AdamW's m and v through every stage (8 bytes) and
+//!   the gradient during the backward (4 bytes, 8 with gradient accumulation's running sum):
+//!   nothing next to the activations for K/V, but 12 bytes x 860M = 10.3 GB for a full SD1.5
+//!   UNet (DreamBooth), on top of its 3.4 GB of f32 weights.
 //!
 //! It is an estimate, not a bound: `tests/memory_limits.rs` compares it with the measured peak
 //! (the kernel's maximum resident size) of real runs at two sizes and states the factor.
@@ -75,6 +80,23 @@ pub struct Training {
     /// The side of the attention maps the calibration losses read (their probabilities are
     /// kept in full).
     pub attn_resolution: usize,
+    /// Trainable parameters (UNet weights and embedding rows): their gradients and AdamW state.
+    pub trainable_params: u64,
+    /// Micro-batches per optimiser step (more than one keeps a running gradient sum).
+    pub grad_accum: usize,
+}
+
+impl Training {
+    /// AdamW's m and v (f32), alive through every stage.
+    pub fn optimizer_state_bytes(&self) -> u64 {
+        self.trainable_params.saturating_mul(8)
+    }
+
+    /// The gradients of one backward (f32), and the running sum under accumulation.
+    pub fn gradient_bytes(&self) -> u64 {
+        let copies = if self.grad_accum > 1 { 2 } else { 1 };
+        self.trainable_params.saturating_mul(4 * copies)
+    }
 }
 
 /// Sizes of the model that the estimate reads.
@@ -243,10 +265,11 @@ pub fn training(s: &Shapes, t: &Training) -> Result<Estimate> {
         }
     }
     let forward = kept.saturating_mul(s.e).saturating_mul(b).saturating_add(s.unet_step(latent, b));
+    let state = t.optimizer_state_bytes();
     Ok(Estimate {
         stages: vec![
-            Stage { name: "VAE encoder", bytes: s.vae_encode(side * side).saturating_mul(b) },
-            Stage { name: "UNet forward and backward", bytes: forward },
+            Stage { name: "VAE encoder", bytes: s.vae_encode(side * side).saturating_mul(b).saturating_add(state) },
+            Stage { name: "UNet forward and backward", bytes: forward.saturating_add(state).saturating_add(t.gradient_bytes()) },
         ],
     })
 }
@@ -312,6 +335,9 @@ mod tests {
         assert_eq!(conv_bytes(256, 256, 512 * 512) * 4, (10 * 256 + 512) * 512 * 512 * 4);
     }
 
+    /// Parameters of SD1.5's UNet (`sum(p.numel() for p in unet.parameters())`).
+    const SD15_UNET_PARAMS: u64 = 859_520_964;
+
     /// SD1.5's configs (diffusers' `runwayml/stable-diffusion-v1-5` UNet and VAE).
     fn sd15(dtype: DType, fused: bool) -> Shapes {
         let unet = UNetConfig::from_json_str(
@@ -342,9 +368,22 @@ mod tests {
                     assert!(tiled.stages[1].bytes < whole.stages[1].bytes);
                 }
             }
-            let t = training(&s, &Training { resolution: 512, batch: 2, attn_resolution: 16 }).unwrap();
+            let t = training(&s, &Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 0, grad_accum: 1 }).unwrap();
             println!("{what} training 512px batch 2: {}", human(t.activations()));
+            // DreamBooth: every UNet weight (859.52M in SD1.5) trains.
+            let db = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: SD15_UNET_PARAMS, grad_accum: 1 };
+            let e = training(&s, &db).unwrap();
+            assert_eq!(e.stages[0].bytes - t.stages[0].bytes, 8 * SD15_UNET_PARAMS);
+            assert_eq!(e.stages[1].bytes - t.stages[1].bytes, 12 * SD15_UNET_PARAMS);
+            println!(
+                "{what} DreamBooth 512px batch 2: {} beyond the weights (gradients + AdamW m/v {}), f32 UNet weights {}",
+                human(e.activations()),
+                human(12 * SD15_UNET_PARAMS),
+                human(4 * SD15_UNET_PARAMS)
+            );
         }
+        let acc = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 10, grad_accum: 4 };
+        assert_eq!((acc.optimizer_state_bytes(), acc.gradient_bytes()), (80, 80));
         let s = sd15(DType::F32, true);
         let d = |side: u64| s.vae_decode((side / 8) * (side / 8));
         let ratio = d(1024) as f64 / d(512) as f64;

@@ -12,11 +12,16 @@
 //! | DisenDiff | attn2 K/V + modifier rows | diffusion + 0.01 L_bind + 0.01 L_s&s | 8e-5 | 2 x 4 | 250 | `pll`, `ktn` (`ucd</w>` first for 3) |
 //! | Custom Diffusion | attn2 K/V + modifier rows | diffusion | 8e-5 | 2 x 4 | 250 | same |
 //! | Textual Inversion | modifier rows | diffusion | 5e-4 | 4 x 4 | 5000 | the class words |
+//! | DreamBooth | every UNet tensor + modifier rows | diffusion (+ class images, weight 1) | 5e-6 | 2 x 1 | 250 | `pll`, `ktn` |
 //!
-//! DreamBooth (the whole UNet, lr 5e-6) fits the same shape: a [`UNetTrainable`] variant, its
-//! masks off, no attention loss.
+//! DreamBooth has no gradient mask (no start-token K/V detach; the embedding table's only
+//! trainable part is the new rows either way), no attention loss and no scale augmentation
+//! (diffusers' `train_dreambooth.py` resizes and centre-crops); its prior preservation is the
+//! trainer's class-image path (half of each micro-batch, `--num-class-images`), which weights
+//! the class half as the instance half (prior loss weight 1). Its output is a complete
+//! diffusers folder `OUT/model/` ([`Preset::writes_model`]).
 
-use super::step::LossConfig;
+use super::step::{GradientMasks, LossConfig};
 use crate::calibration::{CalibrationConfig, SeparationKind};
 use anyhow::{bail, Result};
 
@@ -29,10 +34,12 @@ pub enum Method {
     CustomDiffusion,
     /// Only the modifier embeddings (lr 5e-4, batch 4, 5000 steps by default).
     TextualInversion,
+    /// Every UNet weight and the modifier embeddings (lr 5e-6, batch 2, 250 steps by default).
+    Dreambooth,
 }
 
 impl Method {
-    pub const ALL: [Method; 3] = [Method::Disendiff, Method::CustomDiffusion, Method::TextualInversion];
+    pub const ALL: [Method; 4] = [Method::Disendiff, Method::CustomDiffusion, Method::TextualInversion, Method::Dreambooth];
 
     /// The name used on the command line, in concept files and reports.
     pub fn name(self) -> &'static str {
@@ -40,6 +47,7 @@ impl Method {
             Self::Disendiff => "disendiff",
             Self::CustomDiffusion => "custom-diffusion",
             Self::TextualInversion => "textual-inversion",
+            Self::Dreambooth => "dreambooth",
         }
     }
 
@@ -61,8 +69,17 @@ impl Method {
                 Initializers::ClassWords,
                 TrainDefaults { max_train_steps: 5000, train_batch_size: 4, gradient_accumulation_steps: 4, learning_rate: 5e-4 },
             ),
+            Self::Dreambooth => (
+                UNetTrainable::All,
+                (0.0, 0.0),
+                Initializers::Official,
+                TrainDefaults { max_train_steps: 250, train_batch_size: 2, gradient_accumulation_steps: 1, learning_rate: 5e-6 },
+            ),
         };
-        let loss = LossConfig { bind_weight: weights.0, ss_weight: weights.1, ..Default::default() };
+        let mut loss = LossConfig { bind_weight: weights.0, ss_weight: weights.1, ..Default::default() };
+        if self == Self::Dreambooth {
+            loss.masks = GradientMasks { modifier_rows_only: false, detach_start_token_kv: false };
+        }
         let mut preset = Preset {
             method: self,
             ablations: Vec::new(),
@@ -71,6 +88,7 @@ impl Method {
             loss,
             initializers,
             defaults,
+            augment: self != Self::Dreambooth,
         };
         for &ab in ablations {
             preset.ablate(ab)?;
@@ -146,6 +164,8 @@ pub enum UNetTrainable {
     CrossAttnKV,
     /// Also `attn2.to_q` (the paper's ablation "training Q as well").
     CrossAttnQKV,
+    /// Every UNet tensor (DreamBooth).
+    All,
 }
 
 impl UNetTrainable {
@@ -155,6 +175,7 @@ impl UNetTrainable {
             Self::Nothing => false,
             Self::CrossAttnKV => kv,
             Self::CrossAttnQKV => kv || name.ends_with("attn2.to_q.weight"),
+            Self::All => true,
         }
     }
 }
@@ -203,6 +224,9 @@ pub struct Preset {
     pub loss: LossConfig,
     pub initializers: Initializers,
     pub defaults: TrainDefaults,
+    /// Custom Diffusion's scale/crop augmentation of the target image by default
+    /// (`--no-augment` turns it off; DreamBooth has none).
+    pub augment: bool,
 }
 
 impl Preset {
@@ -223,6 +247,12 @@ impl Preset {
             s.push_str(&self.ablations.iter().map(|a| a.name()).collect::<Vec<_>>().join("+"));
         }
         s
+    }
+
+    /// Whether the run's result is a complete fine-tuned model (`OUT/model/`, a diffusers
+    /// folder) rather than a concept file over the base: the method trains every UNet tensor.
+    pub fn writes_model(&self) -> bool {
+        self.unet_trainable == UNetTrainable::All
     }
 
     /// Whether the attention calibration is part of the loss.
@@ -251,8 +281,10 @@ impl Preset {
             Ablation::NoGaussian => cal.gaussian = false,
             Ablation::AllScales => self.loss.all_scales = true,
             Ablation::TrainQ => {
-                if self.unet_trainable == UNetTrainable::Nothing {
-                    bail!("ablation train-q needs a method that trains the UNet (not {})", self.method.name());
+                match self.unet_trainable {
+                    UNetTrainable::Nothing => bail!("ablation train-q needs a method that trains the UNet (not {})", self.method.name()),
+                    UNetTrainable::All => bail!("ablation train-q: {} already trains every UNet weight", self.method.name()),
+                    _ => {}
                 }
                 self.unet_trainable = UNetTrainable::CrossAttnQKV;
             }
@@ -290,7 +322,6 @@ impl Preset {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::training::step::GradientMasks;
 
     #[test]
     fn names_round_trip_and_presets_are_complete() {
@@ -312,6 +343,13 @@ mod tests {
         assert_eq!(ti.unet_trainable, UNetTrainable::Nothing);
         assert_eq!((ti.defaults.max_train_steps, ti.defaults.train_batch_size), (5000, 4));
         assert_eq!(ti.initializers, Initializers::ClassWords);
+        let db = Method::Dreambooth.preset(&[]).unwrap();
+        assert!(!db.uses_attention() && db.writes_model() && !db.augment);
+        assert!(db.unet_trainable.matches("conv_in.weight") && db.unet_trainable.matches("up_blocks.1.attentions.0.norm.bias"));
+        assert_eq!(db.loss.masks, GradientMasks { modifier_rows_only: false, detach_start_token_kv: false });
+        assert_eq!(db.defaults, TrainDefaults { max_train_steps: 250, train_batch_size: 2, gradient_accumulation_steps: 1, learning_rate: 5e-6 });
+        assert_eq!(db.initializers, Initializers::Official);
+        assert!(!d.writes_model() && !cd.writes_model() && !ti.writes_model() && d.augment);
 
         let p = Preset::parse("disendiff/no-ss+train-q").unwrap();
         assert!(!p.loss.calibration.separate && p.unet_trainable == UNetTrainable::CrossAttnQKV);
@@ -323,7 +361,12 @@ mod tests {
         assert!(Preset::parse("custom-diffusion/no-ss").is_err());
         assert!(Preset::parse("textual-inversion/train-q").is_err());
         assert!(Preset::parse("disendiff/no-such").is_err());
-        assert!(Preset::parse("dreambooth").is_err());
+        // DreamBooth is a method with no ablation of its own: it trains every UNet weight
+        // already and has no attention losses.
+        assert_eq!(Preset::parse("dreambooth").unwrap().method, Method::Dreambooth);
+        assert!(Preset::parse("dreambooth/train-q").is_err());
+        assert!(Preset::parse("dreambooth/no-ss").is_err());
+        assert!(Preset::parse("dream-booth").is_err());
         assert!(Preset::parse("disendiff/no-ss+no-ss").is_err());
         assert!(Preset::parse("custom-diffusion/train-q").is_ok());
         let mut cd = Method::CustomDiffusion.preset(&[]).unwrap();

@@ -4,6 +4,9 @@
 //!
 //! Every random draw of step k comes from a generator seeded by (seed, k, micro-batch), so a
 //! run resumed from a checkpoint after step k continues exactly as the uninterrupted run.
+//!
+//! The result is the concept file `OUT/concepts.safetensors`, or for a method that fine-tunes
+//! the whole UNet (DreamBooth) the diffusers folder `OUT/model/`.
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::checkpoint::{self, ResumeFrom};
@@ -13,6 +16,7 @@ use super::method::Preset;
 use super::model::Personalized;
 use super::step::{forward_losses, MicroBatch};
 use crate::formats::concept_file::{self, BaseModelId, ConceptMeta};
+use crate::formats::diffusers_model;
 use crate::scheduler::NoiseSchedule;
 use crate::util;
 use anyhow::{anyhow, bail, Context, Result};
@@ -98,6 +102,15 @@ pub struct Trainer {
 pub struct Interrupted {
     pub step: usize,
     pub checkpoint: PathBuf,
+}
+
+/// Where a run of `preset` in `out` writes its result (see [`Trainer::result_path`]).
+pub fn result_path(out: &Path, preset: &Preset) -> PathBuf {
+    if preset.writes_model() {
+        out.join("model")
+    } else {
+        out.join("concepts.safetensors")
+    }
 }
 
 fn mix(seed: u64, a: u64, b: u64) -> u64 {
@@ -322,8 +335,25 @@ impl Trainer {
                 return Err(Interrupted { step: rec.step, checkpoint }.into());
             }
         }
-        let path = self.out.join("concepts.safetensors");
-        self.save_concepts(&path).map_err(|e| anyhow!("{e:#}; {}", checkpoint::resume_hint(&self.out)))?;
+        let path = self.result_path();
+        let saved = if self.config.preset.writes_model() { self.save_model(&path) } else { self.save_concepts(&path) };
+        saved.map_err(|e| anyhow!("{e:#}; {}", checkpoint::resume_hint(&self.out)))?;
         Ok(path)
+    }
+
+    /// Where [`run`](Self::run) writes its result: `OUT/model/` (a diffusers folder) for a
+    /// method that fine-tunes the whole UNet, `OUT/concepts.safetensors` otherwise.
+    pub fn result_path(&self) -> PathBuf {
+        result_path(&self.out, &self.config.preset)
+    }
+
+    /// Writes the fine-tuned model as a complete diffusers folder at `dir` (see
+    /// [`diffusers_model`]), from the base folder the run started from.
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        let tokens: Vec<(String, u32)> =
+            self.model.concepts.iter().zip(&self.model.modifier_ids).map(|(c, &id)| (c.modifier.clone(), id)).collect();
+        let unet = self.unet_weights();
+        let ft = diffusers_model::FineTuned { unet: &unet, tokens: &tokens, rows: self.model.embeddings.as_tensor() };
+        diffusers_model::write(Path::new(&self.base.path), dir, &ft)
     }
 }

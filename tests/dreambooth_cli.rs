@@ -1,0 +1,130 @@
+//! `disendiff train --method dreambooth` end to end on sd1-tiny: a 2-step run writes OUT/model, a
+//! complete diffusers folder in which every UNet tensor differs from the base and the tokenizer
+//! holds the modifier tokens; a run resumed from its step-1 checkpoint writes the same folder;
+//! `generate --model OUT/model` gives diffusers' images of that folder within 1/255
+//! (golden/dreambooth-*.png from tools/reference/make_dreambooth_check.py, which ran this exact
+//! command and loaded the folder with `StableDiffusionPipeline.from_pretrained`), clearly unlike
+//! the images with the base UNet put back.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use disendiff::model::tokenizer::ClipTokenizer;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The training command after `train --out OUT` (the reference script's `TRAIN`).
+const TRAIN: [&str; 18] = [
+    "--model", "tests/fixtures/sd1-tiny", "--image", "tests/fixtures/golden/sd1-pipe-00000.png",
+    "--caption", "<new1> cat and <new2> dog", "--method", "dreambooth", "--resolution", "64",
+    "--max-train-steps", "2", "--learning-rate", "1e-3", "--num-class-images", "2",
+    "--checkpointing-steps", "1",
+];
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn train(out: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args = vec!["train", "--out", s(out)];
+    args.extend_from_slice(&TRAIN);
+    args.extend_from_slice(extra);
+    common::disendiff(&args)
+}
+
+fn load(p: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+}
+
+fn mean_abs_png(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (image::open(a).unwrap().to_rgb8(), image::open(b).unwrap().to_rgb8());
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.as_raw().len() as f64
+}
+
+#[test]
+fn dreambooth_writes_a_diffusers_folder_that_generates_as_diffusers() {
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/dreambooth-check.json")).unwrap()).unwrap();
+    let want: Vec<&str> = info["train_args"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(want, TRAIN, "the reference ran another command");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let (ok, err) = train(&a, &[]);
+    assert!(ok, "{err}");
+    let model = a.join("model");
+    assert!(!a.join("concepts.safetensors").exists());
+    for f in ["model_index.json", "scheduler/scheduler_config.json", "vae/config.json", "unet/config.json", "text_encoder/config.json"] {
+        assert!(model.join(f).is_file(), "{f} missing");
+    }
+    assert!(a.join("checkpoints/step-000001.safetensors").is_file());
+
+    // Every UNet tensor trained; the text encoder has the two rows more; the tokens are there.
+    let base = load(&common::fixture("sd1-tiny/unet/diffusion_pytorch_model.safetensors"));
+    let tuned = load(&model.join("unet/diffusion_pytorch_model.safetensors"));
+    assert_eq!(tuned.len(), base.len());
+    for (k, b) in &base {
+        let t = &tuned[k];
+        assert_eq!(t.dims(), b.dims(), "{k}");
+        let d = (t - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d > 0.0, "UNet tensor {k} did not change");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("text_encoder/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vocab_size"], 49410);
+    let te = load(&model.join("text_encoder/model.safetensors"));
+    assert_eq!(te["embeddings.token_embedding.weight"].dims(), &[49410, 32]);
+    let tok = ClipTokenizer::from_dir(&model.join("tokenizer")).unwrap();
+    assert_eq!((tok.token_id("<new1>"), tok.token_id("<new2>")), (Some(49408), Some(49409)));
+    assert!(tok.encode("photo of a <new1> cat").ids.contains(&49408));
+
+    // Resumed from the step-1 checkpoint: the same folder, bit for bit.
+    let b = tmp.path().join("b");
+    std::fs::create_dir_all(b.join("checkpoints")).unwrap();
+    std::fs::copy(a.join("checkpoints/step-000001.safetensors"), b.join("checkpoints/step-000001.safetensors")).unwrap();
+    common::copy_dir(&a.join("class_images"), &b.join("class_images"));
+    let (ok, err) = train(&b, &["--resume"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming at step 1"), "{err}");
+    for f in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"] {
+        assert!(std::fs::read(model.join(f)).unwrap() == std::fs::read(b.join("model").join(f)).unwrap(), "{f} differs after resume");
+    }
+    // A finished run is not overwritten; resumed at its end it writes the same folder again.
+    let (ok, err) = train(&a, &[]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let before = std::fs::read(model.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let (ok, err) = train(&b, &["--resume"]);
+    assert!(ok && err.contains("resuming at step 1"), "{err}");
+    assert!(std::fs::read(b.join("model/unet/diffusion_pytorch_model.safetensors")).unwrap() == before);
+    assert_eq!(std::fs::read_dir(&b).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count(), 0);
+
+    // generate --model OUT/model against diffusers' images of the same folder.
+    let gen = tmp.path().join("gen");
+    let latents = common::fixture("golden/export-latents.safetensors");
+    let (ok, err) = common::disendiff(&[
+        "generate", "--model", s(&model), "--prompt", "photo of a <new1> cat", "--steps", "10", "--guidance-scale", "6",
+        "--num-images", "2", "--height", "64", "--width", "64", "--latents", s(&latents), "--strict-tokens", "--out", s(&gen),
+    ]);
+    assert!(ok, "{err}");
+    for i in 0..2 {
+        let got = gen.join(format!("{i:05}.png"));
+        let mad = mean_abs_png(&got, &common::fixture(&format!("golden/dreambooth-{i:05}.png")));
+        let off = mean_abs_png(&got, &common::fixture(&format!("golden/dreambooth-baseunet-{i:05}.png")));
+        println!("image {i}: mean abs diff {mad:.4}/255 vs diffusers, {off:.2}/255 vs diffusers with the base UNet");
+        assert!(mad <= 1.0, "image {i} differs from diffusers' by {mad}/255");
+        assert!(off >= 3.0, "image {i} is close to the base UNet's ({off}/255)");
+    }
+}
+
+#[test]
+fn dreambooth_refuses_what_it_cannot_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = common::fixture("golden/lora-kohya.safetensors");
+    let (ok, err) = train(&tmp.path().join("l"), &["--lora", s(&lora)]);
+    assert!(!ok && err.contains("--lora"), "{err}");
+    assert!(!tmp.path().join("l/model").exists());
+    let (ok, err) = train(&tmp.path().join("h"), &["--dtype", "f16"]);
+    assert!(!ok && err.contains("--dtype"), "{err}");
+    let (ok, err) = train(&tmp.path().join("q"), &["--ablation", "train-q"]);
+    assert!(!ok && err.contains("train-q"), "{err}");
+}

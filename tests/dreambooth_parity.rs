@@ -1,0 +1,186 @@
+//! One DreamBooth training step (`--method dreambooth`: every UNet tensor and the two new token
+//! rows train, no gradient mask, no attention loss) against the PyTorch/diffusers reference
+//! (tools/reference/make_dreambooth_fixtures.py, contract in tools/reference/TRAIN_FIXTURES.md):
+//! the loss, the gradient of every UNet tensor (by its sum, its sum of squares and 8 projections
+//! onto pseudo-random vectors regenerated here bit for bit), the new rows' gradients, no
+//! gradient for any frozen tensor, and one AdamW update.
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use disendiff::model::sd::LoadOptions;
+use disendiff::scheduler::NoiseSchedule;
+use disendiff::training::adamw::{AdamW, AdamWConfig};
+use disendiff::training::concepts::{modifier_tokens_in, parse_concepts};
+use disendiff::training::method::Method;
+use disendiff::training::model::Personalized;
+use disendiff::training::step::{forward_losses, MicroBatch};
+
+const K: usize = 8;
+const GOLDEN: u64 = 0x9E3779B97F4A7C15;
+
+fn fnv1a64(s: &str) -> u64 {
+    s.bytes().fold(0xCBF29CE484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001B3))
+}
+
+/// The reference's `probe_vector`: element i of projection k for the tensor `name`.
+fn probe(h: u64, k: usize, i: usize) -> f64 {
+    let mut z = h.wrapping_add((((k as u64) << 32) + i as u64).wrapping_mul(GOLDEN));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^= z >> 31;
+    (z >> 40) as f64 / (1u64 << 23) as f64 - 1.0
+}
+
+/// `[sum, sum of squares, p_1..p_K]` of a tensor, in f64.
+fn summary(name: &str, t: &Tensor) -> Vec<f64> {
+    let x: Vec<f32> = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let h = fnv1a64(name);
+    let mut out = vec![x.iter().map(|&v| v as f64).sum(), x.iter().map(|&v| (v as f64) * (v as f64)).sum()];
+    for k in 0..K {
+        out.push(x.iter().enumerate().map(|(i, &v)| v as f64 * probe(h, k, i)).sum());
+    }
+    out
+}
+
+/// Relative errors of a summary against the reference's: (norm, projections, sum scaled by
+/// `sqrt(n) * norm`, the bound a relative error of the whole tensor puts on it).
+fn summary_errors(ours: &[f64], want: &[f32], n: usize) -> (f64, f64, f64) {
+    let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+    let norm = want[1].sqrt();
+    let e_norm = (ours[1].sqrt() - norm).abs() / norm;
+    let num: f64 = (0..K).map(|k| (ours[2 + k] - want[2 + k]).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = (0..K).map(|k| want[2 + k].powi(2)).sum::<f64>().sqrt();
+    let e_sum = (ours[0] - want[0]).abs() / ((n as f64).sqrt() * norm);
+    (e_norm, num / den, e_sum)
+}
+
+#[test]
+fn probe_vectors_are_the_references() {
+    assert_eq!(fnv1a64(""), 0xCBF29CE484222325);
+    assert_eq!(fnv1a64("a"), 0xAF63DC4C8601EC8C);
+    // A projection detects a wrong tensor: zero, sign flip, one changed element.
+    let t = Tensor::arange(0f32, 64., &candle_core::Device::Cpu).unwrap();
+    let s = summary("x", &t);
+    let want: Vec<f32> = s.iter().map(|&v| v as f32).collect();
+    assert!(summary_errors(&s, &want, 64).1 < 1e-6);
+    let mut v: Vec<f32> = t.to_vec1().unwrap();
+    v[40] += 10.0;
+    let changed = summary("x", &Tensor::new(v, &candle_core::Device::Cpu).unwrap());
+    assert!(summary_errors(&changed, &want, 64).1 > 1e-3);
+    assert!(summary_errors(&summary("x", &t.neg().unwrap()), &want, 64).1 > 1.0);
+}
+
+#[test]
+fn one_dreambooth_step_matches_pytorch() {
+    let g = common::load_golden("dreambooth-step");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/dreambooth-step.json")).unwrap()).unwrap();
+    let preset = Method::Dreambooth.preset(&[]).unwrap();
+    let caption = "<new1> cat and <new2> dog";
+    let concepts = parse_concepts(caption, &modifier_tokens_in(caption), &["pll".into(), "ktn".into()]).unwrap();
+    let model =
+        Personalized::load(&common::fixture("sd1-tiny"), &LoadOptions::default(), &concepts, preset.unet_trainable).unwrap();
+    assert_eq!(model.modifier_ids, vec![49408, 49409]);
+
+    // Every UNet tensor trains, by the reference's (diffusers') names.
+    let names: Vec<&str> = model.unet_vars.iter().map(|(n, _)| n.as_str()).collect();
+    let want_names: Vec<&str> = meta["unet_params"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(names, want_names);
+    assert_eq!(names.len(), 494);
+
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let captions = meta["captions"].as_array().unwrap();
+    for (i, c) in captions.iter().enumerate() {
+        assert_eq!(model.sd.tokenizer.encode(c.as_str().unwrap()).ids, ids.get(i).unwrap().to_vec1::<u32>().unwrap());
+    }
+    let schedule = NoiseSchedule::new(model.sd.scheduler_config.clone());
+    // DreamBooth has no attention loss: no sample needs concept positions.
+    let batch = MicroBatch {
+        ids,
+        x0: g["x0"].clone(),
+        noise: g["noise"].clone(),
+        timesteps: g["timesteps"].clone(),
+        mask: g["mask"].clone(),
+        targets: vec![None; 3],
+    };
+    let losses = forward_losses(&model, &schedule, &batch, &preset.loss).unwrap();
+    let ours = losses.total.to_scalar::<f32>().unwrap() as f64;
+    let want = g["loss.total"].to_vec1::<f32>().unwrap()[0] as f64;
+    let rel = (ours - want).abs() / want;
+    println!("loss: {ours:.7} vs {want:.7} (rel {rel:.2e})");
+    assert!(rel <= 1e-4, "loss rel err {rel}");
+
+    let grads = losses.total.backward().unwrap();
+    let trainable = model.trainable(preset.train_embeddings);
+    assert_eq!(trainable.len(), 494 + 1);
+    let mut worst = (0.0f64, 0.0f64, 0.0f64, String::new());
+    let mut grad_list = Vec::new();
+    for (name, var) in &trainable {
+        let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
+        if name == "token_embeddings" {
+            for (row, tok) in ["<new1>", "<new2>"].iter().enumerate() {
+                let err = common::rel_err(&grad.get(row).unwrap(), &g[&format!("grad.embedding.{tok}")]);
+                println!("grad.embedding.{tok}: rel err {err:.2e}");
+                assert!(err <= 1e-3, "grad of {tok}: rel err {err}");
+            }
+        } else {
+            let s = summary(name, grad);
+            let (en, ep, es) = summary_errors(&s, &g[&format!("grad.{name}")].to_vec1::<f32>().unwrap(), grad.elem_count());
+            assert!(en <= 1e-3 && ep <= 1e-3 && es <= 1e-3, "grad of {name}: rel err norm {en:.2e}, projections {ep:.2e}, sum {es:.2e}");
+            if ep > worst.1 {
+                worst.3 = name.clone();
+            }
+            worst = (worst.0.max(en), worst.1.max(ep), worst.2.max(es), worst.3);
+        }
+        grad_list.push(grad.clone());
+    }
+    println!("UNet gradients, worst rel err: norm {:.2e}, projections {:.2e} ({}), sum {:.2e}", worst.0, worst.1, worst.3, worst.2);
+
+    // Frozen: the VAE and the text encoder (its table included); the UNet has no frozen tensor.
+    let mut frozen = 0;
+    for (component, store) in &model.sd.weight_stores {
+        for (name, t) in store.frozen() {
+            assert!(*component != "unet", "UNet weight {name} is frozen");
+            assert!(grads.get(&t).is_none(), "frozen {component} weight {name} got a gradient");
+            frozen += 1;
+        }
+    }
+    println!("{frozen} frozen tensors checked");
+    assert!(frozen > 100, "only {frozen} frozen tensors checked");
+    assert!(grads.get(model.sd.text_encoder.token_embedding()).is_none());
+
+    // One AdamW step (lr 1e-3 and eps 1e-4 as the reference: with eps 1e-8 the first step
+    // g / (|g| + eps) is ill-conditioned at the ~1e-8 gradient elements a whole UNet has).
+    let before: Vec<Tensor> = trainable.iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
+    assert_eq!(meta["adamw"]["eps"].as_f64(), Some(1e-4));
+    let mut opt = AdamW::new(trainable.clone(), AdamWConfig { lr: 1e-3, eps: meta["adamw"]["eps"].as_f64().unwrap(), ..Default::default() }).unwrap();
+    opt.step(&grad_list).unwrap();
+    let mut worst_update = 0.0f64;
+    for (i, (name, var)) in trainable.iter().enumerate() {
+        let ours = (var.as_tensor() - &before[i]).unwrap();
+        if name == "token_embeddings" {
+            for (row, tok) in ["<new1>", "<new2>"].iter().enumerate() {
+                let err = common::rel_err(&ours.get(row).unwrap(), &g[&format!("update.embedding.{tok}")]);
+                assert!(err <= 1e-3, "update of {tok}: rel err {err}");
+            }
+        } else {
+            let s = summary(name, &ours);
+            let (en, ep, es) = summary_errors(&s, &g[&format!("update.{name}")].to_vec1::<f32>().unwrap(), ours.elem_count());
+            assert!(en <= 1e-3 && ep <= 1e-3 && es <= 1e-3, "update of {name}: rel err norm {en:.2e}, projections {ep:.2e}, sum {es:.2e}");
+            worst_update = worst_update.max(en).max(ep);
+        }
+    }
+    println!("AdamW updates, worst rel err {worst_update:.2e}");
+}
+
+/// [`one_dreambooth_step_matches_pytorch`] on the generic candle path (fused CPU kernels off, in
+/// a child process that asserts the library took the switch).
+#[test]
+fn one_dreambooth_step_matches_pytorch_with_kernels_off() {
+    if common::kernels_switched_off() {
+        common::assert_kernel_switch_honoured();
+        return;
+    }
+    common::run_with_kernels_off(&["one_dreambooth_step_matches_pytorch", "one_dreambooth_step_matches_pytorch_with_kernels_off"]);
+}

@@ -1,0 +1,111 @@
+"""diffusers loads the folder `disendiff train --method dreambooth` writes (OUT/model), and its
+images are the golden files tests/dreambooth_cli.rs compares `disendiff generate --model
+OUT/model` with (contract: TRAIN_FIXTURES.md, "DreamBooth").
+
+Runs the Rust test's exact training command (TRAIN below, recorded in the json) with the given
+binary, then with diffusers / transformers only:
+- `StableDiffusionPipeline.from_pretrained(OUT/model)`; the tokenizer maps `<new1>` / `<new2>`
+  to 49408 / 49409 and splits them out of a prompt; the text encoder's table has 49410 rows, the
+  new ones the trained rows; every UNet tensor differs from the base's;
+- the images of CALL on golden/export-latents.safetensors -> golden/dreambooth-0000{0,1}.png,
+  and the same with the base UNet put back (golden/dreambooth-baseunet-0000{0,1}.png), which
+  must differ clearly (so a generate that ignored the fine-tuned UNet fails the Rust test).
+
+    python tools/reference/make_dreambooth_check.py --bin target/release/disendiff
+"""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+import diffusers
+import transformers
+
+torch.set_num_threads(2)
+torch.use_deterministic_algorithms(True)
+diffusers.utils.logging.set_verbosity_error()
+transformers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()
+
+ROOT = Path(__file__).resolve().parents[2]
+GEN = "tools/reference/make_dreambooth_check.py"
+# The Rust test's command after `train --out OUT` (run in the repository root).
+TRAIN = ["--model", "tests/fixtures/sd1-tiny", "--image", "tests/fixtures/golden/sd1-pipe-00000.png",
+         "--caption", "<new1> cat and <new2> dog", "--method", "dreambooth", "--resolution", "64",
+         "--max-train-steps", "2", "--learning-rate", "1e-3", "--num-class-images", "2",
+         "--checkpointing-steps", "1"]
+CALL = dict(prompt="photo of a <new1> cat", negative_prompt="", num_inference_steps=10, guidance_scale=6.0, eta=0.0,
+            height=64, width=64, num_images_per_prompt=2)
+
+
+def images(pipe, latents):
+    with torch.no_grad():
+        return pipe(**CALL, latents=latents.clone(), output_type="pil").images
+
+
+def mad(a, b):
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", type=Path, default=ROOT / "target/release/disendiff")
+    ap.add_argument("--golden", type=Path, default=ROOT / "tests/fixtures/golden")
+    args = ap.parse_args()
+    golden = args.golden
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        subprocess.run([str(args.bin.resolve()), "train", "--out", str(out), *TRAIN], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+        folder = out / "model"
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None)
+        tok, te = pipe.tokenizer, pipe.text_encoder
+        ids = tok.convert_tokens_to_ids(["<new1>", "<new2>"])
+        assert ids == [49408, 49409], ids
+        enc = tok("photo of a <new1> cat and <new2> dog").input_ids
+        assert 49408 in enc and 49409 in enc, enc
+        table = te.get_input_embeddings().weight
+        assert table.shape[0] == 49410 == te.config.vocab_size, table.shape
+        base_te = load_file(str(ROOT / "tests/fixtures/sd1-tiny/text_encoder/model.safetensors"))
+        key = "embeddings.token_embedding.weight"
+        assert torch.equal(table[:49408].detach(), base_te[key].to(table.dtype)), "the base rows changed"
+        base_unet = UNet2DConditionModel.from_pretrained(ROOT / "tests/fixtures/sd1-tiny", subfolder="unet").float()
+        base_sd = base_unet.state_dict()
+        tuned = pipe.unet.state_dict()
+        assert set(tuned) == set(base_sd)
+        same = [k for k in tuned if torch.equal(tuned[k], base_sd[k].to(tuned[k].dtype))]
+        assert same == [], same
+        latents = load_file(str(golden / "export-latents.safetensors"))["latents"]
+        tuned_imgs = images(pipe, latents)
+        pipe.unet = base_unet
+        base_imgs = images(pipe, latents)
+        diffs = [mad(a, b) for a, b in zip(tuned_imgs, base_imgs)]
+        assert min(diffs) >= 3.0, diffs
+        for i, (a, b) in enumerate(zip(tuned_imgs, base_imgs)):
+            a.save(golden / f"dreambooth-{i:05d}.png")
+            b.save(golden / f"dreambooth-baseunet-{i:05d}.png")
+        info = {
+            "generator": GEN, "train_args": TRAIN, "call": CALL, "latents": "export-latents.safetensors",
+            "new_token_ids": ids, "text_encoder_vocab_size": int(te.config.vocab_size),
+            "unet_tensors_changed": len(tuned), "unet_tensors": len(tuned),
+            "mean_abs_diff_vs_base_unet": diffs,
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__},
+        }
+        (golden / "dreambooth-check.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Golden values of one DreamBooth training step (contract: TRAIN_FIXTURES.md, "DreamBooth").
+
+The DisenDiff step of make_train_fixtures.py (same tiny pipeline, tokens, initialisers, seed,
+captions and timesteps, imported from it) turned into the DreamBooth baseline of
+shared/spec/method.md section 8: EVERY UNet parameter trains, the two new token rows train, the
+rest of the text encoder and the VAE stay frozen, no gradient mask (no start-token K/V detach,
+no modifier-rows-only mask), no attention loss, loss masks all ones (no augmentation), and the
+class-image sample of the batch weighted as the instance samples (prior loss weight 1).
+
+The full gradient set of the tiny UNet is 555k floats; to keep the fixture small each tensor is
+stored as its sum, its sum of squares and K = 8 projections onto pseudo-random vectors that the
+Rust test regenerates bit for bit (`probe_vector`, below: SplitMix64 of the tensor name's FNV-1a
+hash and the element index, 24-bit values in [-1, 1), exact in float32). A wrong gradient
+(missing, zero, a wrong term) moves the projections by its relative error.
+
+    python tools/reference/make_dreambooth_fixtures.py [--model tests/fixtures/sd1-tiny] \
+        [--out tests/fixtures/golden]
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_train_fixtures as base  # noqa: E402  (sets threads, determinism, logging)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers.masking_utils import create_causal_mask  # noqa: E402
+
+GEN = "tools/reference/make_dreambooth_fixtures.py"
+K = 8
+M64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+# PyTorch's eps 1e-8 makes the first AdamW step g / (|g| + eps) ill-conditioned at elements with
+# |g| near 1e-8, which whole-UNet gradients have (layer-norm biases, ~1e-5 relative float noise
+# of a tensor's gradient is ~1e-8 absolute there and flips their update). eps 1e-4 keeps the
+# update a well-conditioned function of the gradient; eps 1e-8 is checked by train-step.
+ADAMW = dict(base.ADAMW, eps=1e-4)
+
+
+def fnv1a64(s: str) -> int:
+    h = 0xCBF29CE484222325
+    for b in s.encode():
+        h = ((h ^ b) * 0x100000001B3) & M64
+    return h
+
+
+def probe_vector(name: str, k: int, n: int) -> np.ndarray:
+    """r_k[i] = ((splitmix64(fnv1a64(name) + (k * 2^32 + i) * GOLDEN) >> 40) / 2^23) - 1."""
+    with np.errstate(over="ignore"):
+        i = np.arange(n, dtype=np.uint64)
+        z = np.uint64(fnv1a64(name)) + (np.uint64(k << 32) + i) * np.uint64(GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(40)).astype(np.float64) / float(1 << 23) - 1.0
+
+
+def summary(name: str, t: torch.Tensor) -> torch.Tensor:
+    """[sum, sum of squares, p_1..p_K] in float64, stored as float32."""
+    x = t.detach().double().flatten().numpy()
+    out = [x.sum(), (x * x).sum()] + [float(x @ probe_vector(name, k, x.size)) for k in range(K)]
+    return torch.tensor(out, dtype=torch.float64).float()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=base.ROOT / "tests/fixtures/sd1-tiny")
+    ap.add_argument("--out", type=Path, default=base.ROOT / "tests/fixtures/golden")
+    args = ap.parse_args()
+    t0 = time.time()
+    folder = args.model
+
+    # self-check of the probe vectors against values written out by hand from the formula
+    assert fnv1a64("") == 0xCBF29CE484222325 and fnv1a64("a") == 0xAF63DC4C8601EC8C
+    r = probe_vector("conv_in.weight", 3, 5)
+    assert np.all(np.abs(r) <= 1.0) and len(set(r.tolist())) == 5
+
+    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    tok.add_tokens(base.NEW_TOKENS)
+    new_ids = tok.convert_tokens_to_ids(base.NEW_TOKENS)
+    assert new_ids == [49408, 49409], new_ids
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32).eval()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().eval()
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").float().eval()
+    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    te.requires_grad_(False)
+    vae.requires_grad_(False)
+    unet.requires_grad_(True)
+    params = dict(sorted(unet.named_parameters()))
+    n_params = sum(p.numel() for p in params.values())
+
+    ids = tok(base.CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = ids.to(torch.int64)
+    g = torch.Generator().manual_seed(base.SEED)
+    x0 = torch.randn([3, 4, 16, 16], generator=g)
+    noise = torch.randn([3, 4, 16, 16], generator=g)
+    timesteps = torch.tensor(base.TIMESTEPS, dtype=torch.int64)
+    mask = torch.ones([3, 1, 16, 16])  # DreamBooth: no augmentation, so no loss mask
+
+    tok_emb = te.embeddings.token_embedding.weight.detach()
+    new_rows = torch.nn.Parameter(tok_emb[base.INIT_IDS].clone())
+    pos_ids = te.embeddings.position_ids[:, :77]
+    table = torch.cat([tok_emb, new_rows])
+    emb = F.embedding(ids, table) + te.embeddings.position_embedding(pos_ids)  # no gradient mask
+    causal = create_causal_mask(config=te.config, inputs_embeds=emb, attention_mask=None, past_key_values=None)
+    context = te.final_layer_norm(te.encoder(inputs_embeds=emb, attention_mask=causal, is_causal=True).last_hidden_state)
+    with torch.no_grad():
+        ids_init = ids.clone()
+        for i, j in zip(new_ids, base.INIT_IDS):
+            ids_init[ids_init == i] = j
+        assert torch.equal(te(ids_init).last_hidden_state, context)
+
+    noisy = sched.add_noise(x0, noise, timesteps)
+    out = unet(noisy, timesteps, encoder_hidden_states=context).sample  # default processors
+    per_sample = ((out - noise) ** 2 * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3))
+    loss = per_sample.mean()
+    # the same loss as diffusers' train_dreambooth.py (instance MSE + 1.0 * prior MSE, each a
+    # per-element mean) up to its constant factor: 4 channels, 2 instance samples of 3
+    inst = F.mse_loss(out[:2], noise[:2])
+    prior = F.mse_loss(out[2:], noise[2:])
+    assert torch.allclose(loss, 4 * (2 * inst + prior) / 3, rtol=1e-6), (loss, inst, prior)
+    loss.backward()
+
+    frozen_with_grad = [f"text_encoder.{n}" for n, p in te.named_parameters() if p.grad is not None or p.requires_grad]
+    frozen_with_grad += [f"vae.{n}" for n, p in vae.named_parameters() if p.grad is not None or p.requires_grad]
+    assert frozen_with_grad == [], frozen_with_grad
+    no_grad = [n for n, p in params.items() if p.grad is None or float(p.grad.norm()) == 0.0]
+    assert no_grad == [], no_grad
+    assert new_rows.grad is not None and float(new_rows.grad.norm()) > 0
+
+    gold = {"x0": x0, "noise": noise, "timesteps": timesteps, "mask": mask, "input_ids": ids,
+            "loss.total": loss.detach().reshape(1)}
+    for n, p in params.items():
+        gold[f"grad.{n}"] = summary(n, p.grad)
+    for i, t in enumerate(base.NEW_TOKENS):
+        gold[f"grad.embedding.{t}"] = new_rows.grad[i].detach().clone()
+
+    before = {n: p.detach().clone() for n, p in params.items()}
+    rows_before = new_rows.detach().clone()
+    opt = torch.optim.AdamW(list(params.values()) + [new_rows], **ADAMW)
+    opt.step()
+    lr, wd = ADAMW["lr"], ADAMW["weight_decay"]
+    for n, p in params.items():
+        gr = p.grad
+        exp = before[n] * (1 - lr * wd) - lr * gr / (gr.abs() + ADAMW["eps"])
+        assert torch.allclose(p.detach(), exp, atol=1e-7), n
+        gold[f"update.{n}"] = summary(n, p.detach() - before[n])
+    for i, t in enumerate(base.NEW_TOKENS):
+        gold[f"update.embedding.{t}"] = (new_rows[i] - rows_before[i]).detach().clone()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    st_path = args.out / "dreambooth-step.safetensors"
+    save_file({k: v.contiguous() for k, v in gold.items()}, str(st_path), metadata={"generator": GEN})
+    re = load_file(str(st_path))
+    assert all(torch.equal(re[k], v) for k, v in gold.items())
+    settings = {
+        "generator": GEN,
+        "captions": base.CAPTIONS,
+        "class_samples": [2],
+        "timesteps": base.TIMESTEPS,
+        "seed": base.SEED,
+        "probes": K,
+        "summary": "[sum, sum of squares, p_1..p_K], p_k = sum_i x_i r_k[i] (probe_vector)",
+        "adamw": {"lr": lr, "betas": list(ADAMW["betas"]), "eps": ADAMW["eps"], "weight_decay": wd},
+        "unet_params": list(params),
+        "unet_param_count": n_params,
+        "loss": loss.item(),
+        "diffusers_dreambooth_loss": {"instance": inst.item(), "prior": prior.item()},
+        "grad_norms": {n: float(p.grad.norm()) for n, p in params.items()},
+        "frozen_with_grad": frozen_with_grad,
+        "versions": base.versions(),
+    }
+    (args.out / "dreambooth-step.json").write_text(json.dumps(settings, indent=2) + "\n")
+    print(f"{len(params)} UNet tensors ({n_params:,} parameters) + 2 rows; loss {loss.item():.6f}")
+    norms = sorted(settings["grad_norms"].values())
+    print(f"grad norms: min {norms[0]:.3e}, median {norms[len(norms) // 2]:.3e}, max {norms[-1]:.3e}")
+    for p in (st_path, args.out / "dreambooth-step.json"):
+        print(f"  {p.name}  {p.stat().st_size:,} bytes")
+    print(f"{time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
