@@ -52,7 +52,7 @@ pub struct TrainConfig {
 impl TrainConfig {
     pub fn to_json(&self) -> serde_json::Value {
         let loss = &self.preset.loss;
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "method": self.preset.name(), "caption": self.caption, "template": self.template,
             "steps": self.steps, "batch_size": self.batch_size, "gradient_accumulation_steps": self.grad_accum,
             "learning_rate": self.adamw.lr, "adam_beta1": self.adamw.beta1, "adam_beta2": self.adamw.beta2,
@@ -66,7 +66,12 @@ impl TrainConfig {
             "unet_trainable": format!("{:?}", self.preset.unet_trainable),
             "train_embeddings": self.preset.train_embeddings,
             "resolution": self.resolution, "augment": self.augment, "seed": self.seed,
-        })
+        });
+        // Only named when not PyTorch's f32, so that earlier runs' settings still match.
+        if self.adamw.state_dtype != candle_core::DType::F32 {
+            json["adam_state_dtype"] = format!("{:?}", self.adamw.state_dtype).to_lowercase().into();
+        }
+        json
     }
 }
 
