@@ -12,8 +12,8 @@
 #   CARGO_TARGET_DIR  cargo's target dir (default target-cuda-gpu beside the repo)
 #   CUDA_COMPUTE_CAP  GPU architecture (default 90: H100/H200, sm_90)
 #   PYTHON            a python with pip (default python3)
-# --tests also builds the integration-test executables (cargo test --no-run) and writes their
-# paths to $CARGO_TARGET_DIR/release/cuda-test-bins.txt (tools/gpu/check.sh carries them).
+# --tests also builds the CUDA golden-test executable (cargo test --no-run --test gpu_parity)
+# and writes its path to $CARGO_TARGET_DIR/release/cuda-test-bins.txt (tools/gpu/pack.sh packs it).
 #
 # Idempotent: the wheels are installed once (a marker file records the set), the stub is
 # regenerated only when missing, and cargo rebuilds only what changed.
@@ -81,7 +81,7 @@ echo "== cargo build --release --features cuda: $(( $(date +%s) - start )) s"
 ls -l "$CARGO_TARGET_DIR/release/disendiff"
 if [[ ${1:-} == --tests ]]; then
     start=$(date +%s)
-    nice cargo test --release --features cuda --no-run --message-format=json 2>/dev/null \
+    nice cargo test --release --features cuda --no-run --test gpu_parity --message-format=json 2>"$CARGO_TARGET_DIR/cuda-tests.log" \
         | "$python" -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
