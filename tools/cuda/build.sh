@@ -18,7 +18,7 @@
 # Idempotent: the wheels are installed once (a marker file records the set), the stub is
 # regenerated only when missing, and cargo rebuilds only what changed.
 # Needs at run time: an NVIDIA driver for CUDA >= 13.0 (driver >= 580), and the CUDA 13
-# libraries libcublas.so.13, libcublasLt.so.13, libcurand.so.10 and libnvrtc.so.13 on the
+# libraries libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10 and libnvrtc.so.13 on the
 # loader path (PyTorch cu130 wheels ship them; tools/gpu/check.sh finds them there).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
