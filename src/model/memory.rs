@@ -388,7 +388,8 @@ pub fn sd15_gpu_training_plan() -> Result<GpuPlan> {
     )?;
     let unet_params = unet_parameters(&unet)?;
     let s = Shapes::from_configs(&unet, &VaeConfig::default(), 77, DType::F32, false)?;
-    let t = Training { resolution: 512, batch: 2, attn_resolution: 16 };
+    // the plan counts its own trainable K/V and their state (gpu_training_row)
+    let t = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 0, grad_accum: 1, state_bytes: 8 };
     let combos = [(false, false, false), (true, false, false), (true, true, false), (true, true, true), (false, true, false), (false, true, true)];
     let mut rows = Vec::new();
     for (mixed_precision, no_full_probabilities, checkpointing) in combos {
