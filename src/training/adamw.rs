@@ -66,6 +66,8 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for (i, ((_, var), g)) in self.params.iter().zip(grads).enumerate() {
+            // a gradient still attached to its forward graph would keep it alive through m and v
+            let g = &g.detach();
             let p = (var.as_tensor() * (1.0 - c.lr * c.weight_decay))?;
             let m_prev = self.exp_avg[i].to_dtype(var.dtype())?;
             let v_prev = self.exp_avg_sq[i].to_dtype(var.dtype())?;

@@ -233,8 +233,13 @@ impl Trainer {
                 let Some(g) = grads.get(var.as_tensor()) else {
                     bail!("{name} received no gradient: it does not influence the loss");
                 };
+                // candle leaves a variable's gradient attached to the forward graph (its
+                // backward detaches only the inner nodes' gradients): kept in the sum or in
+                // AdamW's state, it would keep every step's activations alive. DreamBooth's conv
+                // weights grew the process by the forward's size each step.
+                let g = g.detach();
                 sums[i] = Some(match sums[i].take() {
-                    None => g.clone(),
+                    None => g,
                     Some(s) => (s + g)?,
                 });
             }
