@@ -35,16 +35,15 @@ pub struct CheckArgs {
     /// Prompts of each kind and attention scenes.
     #[arg(long, default_value_t = 50)]
     pub n: usize,
-    /// The training sets whose captions count as seen: `toy scenes --seed S --n N
-    /// --unnamed-share F` for each F given (the shipped model saw 0 and then 0.25).
-    #[arg(long, default_value_t = 1)]
-    pub train_seed: u64,
+    /// The training sets whose captions count as seen, each `SEED:UNNAMED_SHARE` or
+    /// `SEED:UNNAMED_SHARE:MIN-MAX` (objects per scene), as `toy scenes --seed S --unnamed-share F
+    /// --min-objects MIN --max-objects MAX` wrote them. The shipped model's runs:
+    /// tools/toyworld/README.md.
+    #[arg(long, value_delimiter = ',', default_value = "1:0,1:0.25", value_name = "SET,..")]
+    pub train_sets: Vec<crate::toyworld::model_check::TrainingSet>,
     /// Scenes in each of those training sets (`toy scenes --n`).
     #[arg(long, default_value_t = 20000)]
     pub train_n: usize,
-    /// Unnamed-look shares of those training sets (`toy scenes --unnamed-share`).
-    #[arg(long, value_delimiter = ',', default_value = "0,0.25", value_name = "F,..")]
-    pub train_unnamed_shares: Vec<f32>,
     /// DDIM steps of each generated image.
     #[arg(long, default_value_t = 30, visible_alias = "steps", alias = "num_inference_steps")]
     pub num_inference_steps: usize,
@@ -61,7 +60,7 @@ fn check_model(a: CheckArgs) -> Result<()> {
     let dir = a.model.clone().unwrap_or_else(crate::toyworld::experiment::default_toy_model);
     crate::toyworld::experiment::check_toy_model(&dir)?;
     let sd = crate::model::sd::StableDiffusion::load(&dir, &Default::default())?;
-    let seen = crate::toyworld::model_check::training_captions(a.train_seed, a.train_n, &a.train_unnamed_shares)?;
+    let seen = crate::toyworld::model_check::training_captions(&a.train_sets, a.train_n)?;
     eprintln!("{} distinct training captions", seen.len());
     let r = crate::toyworld::model_check::check(&sd, &seen, a.n, a.num_inference_steps, a.guidance_scale, a.seed)?;
     println!("{}", serde_json::to_string_pretty(&r)?);

@@ -103,14 +103,46 @@ impl Sums {
     }
 }
 
-/// The captions of the training sets (`n` scenes of `seed`, one set per unnamed share), to
-/// keep test prompts unseen.
-pub fn training_captions(seed: u64, n: usize, unnamed_shares: &[f32]) -> anyhow::Result<HashSet<String>> {
+/// One training set of a toy base model: the scenes `toy scenes --seed S --n N --unnamed-share F
+/// --min-objects A --max-objects B` wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingSet {
+    pub seed: u64,
+    pub unnamed_share: f32,
+    pub min_objects: usize,
+    pub max_objects: usize,
+}
+
+impl std::str::FromStr for TrainingSet {
+    type Err = String;
+
+    /// `SEED:SHARE` or `SEED:SHARE:MIN-MAX`, e.g. `1:0.25` or `4:0.3:2-2`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("training set {s:?}: expected SEED:UNNAMED_SHARE or SEED:UNNAMED_SHARE:MIN-MAX (e.g. 1:0.25, 4:0.3:2-2)");
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() < 2 || parts.len() > 3 {
+            return Err(bad());
+        }
+        let seed = parts[0].trim().parse().map_err(|_| bad())?;
+        let unnamed_share = parts[1].trim().parse().map_err(|_| bad())?;
+        let (min_objects, max_objects) = match parts.get(2) {
+            None => (WorldSpec::default().min_objects, WorldSpec::default().max_objects),
+            Some(r) => {
+                let (a, b) = r.split_once('-').ok_or_else(bad)?;
+                (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?)
+            }
+        };
+        Ok(TrainingSet { seed, unnamed_share, min_objects, max_objects })
+    }
+}
+
+/// The captions of the training sets (`n` scenes each), to keep test prompts unseen.
+pub fn training_captions(sets: &[TrainingSet], n: usize) -> anyhow::Result<HashSet<String>> {
     let mut seen = HashSet::new();
-    for &unnamed_share in unnamed_shares {
-        let spec = WorldSpec { unnamed_share, ..WorldSpec::default() };
+    for set in sets {
+        let spec = WorldSpec { unnamed_share: set.unnamed_share, min_objects: set.min_objects, max_objects: set.max_objects, ..WorldSpec::default() };
         spec.validate()?;
-        seen.extend((0..n as u64).map(|i| caption(&random_scene(&mut util::seeded_rng(scene_seed(seed, i)), &spec))));
+        seen.extend((0..n as u64).map(|i| caption(&random_scene(&mut util::seeded_rng(scene_seed(set.seed, i)), &spec))));
     }
     Ok(seen)
 }
@@ -310,4 +342,26 @@ fn class_map_ious(
         per_side.push((side, ious));
     }
     Ok(per_side)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn training_sets_parse_and_name_their_scenes() {
+        let two: TrainingSet = "4:0.3:2-2".parse().unwrap();
+        assert_eq!(two, TrainingSet { seed: 4, unnamed_share: 0.3, min_objects: 2, max_objects: 2 });
+        let d = WorldSpec::default();
+        let any: TrainingSet = "1:0.25".parse().unwrap();
+        assert_eq!((any.min_objects, any.max_objects), (d.min_objects, d.max_objects));
+        for bad in ["1", "x:0.2", "1:0.2:3", "1:0.2:2-x", "1:0.2:1-2:5"] {
+            assert!(bad.parse::<TrainingSet>().is_err(), "{bad}");
+        }
+        // Every caption of a two-object set names two objects (as `toy scenes` writes them).
+        let seen = training_captions(&[two], 50).unwrap();
+        assert!(!seen.is_empty() && seen.iter().all(|c| c.matches(" and ").count() == 1), "{seen:?}");
+        let bad_range: TrainingSet = "1:0:3-1".parse().unwrap();
+        assert!(training_captions(&[bad_range], 5).is_err());
+    }
 }

@@ -155,7 +155,10 @@ def load_scenes(folder, with_masks):
 
 def stage_data(a):
     t0 = time.time()
-    tr = load_scenes(a.scenes, False)
+    # --scenes may name several folders (comma-separated): their scenes are concatenated, e.g. a
+    # general set and a set of two-object scenes.
+    parts = [load_scenes(f, False) for f in a.scenes.split(",")]
+    tr = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     np.savez(os.path.join(a.work, "data_train.npz"), **tr)
     va = load_scenes(a.val_scenes, True)
     np.savez(os.path.join(a.work, "data_val.npz"), **va)
@@ -602,7 +605,8 @@ def stage_eval(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenes", default="/tmp/toyscenes")
+    p.add_argument("--scenes", default="/tmp/toyscenes",
+                   help="training scene folder(s) of `disendiff toy scenes`, comma-separated")
     p.add_argument("--val-scenes", default="/tmp/toyscenes_val")
     p.add_argument("--work", default="/tmp/toywork")
     p.add_argument("--out", default=os.path.join(REPO, "assets", "toy-model"))
