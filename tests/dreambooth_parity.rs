@@ -3,7 +3,9 @@
 //! (tools/reference/make_dreambooth_fixtures.py, contract in tools/reference/TRAIN_FIXTURES.md):
 //! the loss, the gradient of every UNet tensor (by its sum, its sum of squares and 8 projections
 //! onto pseudo-random vectors regenerated here bit for bit), the new rows' gradients, no
-//! gradient for any frozen tensor, and one AdamW update.
+//! gradient for any frozen tensor, and one AdamW update. A second case trains the whole text
+//! encoder as well (`--train-text-encoder`, golden `dreambooth-te-step`): every text encoder
+//! tensor's gradient and update too, the VAE the only frozen part.
 
 mod common;
 
@@ -73,15 +75,34 @@ fn probe_vectors_are_the_references() {
 
 #[test]
 fn one_dreambooth_step_matches_pytorch() {
-    let g = common::load_golden("dreambooth-step");
+    check_step("dreambooth-step", false);
+}
+
+#[test]
+fn one_dreambooth_step_with_text_encoder_matches_pytorch() {
+    check_step("dreambooth-te-step", true);
+}
+
+fn check_step(stem: &str, train_te: bool) {
+    let g = common::load_golden(stem);
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/dreambooth-step.json")).unwrap()).unwrap();
-    let preset = Method::Dreambooth.preset(&[]).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(common::fixture(&format!("golden/{stem}.json"))).unwrap()).unwrap();
+    assert_eq!(meta["train_text_encoder"].as_bool(), Some(train_te));
+    let mut preset = Method::Dreambooth.preset(&[]).unwrap();
+    preset.set_train_text_encoder(train_te).unwrap();
     let caption = "<new1> cat and <new2> dog";
     let concepts = parse_concepts(caption, &modifier_tokens_in(caption), &["pll".into(), "ktn".into()]).unwrap();
-    let model =
+    let mut model =
         Personalized::load(&common::fixture("sd1-tiny"), &LoadOptions::default(), &concepts, preset.unet_trainable).unwrap();
+    if preset.train_text_encoder {
+        model.train_text_encoder().unwrap();
+    }
     assert_eq!(model.modifier_ids, vec![49408, 49409]);
+    // The text encoder's trainable tensors, by the reference's names (all of them, or none).
+    let te_names: Vec<String> = model.text_encoder_vars.iter().map(|(n, _)| format!("text_encoder.{n}")).collect();
+    let want_te: Vec<String> = meta["text_encoder_params"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(te_names, want_te);
+    assert_eq!(te_names.len(), if train_te { 2 + 2 * 16 + 2 } else { 0 });
 
     // Every UNet tensor trains, by the reference's (diffusers') names.
     let names: Vec<&str> = model.unet_vars.iter().map(|(n, _)| n.as_str()).collect();
@@ -113,8 +134,9 @@ fn one_dreambooth_step_matches_pytorch() {
 
     let grads = losses.total.backward().unwrap();
     let trainable = model.trainable(preset.train_embeddings);
-    assert_eq!(trainable.len(), 494 + 1);
+    assert_eq!(trainable.len(), 494 + te_names.len() + 1);
     let mut worst = (0.0f64, 0.0f64, 0.0f64, String::new());
+    let mut worst_te = (0.0f64, 0.0f64, 0.0f64, String::new());
     let mut grad_list = Vec::new();
     for (name, var) in &trainable {
         let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
@@ -128,27 +150,39 @@ fn one_dreambooth_step_matches_pytorch() {
             let s = summary(name, grad);
             let (en, ep, es) = summary_errors(&s, &g[&format!("grad.{name}")].to_vec1::<f32>().unwrap(), grad.elem_count());
             assert!(en <= 1e-3 && ep <= 1e-3 && es <= 1e-3, "grad of {name}: rel err norm {en:.2e}, projections {ep:.2e}, sum {es:.2e}");
-            if ep > worst.1 {
-                worst.3 = name.clone();
+            let w = if name.starts_with("text_encoder.") { &mut worst_te } else { &mut worst };
+            if ep > w.1 {
+                w.3 = name.clone();
             }
-            worst = (worst.0.max(en), worst.1.max(ep), worst.2.max(es), worst.3);
+            *w = (w.0.max(en), w.1.max(ep), w.2.max(es), w.3.clone());
         }
         grad_list.push(grad.clone());
     }
     println!("UNet gradients, worst rel err: norm {:.2e}, projections {:.2e} ({}), sum {:.2e}", worst.0, worst.1, worst.3, worst.2);
+    if train_te {
+        println!(
+            "text encoder gradients, worst rel err: norm {:.2e}, projections {:.2e} ({}), sum {:.2e}",
+            worst_te.0, worst_te.1, worst_te.3, worst_te.2
+        );
+    }
 
-    // Frozen: the VAE and the text encoder (its table included); the UNet has no frozen tensor.
+    // Frozen: the VAE and, unless it trains, the text encoder (its table included); the UNet
+    // has no frozen tensor. A trained text encoder's store still lists its file tensors, which
+    // the model no longer uses: they must get no gradient either.
     let mut frozen = 0;
     for (component, store) in &model.sd.weight_stores {
         for (name, t) in store.frozen() {
             assert!(*component != "unet", "UNet weight {name} is frozen");
             assert!(grads.get(&t).is_none(), "frozen {component} weight {name} got a gradient");
-            frozen += 1;
+            if *component == "vae" || !train_te {
+                frozen += 1;
+            }
         }
     }
     println!("{frozen} frozen tensors checked");
     assert!(frozen > 100, "only {frozen} frozen tensors checked");
-    assert!(grads.get(model.sd.text_encoder.token_embedding()).is_none());
+    let table_grad = grads.get(model.sd.text_encoder.token_embedding());
+    assert_eq!(table_grad.is_some(), train_te, "the vocabulary table's gradient");
 
     // One AdamW step (lr 1e-3 and eps 1e-4 as the reference: with eps 1e-8 the first step
     // g / (|g| + eps) is ill-conditioned at the ~1e-8 gradient elements a whole UNet has).
@@ -182,5 +216,9 @@ fn one_dreambooth_step_matches_pytorch_with_kernels_off() {
         common::assert_kernel_switch_honoured();
         return;
     }
-    common::run_with_kernels_off(&["one_dreambooth_step_matches_pytorch", "one_dreambooth_step_matches_pytorch_with_kernels_off"]);
+    common::run_with_kernels_off(&[
+        "one_dreambooth_step_matches_pytorch",
+        "one_dreambooth_step_with_text_encoder_matches_pytorch",
+        "one_dreambooth_step_matches_pytorch_with_kernels_off",
+    ]);
 }

@@ -92,6 +92,10 @@ pub struct Args {
     /// Training image side in pixels (default: the model's native size).
     #[arg(long)]
     pub resolution: Option<usize>,
+    /// Fine-tune every text encoder tensor as well, its token table included, at the same
+    /// learning rate (dreambooth only; diffusers' --train_text_encoder).
+    #[arg(long, alias = "train_text_encoder")]
+    pub train_text_encoder: bool,
     /// Turn off Custom Diffusion's scale/crop augmentation (dreambooth has none).
     #[arg(long, alias = "noaug")]
     pub no_augment: bool,
@@ -167,6 +171,7 @@ pub fn run(a: Args) -> Result<()> {
         None => modifier_tokens_in(&a.caption),
     };
     let mut preset = a.method.preset(&a.ablation)?;
+    preset.set_train_text_encoder(a.train_text_encoder)?;
     if !a.template.contains("{}") {
         bail!("--template must contain {{}} where the caption goes, got {:?}", a.template);
     }
@@ -233,7 +238,10 @@ pub fn run(a: Args) -> Result<()> {
         bail!("regularisation images take half of each micro-batch: use --train-batch-size 2 or more with --reg-dir or --num-class-images");
     }
     eprintln!("loading {}", a.model.model.display());
-    let model = load_base(&a.model.model, &opts, &a.loras, &concepts, preset.unet_trainable)?;
+    let mut model = load_base(&a.model.model, &opts, &a.loras, &concepts, preset.unet_trainable)?;
+    if preset.train_text_encoder {
+        model.train_text_encoder()?;
+    }
     for c in &concepts {
         let pieces = class_word_pieces(&model.sd.tokenizer, &c.class_word);
         if pieces > 1 {

@@ -9,12 +9,16 @@
 //! set_extra_embeddings`]): frozen vocabulary rows stay plain tensors, the new modifier rows can
 //! be trainable variables, and [`ClipTextModel::embed`] / [`ClipTextModel::encode_embeddings`]
 //! split the forward pass so a trainer can mask gradients between them.
+//!
+//! [`ClipTextModel::make_trainable`] turns every weight (the vocabulary table included) into a
+//! trainable variable, for fine-tuning the whole text encoder (DreamBooth's
+//! `--train-text-encoder`).
 
 use super::nn::{LayerNorm, Linear};
 use super::ops;
 use super::weights::Vb;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -216,6 +220,53 @@ impl ClipTextModel {
 
     pub fn extra_embeddings(&self) -> Option<&Tensor> {
         self.extra_embeddings.as_ref()
+    }
+
+    /// Every weight by its transformers name without the `text_model.` prefix
+    /// (`embeddings.token_embedding.weight`, `encoder.layers.0.self_attn.q_proj.weight`, ...).
+    fn weights_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut v: Vec<(String, &mut Tensor)> = vec![
+            ("embeddings.token_embedding.weight".into(), &mut self.token_embedding),
+            ("embeddings.position_embedding.weight".into(), &mut self.position_embedding),
+        ];
+        fn linear<'a>(v: &mut Vec<(String, &'a mut Tensor)>, name: String, l: &'a mut Linear) {
+            v.push((format!("{name}.weight"), &mut l.weight));
+            if let Some(b) = l.bias.as_mut() {
+                v.push((format!("{name}.bias"), b));
+            }
+        }
+        fn norm<'a>(v: &mut Vec<(String, &'a mut Tensor)>, name: String, n: &'a mut LayerNorm) {
+            v.push((format!("{name}.weight"), &mut n.weight));
+            v.push((format!("{name}.bias"), &mut n.bias));
+        }
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("encoder.layers.{i}");
+            let a = &mut layer.self_attn;
+            linear(&mut v, format!("{p}.self_attn.q_proj"), &mut a.q_proj);
+            linear(&mut v, format!("{p}.self_attn.k_proj"), &mut a.k_proj);
+            linear(&mut v, format!("{p}.self_attn.v_proj"), &mut a.v_proj);
+            linear(&mut v, format!("{p}.self_attn.out_proj"), &mut a.out_proj);
+            norm(&mut v, format!("{p}.layer_norm1"), &mut layer.layer_norm1);
+            linear(&mut v, format!("{p}.mlp.fc1"), &mut layer.fc1);
+            linear(&mut v, format!("{p}.mlp.fc2"), &mut layer.fc2);
+            norm(&mut v, format!("{p}.layer_norm2"), &mut layer.layer_norm2);
+        }
+        norm(&mut v, "final_layer_norm".into(), &mut self.final_layer_norm);
+        v
+    }
+
+    /// Makes every weight a trainable f32 variable (the vocabulary table included; the extra
+    /// new-token rows are the caller's own variable) and returns them by their transformers
+    /// name without the `text_model.` prefix, sorted by name.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut vars = Vec::new();
+        for (name, t) in self.weights_mut() {
+            let var = Var::from_tensor(&t.to_dtype(DType::F32)?).with_context(|| format!("text encoder weight {name}"))?;
+            *t = var.as_tensor().clone();
+            vars.push((name, var));
+        }
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(vars)
     }
 
     /// Token + position embeddings of `ids` [B, T] -> [B, T, hidden].

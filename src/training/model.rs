@@ -1,9 +1,10 @@
 //! A base model prepared for personalization: new modifier tokens with trainable embedding
-//! rows, and the trainable UNet weights (docs/method.md §2) as variables; everything else frozen.
+//! rows, and the trainable UNet weights (docs/method.md §2) as variables; everything else frozen,
+//! unless the whole text encoder trains as well ([`Personalized::train_text_encoder`]).
 
 use super::concepts::Concept;
 use super::method::UNetTrainable;
-use crate::model::sd::{LoadOptions, StableDiffusion};
+use crate::model::sd::{LoadOptions, StableDiffusion, TEXT_ENCODER_PREFIX};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 use std::path::Path;
@@ -17,6 +18,13 @@ pub struct Personalized {
     pub embeddings: Var,
     /// Trainable UNet weights with their diffusers names (sorted by name).
     pub unet_vars: Vec<(String, Var)>,
+    /// Trainable text encoder weights (DreamBooth's `--train-text-encoder`; empty otherwise), by
+    /// their transformers names without `text_model.` (sorted). With the vocabulary table
+    /// `embeddings.token_embedding.weight` trainable and the new rows in [`embeddings`](Self::embeddings),
+    /// the extended table `[vocab + n, hidden]` trains as a whole, as diffusers'
+    /// `train_dreambooth.py --train_text_encoder` trains the resized table (AdamW is elementwise,
+    /// so two variables update exactly as one).
+    pub text_encoder_vars: Vec<(String, Var)>,
 }
 
 /// Looks up an initialiser token: the exact vocabulary entry (`pll`, `ucd</w>`) or, failing
@@ -61,13 +69,23 @@ impl Personalized {
         sd.text_encoder.set_extra_embeddings(Some(embeddings.as_tensor().clone()))?;
         let mut unet_vars = sd.unet_vars.clone();
         unet_vars.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(Self { sd, concepts: concepts.to_vec(), modifier_ids, embeddings, unet_vars })
+        Ok(Self { sd, concepts: concepts.to_vec(), modifier_ids, embeddings, unet_vars, text_encoder_vars: Vec::new() })
     }
 
-    /// All trainable variables: the UNet's (by diffusers name), then `token_embedding.<token>`
-    /// rows as one `token_embeddings` variable.
+    /// Makes every text encoder weight trainable (idempotent).
+    pub fn train_text_encoder(&mut self) -> Result<()> {
+        if self.text_encoder_vars.is_empty() {
+            self.text_encoder_vars = self.sd.text_encoder.make_trainable()?;
+        }
+        Ok(())
+    }
+
+    /// All trainable variables: the UNet's (by diffusers name), the text encoder's (as
+    /// `text_encoder.<name>`, when it trains), then the new tokens' rows as one
+    /// `token_embeddings` variable.
     pub fn trainable(&self, train_embeddings: bool) -> Vec<(String, Var)> {
         let mut v = self.unet_vars.clone();
+        v.extend(self.text_encoder_vars.iter().map(|(n, var)| (format!("{TEXT_ENCODER_PREFIX}{n}"), var.clone())));
         if train_embeddings {
             v.push(("token_embeddings".to_string(), self.embeddings.clone()));
         }

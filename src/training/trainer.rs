@@ -65,6 +65,7 @@ impl TrainConfig {
             "gaussian": loss.calibration.gaussian, "masks": loss.masks,
             "unet_trainable": format!("{:?}", self.preset.unet_trainable),
             "train_embeddings": self.preset.train_embeddings,
+            "train_text_encoder": self.preset.train_text_encoder,
             "resolution": self.resolution, "augment": self.augment, "seed": self.seed,
         })
     }
@@ -353,7 +354,9 @@ impl Trainer {
         let tokens: Vec<(String, u32)> =
             self.model.concepts.iter().zip(&self.model.modifier_ids).map(|(c, &id)| (c.modifier.clone(), id)).collect();
         let unet = self.unet_weights();
-        let ft = diffusers_model::FineTuned { unet: &unet, tokens: &tokens, rows: self.model.embeddings.as_tensor() };
+        let text_encoder: Vec<(String, Tensor)> =
+            self.model.text_encoder_vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let ft = diffusers_model::FineTuned { unet: &unet, text_encoder: &text_encoder, tokens: &tokens, rows: self.model.embeddings.as_tensor() };
         diffusers_model::write(Path::new(&self.base.path), dir, &ft)
     }
 }
