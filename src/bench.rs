@@ -9,6 +9,14 @@
 //! - `train-step-toy`: one DisenDiff micro-batch (2 samples, VAE encode and text encoder
 //!   included) on the toy base model, backward, AdamW.
 //! - `sample-toy`: 50 DDIM steps with guidance 7.5, 4 images, toy model.
+//! - `sd15-train-kv` (GPU case, not in the default set): one DisenDiff micro-batch at full size:
+//!   the SD1.5 UNet config (859.5 M parameters, random weights), batch 2, 64x64 latents (512 px
+//!   images), a 77 x 768 context, the 16x16 attention probe, diffusion + DisenDiff losses,
+//!   backward to every attn2 K/V, AdamW. Its twin is `tools/gpu/torch_side.py`.
+//!
+//! Every case runs on the device and with the frozen-weight dtype it is given (`--device cuda`,
+//! `--dtype bf16`: trainable weights stay f32, as `train --dtype`); a CUDA run synchronises the
+//! device before the clock stops.
 
 use crate::calibration::ConceptPositions;
 use crate::model::sd::LoadOptions;
@@ -25,7 +33,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// The default cases (the CPU table of BENCHMARKS.md).
 pub const CASES: [&str; 4] = ["unet-fwd", "unet-train-kv", "train-step-toy", "sample-toy"];
+
+/// Cases run only when named (full size: minutes per run on a CPU, meant for a GPU).
+pub const GPU_CASES: [&str; 1] = ["sd15-train-kv"];
+
+/// Whether `name` is a known case.
+pub fn is_case(name: &str) -> bool {
+    CASES.contains(&name) || GPU_CASES.contains(&name)
+}
 
 /// The toy model folder the toy cases use.
 pub const TOY_MODEL: &str = "assets/toy-model";
@@ -41,64 +58,138 @@ pub fn bench_unet_config() -> Result<UNetConfig> {
     )
 }
 
+/// diffusers config of SD1.5's UNet (`runwayml/stable-diffusion-v1-5`, 859,520,964 parameters).
+pub fn sd15_unet_config() -> Result<UNetConfig> {
+    UNetConfig::from_json_str(
+        r#"{"sample_size": 64, "in_channels": 4, "out_channels": 4,
+            "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 768, "attention_head_dim": 8}"#,
+    )
+}
+
+/// Where and in which precision a case runs.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub device: Device,
+    /// The frozen weights' dtype (trainable ones are f32).
+    pub dtype: DType,
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32 }
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N` (the latter need a build with `--features cuda`).
+pub fn parse_device(name: &str) -> Result<Device> {
+    let n = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("unknown device {d:?} (cpu, cuda, cuda:N)"),
+        },
+    };
+    Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot use {name}: {e} (was disendiff built with --features cuda?)"))
+}
+
+/// `f32`, `f16` or `bf16`.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    Ok(match name {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("unknown dtype {other:?} (f32, f16, bf16)"),
+    })
+}
+
 /// A prepared case: `run()` does the timed work once.
 pub type Case = Box<dyn FnMut() -> Result<()>>;
 
-fn bench_unet(trainable: bool) -> Result<(UNet2DConditionModel, Arc<WeightStore>)> {
-    let cfg = bench_unet_config()?;
-    let mut store = WeightStore::random(0, DType::F32, &Device::Cpu);
+fn bench_unet(cfg: &UNetConfig, trainable: bool, target: &Target) -> Result<(UNet2DConditionModel, Arc<WeightStore>)> {
+    let mut store = WeightStore::random(0, target.dtype, &target.device);
     if trainable {
         store = store.with_trainable(|n| n.ends_with("attn2.to_k.weight") || n.ends_with("attn2.to_v.weight"));
     }
     let store = Arc::new(store);
-    let unet = UNet2DConditionModel::new(store.root(), &cfg)?;
+    let unet = UNet2DConditionModel::new(store.root(), cfg)?;
     Ok((unet, store))
 }
 
-fn inputs(batch: usize) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+/// Latents, noise, timesteps and context for `batch` images of `side`x`side` latents and a
+/// context of width `ctx_dim`; latents and context in `target.dtype` on `target.device`.
+fn inputs(batch: usize, side: usize, ctx_dim: usize, target: &Target) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let mut rng = util::seeded_rng(1);
-    let dev = Device::Cpu;
-    let x = util::randn(&mut rng, &[batch, 4, 16, 16], &dev)?;
-    let noise = util::randn(&mut rng, &[batch, 4, 16, 16], &dev)?;
-    let ctx = util::randn(&mut rng, &[batch, 77, 128], &dev)?;
+    let dev = &target.device;
+    let x = util::randn(&mut rng, &[batch, 4, side, side], dev)?;
+    let noise = util::randn(&mut rng, &[batch, 4, side, side], dev)?;
+    let ctx = util::randn(&mut rng, &[batch, 77, ctx_dim], dev)?.to_dtype(target.dtype)?;
     let t: Vec<u32> = (0..batch as u32).map(|i| (i * 31) % 1000).collect();
-    Ok((x, noise, Tensor::new(t, &dev)?, ctx))
+    Ok((x, noise, Tensor::new(t, dev)?, ctx))
 }
 
-/// Builds the named case (loading models and inputs, untimed).
+/// One DisenDiff K/V step on a UNet of `cfg`: the 16x16 probe with start-token K/V detached,
+/// diffusion loss (f32) + L_bind/L_s&s, backward to every attn2 K/V, AdamW.
+fn train_kv(cfg: &UNetConfig, batch: usize, side: usize, target: &Target) -> Result<Case> {
+    let (unet, store) = bench_unet(cfg, true, target)?;
+    let (x0, noise, t, ctx) = inputs(batch, side, cfg.cross_attention_dim, target)?;
+    let schedule = NoiseSchedule::new(SchedulerConfig::sd15());
+    let mut opt = AdamW::new(store.vars(), AdamWConfig::default())?;
+    let cal = LossConfig::default();
+    let concepts = vec![ConceptPositions { modifier: 4, class: 5 }, ConceptPositions { modifier: 7, class: 8 }];
+    let dtype = target.dtype;
+    Ok(Box::new(move || {
+        let noisy = schedule.add_noise(&x0, &noise, &t)?.to_dtype(dtype)?;
+        let opts = ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![16] }), detach_start_token_kv: true };
+        let out = unet.forward_with(&noisy, &t, &ctx, &opts)?;
+        let diffusion = (out.sample.to_dtype(DType::F32)? - &noise)?.sqr()?.mean_all()?;
+        let layers: Vec<_> = out.attention.iter().map(|a| (a.probs.clone(), a.height, a.width)).collect();
+        let maps = crate::calibration::average_maps(&layers, 16)?;
+        let samples: Vec<_> = maps.into_iter().map(|m| (m, concepts.clone())).collect();
+        let l = cal.calibration.losses(&samples)?;
+        let loss = ((diffusion + (&l.l_bind * cal.bind_weight)?)? + (&l.l_ss * cal.ss_weight)?)?;
+        let grads = loss.backward()?;
+        let mut g = Vec::new();
+        for (name, v) in opt.params() {
+            match grads.get(v.as_tensor()) {
+                Some(t) => g.push(t.clone()),
+                None => bail!("trainable {name} got no gradient"),
+            }
+        }
+        opt.step(&g)
+    }))
+}
+
+/// Builds the named case on the CPU in f32 (loading models and inputs, untimed).
 pub fn prepare(name: &str) -> Result<Case> {
+    prepare_on(name, &Target::default())
+}
+
+/// Builds the named case on `target` (loading models and inputs, untimed).
+pub fn prepare_on(name: &str, target: &Target) -> Result<Case> {
+    let toy_only = |what: &str| -> Result<()> {
+        if !target.device.is_cpu() || target.dtype != DType::F32 {
+            bail!("case {what} runs on the CPU in f32 only (the toy model's loaders); use unet-fwd, unet-train-kv or sd15-train-kv elsewhere");
+        }
+        Ok(())
+    };
     match name {
         "unet-fwd" => {
-            let (unet, _) = bench_unet(false)?;
-            let (x, _, t, ctx) = inputs(32)?;
+            let (unet, _) = bench_unet(&bench_unet_config()?, false, target)?;
+            let (x, _, t, ctx) = inputs(32, 16, 128, target)?;
+            let x = x.to_dtype(target.dtype)?;
             Ok(Box::new(move || {
                 unet.forward(&x, &t, &ctx)?;
                 Ok(())
             }))
         }
-        "unet-train-kv" => {
-            let (unet, store) = bench_unet(true)?;
-            let (x0, noise, t, ctx) = inputs(32)?;
-            let schedule = NoiseSchedule::new(SchedulerConfig::sd15());
-            let mut opt = AdamW::new(store.vars(), AdamWConfig::default())?;
-            let cal = LossConfig::default();
-            let concepts = vec![ConceptPositions { modifier: 4, class: 5 }, ConceptPositions { modifier: 7, class: 8 }];
-            Ok(Box::new(move || {
-                let noisy = schedule.add_noise(&x0, &noise, &t)?;
-                let opts = ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![16] }), detach_start_token_kv: true };
-                let out = unet.forward_with(&noisy, &t, &ctx, &opts)?;
-                let diffusion = (out.sample - &noise)?.sqr()?.mean_all()?;
-                let layers: Vec<_> = out.attention.iter().map(|a| (a.probs.clone(), a.height, a.width)).collect();
-                let maps = crate::calibration::average_maps(&layers, 16)?;
-                let samples: Vec<_> = maps.into_iter().map(|m| (m, concepts.clone())).collect();
-                let l = cal.calibration.losses(&samples)?;
-                let loss = ((diffusion + (&l.l_bind * cal.bind_weight)?)? + (&l.l_ss * cal.ss_weight)?)?;
-                let grads = loss.backward()?;
-                let g: Vec<Tensor> = opt.params().iter().map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone()).collect();
-                opt.step(&g)
-            }))
-        }
+        "unet-train-kv" => train_kv(&bench_unet_config()?, 32, 16, target),
+        "sd15-train-kv" => train_kv(&sd15_unet_config()?, 2, 64, target),
         "train-step-toy" => {
+            toy_only(name)?;
             let model_dir = toy_model()?;
             let caption = "<new1> ball and <new2> box";
             let concepts = crate::training::concepts::parse_concepts(
@@ -145,6 +236,7 @@ pub fn prepare(name: &str) -> Result<Case> {
             }))
         }
         "sample-toy" => {
+            toy_only(name)?;
             let sd = crate::model::sd::StableDiffusion::load(&toy_model()?, &LoadOptions::default())?;
             Ok(Box::new(move || {
                 let mut p = Text2ImageParams::new(&sd, "a red ball and a blue box on a white background");
@@ -154,7 +246,7 @@ pub fn prepare(name: &str) -> Result<Case> {
                 Ok(())
             }))
         }
-        other => bail!("unknown benchmark case {other:?}; cases: {}", CASES.join(", ")),
+        other => bail!("unknown benchmark case {other:?}; cases: {}, {}", CASES.join(", "), GPU_CASES.join(", ")),
     }
 }
 
@@ -177,18 +269,45 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// Runs a case: `warmup` untimed runs, then `runs` timed; returns (median seconds, peak MB).
+/// What [`measure`] reports.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    /// Median seconds of the timed runs.
+    pub median_s: f64,
+    /// Each timed run, in order.
+    pub times_s: Vec<f64>,
+    /// Seconds to build the case (weights, inputs) before the first run.
+    pub setup_s: f64,
+    /// Peak resident memory of the process (host memory), MB.
+    pub peak_rss_mb: f64,
+}
+
+/// Runs a case on the CPU in f32: `warmup` untimed runs, then `runs` timed; returns (median
+/// seconds, peak MB).
 pub fn measure(name: &str, warmup: usize, runs: usize) -> Result<(f64, f64)> {
-    let mut case = prepare(name)?;
+    let m = measure_on(name, &Target::default(), warmup, runs)?;
+    Ok((m.median_s, m.peak_rss_mb))
+}
+
+/// Runs a case on `target`: `warmup` untimed runs, then `runs` timed, each ended by a device
+/// synchronisation (CUDA work is asynchronous).
+pub fn measure_on(name: &str, target: &Target, warmup: usize, runs: usize) -> Result<Measured> {
+    let start = Instant::now();
+    let mut case = prepare_on(name, target)?;
+    target.device.synchronize()?;
+    let setup_s = start.elapsed().as_secs_f64();
     for _ in 0..warmup {
         case()?;
+        target.device.synchronize()?;
     }
     let mut times = Vec::new();
     for _ in 0..runs.max(1) {
         let start = Instant::now();
         case()?;
+        target.device.synchronize()?;
         times.push(start.elapsed().as_secs_f64());
     }
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    Ok((times[times.len() / 2], peak_rss_mb()))
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    Ok(Measured { median_s: sorted[sorted.len() / 2], times_s: times, setup_s, peak_rss_mb: peak_rss_mb() })
 }

@@ -303,3 +303,36 @@ fn ctrl_c_stops_with_a_checkpoint_and_resume_finishes() {
     }
     assert_eq!(log_steps(&cut), log_steps(&whole));
 }
+
+/// `--adam-state-dtype bf16`: the checkpoint keeps m and v in bf16, a run resumed from it ends
+/// bit for bit where the uninterrupted bf16 run ends, the result differs from the f32 run's
+/// (the state's rounding is real), and resuming with the other state dtype is refused.
+#[test]
+fn bf16_adam_state_is_checkpointed_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (full, part) = (tmp.path().join("full"), tmp.path().join("part"));
+    let bf16 = ["--adam-state-dtype", "bf16", "--checkpointing-steps", "1"];
+    let (ok, err) = train(&full, &[&bf16[..], &["--max-train-steps", "3"]].concat());
+    assert!(ok, "{err}");
+    let (ok, err) = train(&part, &[&bf16[..], &["--max-train-steps", "2"]].concat());
+    assert!(ok, "{err}");
+    let state = tensors(&checkpoint(&part, 1));
+    let adam: Vec<_> = state.iter().filter(|(k, _)| k.starts_with("adam.")).collect();
+    assert!(!adam.is_empty() && adam.iter().all(|(_, t)| t.dtype() == candle_core::DType::BF16), "AdamW state not kept in bf16");
+    let (ok, err) = train(&part, &["--max-train-steps", "3", "--resume"]);
+    assert!(!ok && err.contains("setting"), "resuming a bf16-state run with f32 state was not refused: {err}");
+    let (ok, err) = train(&part, &[&bf16[..], &["--max-train-steps", "3", "--resume"]].concat());
+    assert!(ok, "{err}");
+    let (a, b) = (tensors(&full.join("concepts.safetensors")), tensors(&part.join("concepts.safetensors")));
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        let d = (t - &b[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{k} differs after resume by {d}");
+    }
+    let f32_run = tmp.path().join("f32");
+    let (ok, err) = train(&f32_run, &["--max-train-steps", "3"]);
+    assert!(ok, "{err}");
+    let c = tensors(&f32_run.join("concepts.safetensors"));
+    let differs = a.iter().any(|(k, t)| (t - &c[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    assert!(differs, "bf16 state gave the f32 run's weights exactly: the flag did nothing");
+}

@@ -89,6 +89,32 @@ fn training_estimate_matches_the_measured_peak() {
     }
 }
 
+/// Training memory does not grow with the steps: a variable's gradient from candle is still
+/// attached to its forward graph, and kept in AdamW's state it kept every step's activations
+/// alive (DreamBooth on the tiny model: 154 MB after 5 steps, 813 MB after 40). Every method
+/// runs here; the peak of 40 steps must be within 10% of 5 steps' (measured 72.7 / 72.9 MB).
+#[test]
+fn training_memory_does_not_grow_with_the_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = common::fixture("golden/sd1-pipe-00000.png").to_str().unwrap().to_string();
+    for method in ["dreambooth", "disendiff"] {
+        let peaks: Vec<u64> = ["5", "40"]
+            .iter()
+            .map(|steps| {
+                let out = tmp.path().join(format!("{method}-{steps}"));
+                let (ok, err, peak) = run_measured(&[
+                    "train", "--method", method, "--model", &model(), "--image", &img, "--caption", "<new1> cat and <new2> dog",
+                    "--resolution", "64", "--attn-resolution", "8", "--max-train-steps", steps, "--train-batch-size", "1",
+                    "--gradient-accumulation-steps", "1", "--out", out.to_str().unwrap(),
+                ]);
+                assert!(ok, "{err}");
+                peak
+            })
+            .collect();
+        assert!(peaks[1] as f64 <= 1.1 * peaks[0] as f64, "{method}: peak {} MB after 40 steps, {} MB after 5", peaks[1] >> 20, peaks[0] >> 20);
+    }
+}
+
 /// The sizes of the report: 100000 x 100000 asked for 40 GB in one allocation and
 /// aborted. Now each command refuses it before the run allocates anything of that size.
 #[test]

@@ -12,12 +12,12 @@ fn reduced_toy_bench_writes_the_report() {
     let out = tmp.path().join("bench");
     let (ok, err) = common::disendiff(&[
         "toy", "bench", "--scenes", "1", "--steps", "2", "--num-images", "1", "--sample-steps", "2",
-        "--methods", "disendiff,custom-diffusion,textual-inversion,base,disendiff/no-ss",
+        "--methods", "disendiff,custom-diffusion,textual-inversion,dreambooth,base,disendiff/no-ss",
         "--out", out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    for method in ["disendiff", "custom-diffusion", "textual-inversion", "base", "disendiff/no-ss"] {
+    for method in ["disendiff", "custom-diffusion", "textual-inversion", "dreambooth", "base", "disendiff/no-ss"] {
         let m = &report["methods"][method];
         for key in ["combined", "concept1", "concept2", "mean"] {
             let f = m["fidelity"][key].as_f64().unwrap_or_else(|| panic!("{method} lacks fidelity.{key}"));
@@ -50,7 +50,7 @@ fn reduced_toy_bench_writes_the_report() {
     std::fs::remove_file(out.join("scene-1/custom-diffusion/run.json")).unwrap();
     let args = |n: &'static str| -> Vec<String> {
         ["toy", "bench", "--scenes", "1", "--steps", "2", "--num-images", n, "--sample-steps", "2", "--methods",
-         "disendiff,custom-diffusion,textual-inversion,base,disendiff/no-ss", "--out", out.to_str().unwrap()]
+         "disendiff,custom-diffusion,textual-inversion,dreambooth,base,disendiff/no-ss", "--out", out.to_str().unwrap()]
             .iter().map(|s| s.to_string()).collect()
     };
     let (ok, err) = common::disendiff(&args("1").iter().map(String::as_str).collect::<Vec<_>>());

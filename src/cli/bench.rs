@@ -1,21 +1,35 @@
 //! `disendiff bench`: the benchmark cases of `crate::bench`, each in its own process so that
 //! its peak resident memory is its own. One JSON object per line with `--json`.
+//! `--memory-plan` prints the shape-based GPU memory plan of an SD1.5 DisenDiff micro-batch
+//! (`model::memory::sd15_gpu_training_plan`) instead of running anything.
 
 use crate::bench;
 use anyhow::{bail, Context, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Cases to run (default: all): unet-fwd, unet-train-kv, train-step-toy, sample-toy.
+    /// Cases to run (default: unet-fwd, unet-train-kv, train-step-toy, sample-toy);
+    /// sd15-train-kv (full-size SD1.5 UNet, for a GPU) runs only when named.
     #[arg(long = "case")]
     pub cases: Vec<String>,
+    /// Device: cpu, cuda or cuda:N (CUDA needs a build with --features cuda). The toy cases
+    /// run on the CPU only.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Precision of the frozen weights: f32, f16 or bf16 (trainable ones stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Print the SD1.5 GPU memory plan (estimated from the shapes) and exit.
+    #[arg(long)]
+    pub memory_plan: bool,
     /// Timed runs per case (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
     /// Untimed runs before timing.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// Print one JSON object per line: {"name", "median_s", "peak_rss_mb"}.
+    /// Print one JSON object per line: {"name", "median_s", "peak_rss_mb", "times_s", "setup_s",
+    /// "device", "dtype"}.
     #[arg(long)]
     pub json: bool,
     /// Run exactly one case in this process (used internally).
@@ -24,16 +38,26 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.memory_plan {
+        print!("{}", crate::model::memory::sd15_gpu_training_plan()?.table());
+        return Ok(());
+    }
+    let dtype = bench::parse_dtype(&a.dtype)?;
     if a.child {
         let [name] = a.cases.as_slice() else { bail!("--child takes exactly one --case") };
-        let (median, peak) = bench::measure(name, a.warmup, a.runs)?;
-        println!("{}", serde_json::json!({"name": name, "median_s": median, "peak_rss_mb": peak}));
+        let target = bench::Target { device: bench::parse_device(&a.device)?, dtype };
+        let m = bench::measure_on(name, &target, a.warmup, a.runs)?;
+        println!(
+            "{}",
+            serde_json::json!({"name": name, "median_s": m.median_s, "peak_rss_mb": m.peak_rss_mb,
+                "times_s": m.times_s, "setup_s": m.setup_s, "device": a.device, "dtype": a.dtype})
+        );
         return Ok(());
     }
     let cases: Vec<String> = if a.cases.is_empty() { bench::CASES.iter().map(|s| s.to_string()).collect() } else { a.cases.clone() };
     for c in &cases {
-        if !bench::CASES.contains(&c.as_str()) {
-            bail!("unknown case {c:?}; cases: {}", bench::CASES.join(", "));
+        if !bench::is_case(c) {
+            bail!("unknown case {c:?}; cases: {}, {}", bench::CASES.join(", "), bench::GPU_CASES.join(", "));
         }
     }
     let exe = std::env::current_exe()?;
@@ -43,6 +67,7 @@ pub fn run(a: Args) -> Result<()> {
     for c in &cases {
         let out = std::process::Command::new(&exe)
             .args(["bench", "--child", "--case", c, "--runs", &a.runs.to_string(), "--warmup", &a.warmup.to_string()])
+            .args(["--device", &a.device, "--dtype", &a.dtype])
             .output()
             .with_context(|| format!("running case {c}"))?;
         if !out.status.success() {

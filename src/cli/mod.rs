@@ -87,7 +87,7 @@ pub fn run() -> Result<()> {
 /// Weight precision.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
-    #[value(alias = "fp32", alias = "float32")]
+    #[value(alias = "fp32", alias = "float32", alias = "no")]
     F32,
     #[value(alias = "fp16", alias = "float16")]
     F16,
@@ -124,8 +124,9 @@ pub struct ModelArgs {
     /// For a single-file --model: use its EMA weights (model_ema.*) for the UNet.
     #[arg(long)]
     pub ema: bool,
-    /// Weight precision of the frozen weights (trainable ones are always f32).
-    #[arg(long, value_enum, default_value = "f32")]
+    /// Weight precision of the frozen weights (trainable ones are always f32): on train this is
+    /// diffusers' mixed precision, also spelled `--mixed-precision bf16|fp16|no`.
+    #[arg(long, value_enum, default_value = "f32", alias = "mixed-precision", alias = "mixed_precision")]
     pub dtype: Precision,
     /// Weight file variant to load, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors.
     #[arg(long, value_name = "NAME")]

@@ -15,7 +15,7 @@ pub enum ToyCommand {
     /// Write synthetic scenes: NNNNN.png, NNNNN.txt (caption), NNNNN.mask.png (object index
     /// map: 0 background, k object k) and scenes.jsonl (one structured description per line).
     Scenes(ScenesArgs),
-    /// Train DisenDiff, Custom Diffusion and Textual Inversion (and, with --ablations, the
+    /// Train DisenDiff, Custom Diffusion, Textual Inversion and DreamBooth (and, with --ablations, the
     /// paper's ablations) on personalization scenes; score identity, leakage and prompt
     /// fidelity with the oracle; write report.md and report.json.
     Bench(super::toy_bench::BenchArgs),

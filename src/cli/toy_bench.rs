@@ -35,14 +35,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 150, alias = "steps", alias = "max_train_steps")]
     pub max_train_steps: usize,
     /// Learning rate of the methods that train K/V (default 1e-3 on the toy model).
-    /// Textual Inversion keeps its own (5e-3).
+    /// Textual Inversion (5e-3) and DreamBooth (5e-5, the whole UNet) keep their own.
     #[arg(long, alias = "learning_rate")]
     pub learning_rate: Option<f64>,
     /// Weight of DisenDiff's attention losses, both L_bind and L_s&s (default 0.01, as the paper).
     #[arg(long, alias = "attn_weight")]
     pub attn_weight: Option<f64>,
     /// Methods to run, comma-separated (default: disendiff, custom-diffusion,
-    /// textual-inversion). `base` is the untrained model with the new tokens at their
+    /// textual-inversion, dreambooth). `base` is the untrained model with the new tokens at their
     /// initialisers (a reference for the leakage and composition columns). Ablations are
     /// written method/ablation, e.g. `disendiff/no-bind`, `disendiff/no-ss+no-gaussian`
     /// (see `disendiff train --help` for the list).
@@ -78,9 +78,7 @@ fn loss_ablations() -> Vec<Ablation> {
 /// The runs in order: `base` (untrained) or a method variant, with the toy settings.
 fn variants(a: &BenchArgs) -> Result<Vec<ToyTrainOptions>> {
     let mut names: Vec<String> = if a.methods.is_empty() {
-        // DreamBooth's result is a whole fine-tuned model, which the toy bench (generating
-        // from the base patched with a concept file) does not run yet.
-        Method::ALL.into_iter().filter(|&m| m != Method::Dreambooth).map(|m| m.name().to_string()).collect()
+        Method::ALL.map(|m| m.name().to_string()).to_vec()
     } else {
         a.methods.clone()
     };
@@ -95,13 +93,11 @@ fn variants(a: &BenchArgs) -> Result<Vec<ToyTrainOptions>> {
                 "base" => None,
                 v => Some(Preset::parse(v).map_err(|e| anyhow::anyhow!("--methods {v}: {e}"))?),
             };
-            if preset.as_ref().is_some_and(|p| p.writes_model()) {
-                bail!("--methods {name}: the toy bench does not run methods that fine-tune the whole UNet yet");
-            }
             let mut o = ToyTrainOptions::new(preset);
             o.steps = a.max_train_steps;
             if let Some(p) = &mut o.preset {
-                if let (Some(lr), true) = (a.learning_rate, p.unet_trainable != UNetTrainable::Nothing) {
+                let trains_kv = matches!(p.unet_trainable, UNetTrainable::CrossAttnKV | UNetTrainable::CrossAttnQKV);
+                if let (Some(lr), true) = (a.learning_rate, trains_kv) {
                     o.learning_rate = lr;
                 }
                 if p.method == Method::Disendiff {

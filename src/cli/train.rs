@@ -99,6 +99,11 @@ pub struct Args {
     /// Turn off Custom Diffusion's scale/crop augmentation (dreambooth has none).
     #[arg(long, alias = "noaug")]
     pub no_augment: bool,
+    /// The dtype AdamW keeps its m and v in: f32 (PyTorch's) or bf16, half the optimiser's
+    /// memory (6.9 -> 3.4 GB for a DreamBooth of SD1.5's UNet); the updates are still computed
+    /// in f32.
+    #[arg(long, value_enum, default_value = "f32", alias = "adam_state_dtype")]
+    pub adam_state_dtype: AdamStateDtype,
     /// Regularisation images: a folder of images with captions (name.png + name.txt).
     #[arg(long, value_name = "DIR", conflicts_with = "num_class_images", alias = "reg_dir")]
     pub reg_dir: Option<PathBuf>,
@@ -265,7 +270,9 @@ pub fn run(a: Args) -> Result<()> {
     let batch_size = a.train_batch_size.unwrap_or(defaults.train_batch_size);
     let grad_accum = a.gradient_accumulation_steps.unwrap_or(defaults.gradient_accumulation_steps);
     let trainable_params: u64 = model.trainable(preset.train_embeddings).iter().map(|(_, v)| v.elem_count() as u64).sum();
-    let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution, trainable_params, grad_accum };
+    let state_dtype = a.adam_state_dtype.dtype();
+    let state_bytes = 2 * state_dtype.size_in_bytes() as u64;
+    let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution, trainable_params, grad_accum, state_bytes };
     eprintln!(
         "trainable: {trainable_params} parameters; their gradients and AdamW state take about {}",
         crate::model::memory::human(t.optimizer_state_bytes() + t.gradient_bytes())
@@ -282,7 +289,7 @@ pub fn run(a: Args) -> Result<()> {
         steps: a.max_train_steps.unwrap_or(defaults.max_train_steps),
         batch_size,
         grad_accum,
-        adamw: AdamWConfig { lr, ..Default::default() },
+        adamw: AdamWConfig { lr, state_dtype, ..Default::default() },
         resolution,
         preset,
         augment,
@@ -350,4 +357,20 @@ pub fn run(a: Args) -> Result<()> {
     pb.finish_and_clear();
     println!("{}", path.display());
     Ok(())
+}
+
+/// `--adam-state-dtype`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdamStateDtype {
+    F32,
+    Bf16,
+}
+
+impl AdamStateDtype {
+    fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }

@@ -52,7 +52,7 @@ pub struct TrainConfig {
 impl TrainConfig {
     pub fn to_json(&self) -> serde_json::Value {
         let loss = &self.preset.loss;
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "method": self.preset.name(), "caption": self.caption, "template": self.template,
             "steps": self.steps, "batch_size": self.batch_size, "gradient_accumulation_steps": self.grad_accum,
             "learning_rate": self.adamw.lr, "adam_beta1": self.adamw.beta1, "adam_beta2": self.adamw.beta2,
@@ -67,7 +67,12 @@ impl TrainConfig {
             "train_embeddings": self.preset.train_embeddings,
             "train_text_encoder": self.preset.train_text_encoder,
             "resolution": self.resolution, "augment": self.augment, "seed": self.seed,
-        })
+        });
+        // Only named when not PyTorch's f32, so that earlier runs' settings still match.
+        if self.adamw.state_dtype != candle_core::DType::F32 {
+            json["adam_state_dtype"] = format!("{:?}", self.adamw.state_dtype).to_lowercase().into();
+        }
+        json
     }
 }
 
@@ -229,8 +234,13 @@ impl Trainer {
                 let Some(g) = grads.get(var.as_tensor()) else {
                     bail!("{name} received no gradient: it does not influence the loss");
                 };
+                // candle leaves a variable's gradient attached to the forward graph (its
+                // backward detaches only the inner nodes' gradients): kept in the sum or in
+                // AdamW's state, it would keep every step's activations alive. DreamBooth's conv
+                // weights grew the process by the forward's size each step.
+                let g = g.detach();
                 sums[i] = Some(match sums[i].take() {
-                    None => g.clone(),
+                    None => g,
                     Some(s) => (s + g)?,
                 });
             }

@@ -34,6 +34,9 @@ use super::vae_tiling::Tiling;
 use anyhow::{bail, Result};
 use candle_core::DType;
 
+mod gpu_plan;
+pub use gpu_plan::{sd15_gpu_training_plan, unet_parameters, GpuPlan, GpuPlanRow, GpuSavings};
+
 /// One stage of a run and the bytes it needs at its peak, beyond the loaded model.
 #[derive(Clone, Debug)]
 pub struct Stage {
@@ -84,12 +87,14 @@ pub struct Training {
     pub trainable_params: u64,
     /// Micro-batches per optimiser step (more than one keeps a running gradient sum).
     pub grad_accum: usize,
+    /// Bytes of AdamW state per trainable parameter: 8 (m and v in f32) or 4 (in bf16).
+    pub state_bytes: u64,
 }
 
 impl Training {
-    /// AdamW's m and v (f32), alive through every stage.
+    /// AdamW's m and v, alive through every stage.
     pub fn optimizer_state_bytes(&self) -> u64 {
-        self.trainable_params.saturating_mul(8)
+        self.trainable_params.saturating_mul(self.state_bytes)
     }
 
     /// The gradients of one backward (f32), and the running sum under accumulation.
@@ -274,6 +279,7 @@ pub fn training(s: &Shapes, t: &Training) -> Result<Estimate> {
     })
 }
 
+
 /// Memory the run may still use: the kernel's `MemAvailable`, lowered to the cgroup's limit
 /// when the process runs under one (containers, `systemd-run -p MemoryMax=`). `None` where
 /// neither can be read.
@@ -368,10 +374,10 @@ mod tests {
                     assert!(tiled.stages[1].bytes < whole.stages[1].bytes);
                 }
             }
-            let t = training(&s, &Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 0, grad_accum: 1 }).unwrap();
+            let t = training(&s, &Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 0, grad_accum: 1, state_bytes: 8 }).unwrap();
             println!("{what} training 512px batch 2: {}", human(t.activations()));
             // DreamBooth: every UNet weight (859.52M in SD1.5) trains.
-            let db = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: SD15_UNET_PARAMS, grad_accum: 1 };
+            let db = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: SD15_UNET_PARAMS, grad_accum: 1, state_bytes: 8 };
             let e = training(&s, &db).unwrap();
             assert_eq!(e.stages[0].bytes - t.stages[0].bytes, 8 * SD15_UNET_PARAMS);
             assert_eq!(e.stages[1].bytes - t.stages[1].bytes, 12 * SD15_UNET_PARAMS);
@@ -382,7 +388,7 @@ mod tests {
                 human(4 * SD15_UNET_PARAMS)
             );
         }
-        let acc = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 10, grad_accum: 4 };
+        let acc = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 10, grad_accum: 4, state_bytes: 8 };
         assert_eq!((acc.optimizer_state_bytes(), acc.gradient_bytes()), (80, 80));
         let s = sd15(DType::F32, true);
         let d = |side: u64| s.vae_decode((side / 8) * (side / 8));
