@@ -31,6 +31,7 @@ import make_train_fixtures as base  # noqa: E402  (sets threads, determinism, lo
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -50,6 +51,9 @@ GOLDEN = 0x9E3779B97F4A7C15
 # of a tensor's gradient is ~1e-8 absolute there and flips their update). eps 1e-4 keeps the
 # update a well-conditioned function of the gradient; eps 1e-8 is checked by train-step.
 ADAMW = dict(base.ADAMW, eps=1e-4)
+# A text encoder key bias gradient norm (exactly 0, float noise) at most this times the same
+# layer's query bias gradient norm (tests/dreambooth_parity.rs: KEY_BIAS_BOUND).
+KEY_BIAS_BOUND = 1e-5
 
 
 def fnv1a64(s: str) -> int:
@@ -155,8 +159,22 @@ def run_case(args, train_te: bool, stem: str):
     no_grad = [n for n, p in params.items() if p.grad is None or float(p.grad.norm()) == 0.0]
     assert no_grad == [], no_grad
     assert new_rows.grad is not None and float(new_rows.grad.norm()) > 0
-    te_no_grad = [n for n, p in te_params.items() if p.grad is None or float(p.grad.norm()) == 0.0]
+    # A key bias's exact gradient is 0 (softmax is invariant to the constant q.b_k it adds to all
+    # of a query's logits): it must be float noise, tiny against the same layer's query bias
+    # gradient. Every other text encoder tensor must get a gradient.
+    key_bias = re.compile(r"text_encoder\.(encoder\.layers\.\d+)\.self_attn\.k_proj\.bias")
+    te_no_grad, key_bias_ratios = [], {}
+    for n, p in te_params.items():
+        m = key_bias.fullmatch(n)
+        if m:
+            q = te_params[f"text_encoder.{m.group(1)}.self_attn.q_proj.bias"].grad
+            assert p.grad is not None and q is not None and float(q.norm()) > 1e-6, n
+            key_bias_ratios[n] = float(p.grad.norm()) / float(q.norm())
+            assert key_bias_ratios[n] <= KEY_BIAS_BOUND, (n, key_bias_ratios[n])
+        elif p.grad is None or float(p.grad.norm()) == 0.0:
+            te_no_grad.append(n)
     assert te_no_grad == [], te_no_grad
+    assert len(key_bias_ratios) == (te.config.num_hidden_layers if train_te else 0), key_bias_ratios
     params_all = {**params, **te_params}
 
     gold = {"x0": x0, "noise": noise, "timesteps": timesteps, "mask": mask, "input_ids": ids,
@@ -183,8 +201,8 @@ def run_case(args, train_te: bool, stem: str):
     args.out.mkdir(parents=True, exist_ok=True)
     st_path = args.out / f"{stem}.safetensors"
     save_file({k: v.contiguous() for k, v in gold.items()}, str(st_path), metadata={"generator": GEN})
-    re = load_file(str(st_path))
-    assert all(torch.equal(re[k], v) for k, v in gold.items())
+    reread = load_file(str(st_path))
+    assert all(torch.equal(reread[k], v) for k, v in gold.items())
     settings = {
         "generator": GEN,
         "captions": base.CAPTIONS,
@@ -202,6 +220,8 @@ def run_case(args, train_te: bool, stem: str):
         "loss": loss.item(),
         "diffusers_dreambooth_loss": {"instance": inst.item(), "prior": prior.item()},
         "grad_norms": {n: float(p.grad.norm()) for n, p in params_all.items()},
+        "key_bias_grad_norm_over_q_bias": key_bias_ratios,
+        "key_bias_bound": KEY_BIAS_BOUND,
         "frozen_with_grad": frozen_with_grad,
         "versions": base.versions(),
     }
