@@ -269,7 +269,7 @@ pub fn run(a: Args) -> Result<()> {
     let defaults = preset.defaults;
     let batch_size = a.train_batch_size.unwrap_or(defaults.train_batch_size);
     let grad_accum = a.gradient_accumulation_steps.unwrap_or(defaults.gradient_accumulation_steps);
-    let trainable_params: u64 = model.trainable(preset.train_embeddings).iter().map(|(_, v)| v.elem_count() as u64).sum();
+    let trainable_params = model.trainable_parameters(preset.train_embeddings);
     let state_dtype = a.adam_state_dtype.dtype();
     let state_bytes = 2 * state_dtype.size_in_bytes() as u64;
     let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution, trainable_params, grad_accum, state_bytes };

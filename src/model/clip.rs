@@ -67,6 +67,16 @@ impl ClipTextConfig {
         }
         Ok(cfg)
     }
+
+    /// Parameters of a text model of this config, counted from its shapes the way transformers
+    /// builds `CLIPTextModel` (token and position tables, per layer q/k/v/out projections with
+    /// biases, two layer norms and the MLP, the final layer norm; SD1.5's gives 123,060,480):
+    /// what `--train-text-encoder` trains.
+    pub fn parameters(&self) -> u64 {
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let layer = 4 * (h * h + h) + 2 * 2 * h + (h * i + i) + (i * h + h);
+        (self.vocab_size as u64 + self.max_position_embeddings as u64) * h + self.num_hidden_layers as u64 * layer + 2 * h
+    }
 }
 
 struct ClipAttention {
@@ -322,3 +332,26 @@ fn causal_mask(t: usize, dtype: DType, device: &Device) -> candle_core::Result<T
     Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?.unsqueeze(0)?.unsqueeze(0)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_count_is_transformers() {
+        // openai/clip-vit-large-patch14's text config (SD1.x):
+        // sum(p.numel() for p in CLIPTextModel.parameters()) = 123,060,480
+        let sd15 = ClipTextConfig::from_json(
+            r#"{"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                "num_attention_heads": 12, "max_position_embeddings": 77}"#,
+            "sd15",
+        )
+        .unwrap();
+        assert_eq!(sd15.parameters(), 123_060_480);
+        // sd1-tiny: the elements of its file's weights (1,600,672, as torch counts them).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1-tiny/text_encoder");
+        let cfg = ClipTextConfig::from_file(&root.join("config.json")).unwrap();
+        let file = candle_core::safetensors::load(root.join("model.safetensors"), &Device::Cpu).unwrap();
+        let n: usize = file.iter().filter(|(k, _)| !k.ends_with("position_ids")).map(|(_, t)| t.elem_count()).sum();
+        assert_eq!((cfg.parameters(), n), (1_600_672, 1_600_672));
+    }
+}

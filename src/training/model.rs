@@ -80,6 +80,12 @@ impl Personalized {
         Ok(())
     }
 
+    /// How many parameters train: what the memory estimate counts gradients and AdamW state
+    /// for (the text encoder's too under `--train-text-encoder`).
+    pub fn trainable_parameters(&self, train_embeddings: bool) -> u64 {
+        self.trainable(train_embeddings).iter().map(|(_, v)| v.elem_count() as u64).sum()
+    }
+
     /// All trainable variables: the UNet's (by diffusers name), the text encoder's (as
     /// `text_encoder.<name>`, when it trains), then the new tokens' rows as one
     /// `token_embeddings` variable.
@@ -98,3 +104,37 @@ impl Personalized {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::training::concepts::{modifier_tokens_in, parse_concepts};
+
+    /// The counts torch reports for the reference's DreamBooth step (golden json).
+    fn reference_count(stem: &str, key: &str) -> u64 {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/golden/{stem}.json"));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        v[key].as_u64().unwrap()
+    }
+
+    #[test]
+    fn trainable_parameters_count_the_text_encoder_when_it_trains() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1-tiny");
+        let caption = "<new1> cat and <new2> dog";
+        let concepts = parse_concepts(caption, &modifier_tokens_in(caption), &["pll".into(), "ktn".into()]).unwrap();
+        let mut m = Personalized::load(&root, &LoadOptions::default(), &concepts, UNetTrainable::All).unwrap();
+        let unet = reference_count("dreambooth-step", "unet_param_count");
+        let rows = 2 * m.sd.text_encoder.hidden_size() as u64;
+        assert_eq!(m.trainable_parameters(true), unet + rows);
+        assert_eq!(m.trainable_parameters(false), unet);
+        m.train_text_encoder().unwrap();
+        let te = reference_count("dreambooth-te-step", "text_encoder_param_count");
+        assert_eq!(te, 1_600_672);
+        assert_eq!(m.trainable_parameters(true), unet + te + rows);
+        // the estimate's optimiser state and gradients grow by the text encoder's share
+        let t = |n| crate::model::memory::Training { resolution: 64, batch: 2, attn_resolution: 8, trainable_params: n, grad_accum: 1, state_bytes: 8 };
+        let (with, without) = (t(m.trainable_parameters(true)), t(unet + rows));
+        assert_eq!(with.optimizer_state_bytes() + with.gradient_bytes() - without.optimizer_state_bytes() - without.gradient_bytes(), 12 * te);
+        m.train_text_encoder().unwrap();
+        assert_eq!(m.trainable_parameters(true), unet + te + rows, "train_text_encoder is idempotent");
+    }
+}
