@@ -65,12 +65,15 @@ impl TrainConfig {
             "gaussian": loss.calibration.gaussian, "masks": loss.masks,
             "unet_trainable": format!("{:?}", self.preset.unet_trainable),
             "train_embeddings": self.preset.train_embeddings,
-            "train_text_encoder": self.preset.train_text_encoder,
             "resolution": self.resolution, "augment": self.augment, "seed": self.seed,
         });
         // Only named when not PyTorch's f32, so that earlier runs' settings still match.
         if self.adamw.state_dtype != candle_core::DType::F32 {
             json["adam_state_dtype"] = format!("{:?}", self.adamw.state_dtype).to_lowercase().into();
+        }
+        // Likewise only named when on (`--train-text-encoder`).
+        if self.preset.train_text_encoder {
+            json["train_text_encoder"] = true.into();
         }
         json
     }
