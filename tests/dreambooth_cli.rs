@@ -211,7 +211,7 @@ fn dreambooth_with_text_encoder_writes_the_trained_text_encoder() {
 }
 
 /// `--train-text-encoder` is DreamBooth's: with another method it is refused before anything
-/// is written.
+/// is written; `train --help` says so.
 #[test]
 fn train_text_encoder_needs_dreambooth() {
     let tmp = tempfile::tempdir().unwrap();
@@ -228,6 +228,9 @@ fn train_text_encoder_needs_dreambooth() {
         assert!(err.contains("--train-text-encoder") && err.contains("--method dreambooth"), "{err}");
         assert!(!out.join("checkpoints").exists() && !out.join("model").exists());
     }
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_disendiff")).args(["train", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--train-text-encoder") && help.contains("DreamBooth only"), "{help}");
 }
 
 #[test]

@@ -93,7 +93,9 @@ pub struct Args {
     #[arg(long)]
     pub resolution: Option<usize>,
     /// Fine-tune every text encoder tensor as well, its token table included, at the same
-    /// learning rate (dreambooth only; diffusers' --train_text_encoder).
+    /// learning rate; OUT/model/text_encoder then holds the trained weights. DreamBooth only
+    /// (refused with another --method); diffusers' --train_text_encoder. Costs 16 bytes per
+    /// text encoder parameter (about 2 GB for SD1.5's), counted by the memory estimate.
     #[arg(long, alias = "train_text_encoder")]
     pub train_text_encoder: bool,
     /// Turn off Custom Diffusion's scale/crop augmentation (dreambooth has none).
