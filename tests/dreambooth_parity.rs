@@ -3,7 +3,9 @@
 //! (tools/reference/make_dreambooth_fixtures.py, contract in tools/reference/TRAIN_FIXTURES.md):
 //! the loss, the gradient of every UNet tensor (by its sum, its sum of squares and 8 projections
 //! onto pseudo-random vectors regenerated here bit for bit), the new rows' gradients, no
-//! gradient for any frozen tensor, and one AdamW update.
+//! gradient for any frozen tensor, and one AdamW update. A second case trains the whole text
+//! encoder as well (`--train-text-encoder`, golden `dreambooth-te-step`): every text encoder
+//! tensor's gradient and update too, the VAE the only frozen part.
 
 mod common;
 
@@ -71,17 +73,70 @@ fn probe_vectors_are_the_references() {
     assert!(summary_errors(&summary("x", &t.neg().unwrap()), &want, 64).1 > 1.0);
 }
 
+/// A text encoder key bias's gradient is exactly zero, whatever the weights: softmax is invariant
+/// to adding a constant to all the logits of one query, and the key bias `b_k` adds the same
+/// `q . b_k` to every logit of query `q` (CLIP's causal mask only removes logits, it does not
+/// change which constant is added). So `self_attn.k_proj.bias` of text encoder layer `L` is
+/// compared as zero, by name; every other tensor by its relative error. Returns
+/// `encoder.layers.L` for those tensors.
+fn key_bias_layer(name: &str) -> Option<&str> {
+    name.strip_prefix("text_encoder.")?.strip_suffix(".self_attn.k_proj.bias").filter(|l| l.starts_with("encoder.layers."))
+}
+
+/// Bound on a zero gradient's norm (float noise) relative to the same layer's query bias
+/// gradient norm (the generator checks the reference against it too). Measured on sd1-tiny,
+/// layers 0 / 1: reference 1.1e-7 / 2.7e-7, ours 1.0e-7 / 1.6e-7 (kernels off 9.7e-8 / 2.2e-7).
+const KEY_BIAS_BOUND: f64 = 1e-5;
+
+/// The gradient norm the reference's summary of `name` records.
+fn golden_norm(g: &std::collections::HashMap<String, Tensor>, name: &str) -> f64 {
+    (g[&format!("grad.{name}")].to_vec1::<f32>().unwrap()[1] as f64).sqrt()
+}
+
+#[test]
+fn key_biases_are_named_exactly() {
+    assert_eq!(key_bias_layer("text_encoder.encoder.layers.3.self_attn.k_proj.bias"), Some("encoder.layers.3"));
+    for n in [
+        "text_encoder.encoder.layers.3.self_attn.q_proj.bias",
+        "text_encoder.encoder.layers.3.self_attn.k_proj.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.bias",
+        "encoder.layers.3.self_attn.k_proj.bias",
+    ] {
+        assert_eq!(key_bias_layer(n), None, "{n}");
+    }
+}
+
 #[test]
 fn one_dreambooth_step_matches_pytorch() {
-    let g = common::load_golden("dreambooth-step");
+    check_step("dreambooth-step", false);
+}
+
+#[test]
+fn one_dreambooth_step_with_text_encoder_matches_pytorch() {
+    check_step("dreambooth-te-step", true);
+}
+
+fn check_step(stem: &str, train_te: bool) {
+    let g = common::load_golden(stem);
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/dreambooth-step.json")).unwrap()).unwrap();
-    let preset = Method::Dreambooth.preset(&[]).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(common::fixture(&format!("golden/{stem}.json"))).unwrap()).unwrap();
+    assert_eq!(meta["train_text_encoder"].as_bool(), Some(train_te));
+    assert_eq!(meta["key_bias_bound"].as_f64(), Some(KEY_BIAS_BOUND));
+    let mut preset = Method::Dreambooth.preset(&[]).unwrap();
+    preset.set_train_text_encoder(train_te).unwrap();
     let caption = "<new1> cat and <new2> dog";
     let concepts = parse_concepts(caption, &modifier_tokens_in(caption), &["pll".into(), "ktn".into()]).unwrap();
-    let model =
+    let mut model =
         Personalized::load(&common::fixture("sd1-tiny"), &LoadOptions::default(), &concepts, preset.unet_trainable).unwrap();
+    if preset.train_text_encoder {
+        model.train_text_encoder().unwrap();
+    }
     assert_eq!(model.modifier_ids, vec![49408, 49409]);
+    // The text encoder's trainable tensors, by the reference's names (all of them, or none).
+    let te_names: Vec<String> = model.text_encoder_vars.iter().map(|(n, _)| format!("text_encoder.{n}")).collect();
+    let want_te: Vec<String> = meta["text_encoder_params"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(te_names, want_te);
+    assert_eq!(te_names.len(), if train_te { 2 + 2 * 16 + 2 } else { 0 });
 
     // Every UNet tensor trains, by the reference's (diffusers') names.
     let names: Vec<&str> = model.unet_vars.iter().map(|(n, _)| n.as_str()).collect();
@@ -113,9 +168,11 @@ fn one_dreambooth_step_matches_pytorch() {
 
     let grads = losses.total.backward().unwrap();
     let trainable = model.trainable(preset.train_embeddings);
-    assert_eq!(trainable.len(), 494 + 1);
+    assert_eq!(trainable.len(), 494 + te_names.len() + 1);
     let mut worst = (0.0f64, 0.0f64, 0.0f64, String::new());
+    let mut worst_te = (0.0f64, 0.0f64, 0.0f64, String::new());
     let mut grad_list = Vec::new();
+    let mut key_biases = 0;
     for (name, var) in &trainable {
         let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
         if name == "token_embeddings" {
@@ -124,31 +181,58 @@ fn one_dreambooth_step_matches_pytorch() {
                 println!("grad.embedding.{tok}: rel err {err:.2e}");
                 assert!(err <= 1e-3, "grad of {tok}: rel err {err}");
             }
+        } else if let Some(layer) = key_bias_layer(name) {
+            // Exactly zero (see key_bias_layer): both sides hold float noise, so both norms
+            // must be tiny against the same layer's query bias gradient, which is not zero.
+            let q_ref = golden_norm(&g, &format!("text_encoder.{layer}.self_attn.q_proj.bias"));
+            let (ours_n, ref_n) = (summary(name, grad)[1].sqrt(), golden_norm(&g, name));
+            println!("grad of {name}: norm {ours_n:.2e} (ours), {ref_n:.2e} (reference); {layer} q_proj.bias {q_ref:.2e}");
+            assert!(q_ref > 1e-6, "{layer}: the query bias gradient norm {q_ref:.2e} is no yardstick");
+            assert!(
+                ours_n <= KEY_BIAS_BOUND * q_ref && ref_n <= KEY_BIAS_BOUND * q_ref,
+                "grad of {name} should be 0: norm {ours_n:.2e} (ours), {ref_n:.2e} (reference) > {KEY_BIAS_BOUND:e} x {q_ref:.2e}"
+            );
+            key_biases += 1;
         } else {
             let s = summary(name, grad);
             let (en, ep, es) = summary_errors(&s, &g[&format!("grad.{name}")].to_vec1::<f32>().unwrap(), grad.elem_count());
             assert!(en <= 1e-3 && ep <= 1e-3 && es <= 1e-3, "grad of {name}: rel err norm {en:.2e}, projections {ep:.2e}, sum {es:.2e}");
-            if ep > worst.1 {
-                worst.3 = name.clone();
+            let w = if name.starts_with("text_encoder.") { &mut worst_te } else { &mut worst };
+            if ep > w.1 {
+                w.3 = name.clone();
             }
-            worst = (worst.0.max(en), worst.1.max(ep), worst.2.max(es), worst.3);
+            *w = (w.0.max(en), w.1.max(ep), w.2.max(es), w.3.clone());
         }
         grad_list.push(grad.clone());
     }
+    // Every layer's key bias, and nothing else, took the zero-gradient branch.
+    let layers = te_names.iter().filter(|n| n.ends_with(".self_attn.q_proj.bias")).count();
+    assert_eq!((key_biases, layers), (if train_te { 2 } else { 0 }, if train_te { 2 } else { 0 }));
     println!("UNet gradients, worst rel err: norm {:.2e}, projections {:.2e} ({}), sum {:.2e}", worst.0, worst.1, worst.3, worst.2);
+    if train_te {
+        println!(
+            "text encoder gradients, worst rel err: norm {:.2e}, projections {:.2e} ({}), sum {:.2e}",
+            worst_te.0, worst_te.1, worst_te.3, worst_te.2
+        );
+    }
 
-    // Frozen: the VAE and the text encoder (its table included); the UNet has no frozen tensor.
+    // Frozen: the VAE and, unless it trains, the text encoder (its table included); the UNet
+    // has no frozen tensor. A trained text encoder's store still lists its file tensors, which
+    // the model no longer uses: they must get no gradient either.
     let mut frozen = 0;
     for (component, store) in &model.sd.weight_stores {
         for (name, t) in store.frozen() {
             assert!(*component != "unet", "UNet weight {name} is frozen");
             assert!(grads.get(&t).is_none(), "frozen {component} weight {name} got a gradient");
-            frozen += 1;
+            if *component == "vae" || !train_te {
+                frozen += 1;
+            }
         }
     }
     println!("{frozen} frozen tensors checked");
     assert!(frozen > 100, "only {frozen} frozen tensors checked");
-    assert!(grads.get(model.sd.text_encoder.token_embedding()).is_none());
+    let table_grad = grads.get(model.sd.text_encoder.token_embedding());
+    assert_eq!(table_grad.is_some(), train_te, "the vocabulary table's gradient");
 
     // One AdamW step (lr 1e-3 and eps 1e-4 as the reference: with eps 1e-8 the first step
     // g / (|g| + eps) is ill-conditioned at the ~1e-8 gradient elements a whole UNet has).
@@ -156,22 +240,50 @@ fn one_dreambooth_step_matches_pytorch() {
     assert_eq!(meta["adamw"]["eps"].as_f64(), Some(1e-4));
     let mut opt = AdamW::new(trainable.clone(), AdamWConfig { lr: 1e-3, eps: meta["adamw"]["eps"].as_f64().unwrap(), ..Default::default() }).unwrap();
     opt.step(&grad_list).unwrap();
-    let mut worst_update = 0.0f64;
+    // Worst rel err (norm or projections) and its tensor, per group: UNet, text encoder (its key
+    // biases apart: their update is the weight decay alone, rounded), new rows.
+    let mut worst_update: [(f64, String); 4] = Default::default();
     for (i, (name, var)) in trainable.iter().enumerate() {
         let ours = (var.as_tensor() - &before[i]).unwrap();
-        if name == "token_embeddings" {
+        let (group, err) = if name == "token_embeddings" {
+            let mut e = 0.0f64;
             for (row, tok) in ["<new1>", "<new2>"].iter().enumerate() {
                 let err = common::rel_err(&ours.get(row).unwrap(), &g[&format!("update.embedding.{tok}")]);
                 assert!(err <= 1e-3, "update of {tok}: rel err {err}");
+                e = e.max(err);
             }
+            (3, e)
         } else {
             let s = summary(name, &ours);
             let (en, ep, es) = summary_errors(&s, &g[&format!("update.{name}")].to_vec1::<f32>().unwrap(), ours.elem_count());
             assert!(en <= 1e-3 && ep <= 1e-3 && es <= 1e-3, "update of {name}: rel err norm {en:.2e}, projections {ep:.2e}, sum {es:.2e}");
-            worst_update = worst_update.max(en).max(ep);
+            if key_bias_layer(name).is_some() {
+                // A zero gradient leaves the weight decay: each element within lr |g| / eps
+                // (the Adam term's size) and an f32 ulp of the weight of -lr wd w.
+                let (lr, wd, eps) = (1e-3, AdamWConfig::default().weight_decay, meta["adamw"]["eps"].as_f64().unwrap());
+                let vals = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (u, w, gr) = (vals(&ours), vals(&before[i]), vals(&grad_list[i]));
+                let worst = (0..u.len())
+                    .map(|j| {
+                        let bound = lr * (gr[j] as f64).abs() / eps + (w[j] as f64).abs() * f32::EPSILON as f64;
+                        (u[j] as f64 + lr * wd * w[j] as f64).abs() / bound
+                    })
+                    .fold(0.0f64, f64::max);
+                println!("update of {name}: -lr wd w within {worst:.2} of the bound");
+                assert!(worst <= 1.0, "update of {name} is not the weight decay alone ({worst:.2} x the bound)");
+            }
+            (if key_bias_layer(name).is_some() { 2 } else { usize::from(name.starts_with("text_encoder.")) }, en.max(ep))
+        };
+        if err > worst_update[group].0 {
+            worst_update[group] = (err, name.clone());
         }
     }
-    println!("AdamW updates, worst rel err {worst_update:.2e}");
+    for (label, (err, name)) in ["UNet", "text encoder", "text encoder key biases", "new rows"].iter().zip(&worst_update) {
+        if name.is_empty() {
+            continue;
+        }
+        println!("AdamW updates, {label}: worst rel err {err:.2e} ({name})");
+    }
 }
 
 /// [`one_dreambooth_step_matches_pytorch`] on the generic candle path (fused CPU kernels off, in
@@ -182,5 +294,9 @@ fn one_dreambooth_step_matches_pytorch_with_kernels_off() {
         common::assert_kernel_switch_honoured();
         return;
     }
-    common::run_with_kernels_off(&["one_dreambooth_step_matches_pytorch", "one_dreambooth_step_matches_pytorch_with_kernels_off"]);
+    common::run_with_kernels_off(&[
+        "one_dreambooth_step_matches_pytorch",
+        "one_dreambooth_step_with_text_encoder_matches_pytorch",
+        "one_dreambooth_step_matches_pytorch_with_kernels_off",
+    ]);
 }

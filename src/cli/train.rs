@@ -92,6 +92,12 @@ pub struct Args {
     /// Training image side in pixels (default: the model's native size).
     #[arg(long)]
     pub resolution: Option<usize>,
+    /// Fine-tune every text encoder tensor as well, its token table included, at the same
+    /// learning rate; OUT/model/text_encoder then holds the trained weights. DreamBooth only
+    /// (refused with another --method); diffusers' --train_text_encoder. Costs 16 bytes per
+    /// text encoder parameter (about 2 GB for SD1.5's), counted by the memory estimate.
+    #[arg(long, alias = "train_text_encoder")]
+    pub train_text_encoder: bool,
     /// Turn off Custom Diffusion's scale/crop augmentation (dreambooth has none).
     #[arg(long, alias = "noaug")]
     pub no_augment: bool,
@@ -172,6 +178,7 @@ pub fn run(a: Args) -> Result<()> {
         None => modifier_tokens_in(&a.caption),
     };
     let mut preset = a.method.preset(&a.ablation)?;
+    preset.set_train_text_encoder(a.train_text_encoder)?;
     if !a.template.contains("{}") {
         bail!("--template must contain {{}} where the caption goes, got {:?}", a.template);
     }
@@ -238,7 +245,10 @@ pub fn run(a: Args) -> Result<()> {
         bail!("regularisation images take half of each micro-batch: use --train-batch-size 2 or more with --reg-dir or --num-class-images");
     }
     eprintln!("loading {}", a.model.model.display());
-    let model = load_base(&a.model.model, &opts, &a.loras, &concepts, preset.unet_trainable)?;
+    let mut model = load_base(&a.model.model, &opts, &a.loras, &concepts, preset.unet_trainable)?;
+    if preset.train_text_encoder {
+        model.train_text_encoder()?;
+    }
     for c in &concepts {
         let pieces = class_word_pieces(&model.sd.tokenizer, &c.class_word);
         if pieces > 1 {
@@ -261,7 +271,7 @@ pub fn run(a: Args) -> Result<()> {
     let defaults = preset.defaults;
     let batch_size = a.train_batch_size.unwrap_or(defaults.train_batch_size);
     let grad_accum = a.gradient_accumulation_steps.unwrap_or(defaults.gradient_accumulation_steps);
-    let trainable_params: u64 = model.trainable(preset.train_embeddings).iter().map(|(_, v)| v.elem_count() as u64).sum();
+    let trainable_params = model.trainable_parameters(preset.train_embeddings);
     let state_dtype = a.adam_state_dtype.dtype();
     let state_bytes = 2 * state_dtype.size_in_bytes() as u64;
     let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution, trainable_params, grad_accum, state_bytes };

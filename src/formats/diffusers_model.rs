@@ -5,8 +5,10 @@
 //! - `model_index.json`, `scheduler/`, `vae/` copied as given;
 //! - `unet/`: the base config and `diffusion_pytorch_model.safetensors` with every trained
 //!   tensor (f32, as trained) and any base tensor the model did not load copied unchanged;
-//! - `text_encoder/`: the base weights with the token table ([`TOKEN_TABLE`]) extended by the new tokens' rows (in the table's dtype) and `vocab_size` raised to match
-//!   in `config.json`;
+//! - `text_encoder/`: the base weights, or the fine-tuned ones where the text encoder trained
+//!   (`--train-text-encoder`, f32 as trained), with the token table ([`TOKEN_TABLE`]) extended
+//!   by the new tokens' rows (in the table's dtype) and `vocab_size` raised to match in
+//!   `config.json`;
 //! - `tokenizer/`: the base files with the new tokens added as transformers writes them:
 //!   `added_tokens_decoder` of `tokenizer_config.json` (and `added_tokens` of `tokenizer.json`
 //!   where the base has one), so `<new1>` tokenizes to its new id.
@@ -27,6 +29,9 @@ pub const TOKEN_TABLE: [&str; 2] = ["text_model.embeddings.token_embedding.weigh
 pub struct FineTuned<'a> {
     /// Every trained UNet tensor by its diffusers name.
     pub unet: &'a [(String, Tensor)],
+    /// Every trained text encoder tensor by its transformers name without `text_model.`
+    /// (empty when the text encoder stayed frozen).
+    pub text_encoder: &'a [(String, Tensor)],
     /// The new tokens with their ids (consecutive, from the base vocabulary size on).
     pub tokens: &'a [(String, u32)],
     /// Their embedding rows [n, hidden].
@@ -105,6 +110,16 @@ fn write_text_encoder(base: &Path, dir: &Path, ft: &FineTuned) -> Result<()> {
     for (name, _) in st.tensors() {
         let t = st.load(&name, &Device::Cpu)?;
         out.insert(name, t);
+    }
+    // The file's keys carry `text_model.` (SD folders) or not (transformers 5).
+    let prefixed = out.keys().any(|k| k.starts_with("text_model."));
+    for (name, t) in ft.text_encoder {
+        let key = if prefixed { format!("text_model.{name}") } else { name.clone() };
+        let Some(old) = out.get(&key) else { bail!("trained text encoder tensor {key} is not in {}", file.display()) };
+        if old.dims() != t.dims() {
+            bail!("trained text encoder tensor {key} has shape {:?}, {} {:?}", t.dims(), file.display(), old.dims());
+        }
+        out.insert(key, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
     }
     let key = TOKEN_TABLE.into_iter().find(|k| out.contains_key(*k)).with_context(|| format!("{} has no {}", file.display(), TOKEN_TABLE.join(" or ")))?;
     let table = &out[key];

@@ -9,12 +9,16 @@
 //! set_extra_embeddings`]): frozen vocabulary rows stay plain tensors, the new modifier rows can
 //! be trainable variables, and [`ClipTextModel::embed`] / [`ClipTextModel::encode_embeddings`]
 //! split the forward pass so a trainer can mask gradients between them.
+//!
+//! [`ClipTextModel::make_trainable`] turns every weight (the vocabulary table included) into a
+//! trainable variable, for fine-tuning the whole text encoder (DreamBooth's
+//! `--train-text-encoder`).
 
 use super::nn::{LayerNorm, Linear};
 use super::ops;
 use super::weights::Vb;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -62,6 +66,16 @@ impl ClipTextConfig {
             bail!("{origin}: hidden_size {} is not divisible by num_attention_heads {}", cfg.hidden_size, cfg.num_attention_heads);
         }
         Ok(cfg)
+    }
+
+    /// Parameters of a text model of this config, counted from its shapes the way transformers
+    /// builds `CLIPTextModel` (token and position tables, per layer q/k/v/out projections with
+    /// biases, two layer norms and the MLP, the final layer norm; SD1.5's gives 123,060,480):
+    /// what `--train-text-encoder` trains.
+    pub fn parameters(&self) -> u64 {
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let layer = 4 * (h * h + h) + 2 * 2 * h + (h * i + i) + (i * h + h);
+        (self.vocab_size as u64 + self.max_position_embeddings as u64) * h + self.num_hidden_layers as u64 * layer + 2 * h
     }
 }
 
@@ -218,6 +232,53 @@ impl ClipTextModel {
         self.extra_embeddings.as_ref()
     }
 
+    /// Every weight by its transformers name without the `text_model.` prefix
+    /// (`embeddings.token_embedding.weight`, `encoder.layers.0.self_attn.q_proj.weight`, ...).
+    fn weights_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut v: Vec<(String, &mut Tensor)> = vec![
+            ("embeddings.token_embedding.weight".into(), &mut self.token_embedding),
+            ("embeddings.position_embedding.weight".into(), &mut self.position_embedding),
+        ];
+        fn linear<'a>(v: &mut Vec<(String, &'a mut Tensor)>, name: String, l: &'a mut Linear) {
+            v.push((format!("{name}.weight"), &mut l.weight));
+            if let Some(b) = l.bias.as_mut() {
+                v.push((format!("{name}.bias"), b));
+            }
+        }
+        fn norm<'a>(v: &mut Vec<(String, &'a mut Tensor)>, name: String, n: &'a mut LayerNorm) {
+            v.push((format!("{name}.weight"), &mut n.weight));
+            v.push((format!("{name}.bias"), &mut n.bias));
+        }
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("encoder.layers.{i}");
+            let a = &mut layer.self_attn;
+            linear(&mut v, format!("{p}.self_attn.q_proj"), &mut a.q_proj);
+            linear(&mut v, format!("{p}.self_attn.k_proj"), &mut a.k_proj);
+            linear(&mut v, format!("{p}.self_attn.v_proj"), &mut a.v_proj);
+            linear(&mut v, format!("{p}.self_attn.out_proj"), &mut a.out_proj);
+            norm(&mut v, format!("{p}.layer_norm1"), &mut layer.layer_norm1);
+            linear(&mut v, format!("{p}.mlp.fc1"), &mut layer.fc1);
+            linear(&mut v, format!("{p}.mlp.fc2"), &mut layer.fc2);
+            norm(&mut v, format!("{p}.layer_norm2"), &mut layer.layer_norm2);
+        }
+        norm(&mut v, "final_layer_norm".into(), &mut self.final_layer_norm);
+        v
+    }
+
+    /// Makes every weight a trainable f32 variable (the vocabulary table included; the extra
+    /// new-token rows are the caller's own variable) and returns them by their transformers
+    /// name without the `text_model.` prefix, sorted by name.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut vars = Vec::new();
+        for (name, t) in self.weights_mut() {
+            let var = Var::from_tensor(&t.to_dtype(DType::F32)?).with_context(|| format!("text encoder weight {name}"))?;
+            *t = var.as_tensor().clone();
+            vars.push((name, var));
+        }
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(vars)
+    }
+
     /// Token + position embeddings of `ids` [B, T] -> [B, T, hidden].
     ///
     /// Ids past the vocabulary read the extra (new-token) rows. The two tables are indexed
@@ -271,3 +332,26 @@ fn causal_mask(t: usize, dtype: DType, device: &Device) -> candle_core::Result<T
     Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?.unsqueeze(0)?.unsqueeze(0)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_count_is_transformers() {
+        // openai/clip-vit-large-patch14's text config (SD1.x):
+        // sum(p.numel() for p in CLIPTextModel.parameters()) = 123,060,480
+        let sd15 = ClipTextConfig::from_json(
+            r#"{"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                "num_attention_heads": 12, "max_position_embeddings": 77}"#,
+            "sd15",
+        )
+        .unwrap();
+        assert_eq!(sd15.parameters(), 123_060_480);
+        // sd1-tiny: the elements of its file's weights (1,600,672, as torch counts them).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd1-tiny/text_encoder");
+        let cfg = ClipTextConfig::from_file(&root.join("config.json")).unwrap();
+        let file = candle_core::safetensors::load(root.join("model.safetensors"), &Device::Cpu).unwrap();
+        let n: usize = file.iter().filter(|(k, _)| !k.ends_with("position_ids")).map(|(_, t)| t.elem_count()).sum();
+        assert_eq!((cfg.parameters(), n), (1_600_672, 1_600_672));
+    }
+}

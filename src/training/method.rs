@@ -19,7 +19,9 @@
 //! (diffusers' `train_dreambooth.py` resizes and centre-crops); its prior preservation is the
 //! trainer's class-image path (half of each micro-batch, `--num-class-images`), which weights
 //! the class half as the instance half (prior loss weight 1). Its output is a complete
-//! diffusers folder `OUT/model/` ([`Preset::writes_model`]).
+//! diffusers folder `OUT/model/` ([`Preset::writes_model`]). With `--train-text-encoder`
+//! ([`Preset::set_train_text_encoder`], DreamBooth only) every text encoder tensor trains too,
+//! at the same learning rate (diffusers' `train_dreambooth.py --train_text_encoder`).
 
 use super::step::{GradientMasks, LossConfig};
 use crate::calibration::{CalibrationConfig, SeparationKind};
@@ -85,6 +87,7 @@ impl Method {
             ablations: Vec::new(),
             unet_trainable,
             train_embeddings: true,
+            train_text_encoder: false,
             loss,
             initializers,
             defaults,
@@ -219,6 +222,8 @@ pub struct Preset {
     pub ablations: Vec<Ablation>,
     pub unet_trainable: UNetTrainable,
     pub train_embeddings: bool,
+    /// Every text encoder tensor trains as well (DreamBooth's `--train-text-encoder`).
+    pub train_text_encoder: bool,
     /// Losses, their weights, the calibration switches and the gradient masks.
     /// `attn_resolution` is the caller's to set from the model.
     pub loss: LossConfig,
@@ -293,6 +298,15 @@ impl Preset {
         Ok(())
     }
 
+    /// Trains the whole text encoder too (`--train-text-encoder`): DreamBooth only.
+    pub fn set_train_text_encoder(&mut self, on: bool) -> Result<()> {
+        if on && self.method != Method::Dreambooth {
+            bail!("--train-text-encoder fine-tunes the text encoder with DreamBooth only (use --method dreambooth, not {})", self.method.name());
+        }
+        self.train_text_encoder = on;
+        Ok(())
+    }
+
     /// Overrides the attention weights: `attn` sets both (`--attn-weight`), then `bind` and
     /// `ss` each set one (`--bind-weight`, `--ss-weight`).
     pub fn set_loss_weights(&mut self, attn: Option<f64>, bind: Option<f64>, ss: Option<f64>) -> Result<()> {
@@ -349,6 +363,16 @@ mod tests {
         assert_eq!(db.loss.masks, GradientMasks { modifier_rows_only: false, detach_start_token_kv: false });
         assert_eq!(db.defaults, TrainDefaults { max_train_steps: 250, train_batch_size: 2, gradient_accumulation_steps: 1, learning_rate: 5e-6 });
         assert_eq!(db.initializers, Initializers::Official);
+        assert!(!db.train_text_encoder && !d.train_text_encoder);
+        let mut db_te = db.clone();
+        db_te.set_train_text_encoder(true).unwrap();
+        assert!(db_te.train_text_encoder);
+        for m in [Method::Disendiff, Method::CustomDiffusion, Method::TextualInversion] {
+            let mut p = m.preset(&[]).unwrap();
+            let err = p.set_train_text_encoder(true).unwrap_err().to_string();
+            assert!(err.contains("--method dreambooth") && !p.train_text_encoder, "{err}");
+            p.set_train_text_encoder(false).unwrap();
+        }
         assert!(!d.writes_model() && !cd.writes_model() && !ti.writes_model() && d.augment);
 
         let p = Preset::parse("disendiff/no-ss+train-q").unwrap();

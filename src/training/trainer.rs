@@ -71,6 +71,10 @@ impl TrainConfig {
         if self.adamw.state_dtype != candle_core::DType::F32 {
             json["adam_state_dtype"] = format!("{:?}", self.adamw.state_dtype).to_lowercase().into();
         }
+        // Likewise only named when on (`--train-text-encoder`).
+        if self.preset.train_text_encoder {
+            json["train_text_encoder"] = true.into();
+        }
         json
     }
 }
@@ -363,7 +367,9 @@ impl Trainer {
         let tokens: Vec<(String, u32)> =
             self.model.concepts.iter().zip(&self.model.modifier_ids).map(|(c, &id)| (c.modifier.clone(), id)).collect();
         let unet = self.unet_weights();
-        let ft = diffusers_model::FineTuned { unet: &unet, tokens: &tokens, rows: self.model.embeddings.as_tensor() };
+        let text_encoder: Vec<(String, Tensor)> =
+            self.model.text_encoder_vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let ft = diffusers_model::FineTuned { unet: &unet, text_encoder: &text_encoder, tokens: &tokens, rows: self.model.embeddings.as_tensor() };
         diffusers_model::write(Path::new(&self.base.path), dir, &ft)
     }
 }

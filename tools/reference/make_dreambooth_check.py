@@ -11,6 +11,15 @@ binary, then with diffusers / transformers only:
   and the same with the base UNet put back (golden/dreambooth-baseunet-0000{0,1}.png), which
   must differ clearly (so a generate that ignored the fine-tuned UNet fails the Rust test).
 
+A second case runs TRAIN_TE (TRAIN with `--train-text-encoder`) and checks what that adds:
+every text encoder tensor differs from the base's, the base rows of the token table included,
+and the new rows are the table's last two; its images -> golden/dreambooth-te-0000{0,1}.png,
+and the same with the base text encoder put back (its table resized, the trained new rows
+copied in, so only the fine-tuning of the rest is undone) -> golden/dreambooth-te-basete-*.png,
+which must differ clearly (so a folder whose text encoder was not the trained one fails the
+Rust test). Its record is golden/dreambooth-te-check.json. The first case's files are
+rewritten byte for byte the same (two runs of the binary write identical folders).
+
     python tools/reference/make_dreambooth_check.py --bin target/release/disendiff
 """
 import os
@@ -27,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel
 from safetensors.torch import load_file
 
 import diffusers
@@ -45,6 +55,7 @@ TRAIN = ["--model", "tests/fixtures/sd1-tiny", "--image", "tests/fixtures/golden
          "--caption", "<new1> cat and <new2> dog", "--method", "dreambooth", "--resolution", "64",
          "--max-train-steps", "2", "--learning-rate", "1e-3", "--num-class-images", "2",
          "--checkpointing-steps", "1"]
+TRAIN_TE = TRAIN + ["--train-text-encoder"]
 CALL = dict(prompt="photo of a <new1> cat", negative_prompt="", num_inference_steps=10, guidance_scale=6.0, eta=0.0,
             height=64, width=64, num_images_per_prompt=2)
 
@@ -58,34 +69,109 @@ def mad(a, b):
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
 
 
+def train(bin_path, tmp, train_args):
+    out = Path(tmp) / "run"
+    subprocess.run([str(bin_path.resolve()), "train", "--out", str(out), *train_args], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    return out / "model"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", type=Path, default=ROOT / "target/release/disendiff")
     ap.add_argument("--golden", type=Path, default=ROOT / "tests/fixtures/golden")
     args = ap.parse_args()
+    unet_case(args)
+    te_case(args)
+
+
+def load_pipe(folder):
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None)
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    ids = tok.convert_tokens_to_ids(["<new1>", "<new2>"])
+    assert ids == [49408, 49409], ids
+    enc = tok("photo of a <new1> cat and <new2> dog").input_ids
+    assert 49408 in enc and 49409 in enc, enc
+    table = te.get_input_embeddings().weight
+    assert table.shape[0] == 49410 == te.config.vocab_size, table.shape
+    return pipe, ids
+
+
+def unet_changed(pipe):
+    base_unet = UNet2DConditionModel.from_pretrained(ROOT / "tests/fixtures/sd1-tiny", subfolder="unet").float()
+    base_sd = base_unet.state_dict()
+    tuned = pipe.unet.state_dict()
+    assert set(tuned) == set(base_sd)
+    same = [k for k in tuned if torch.equal(tuned[k], base_sd[k].to(tuned[k].dtype))]
+    assert same == [], same
+    return base_unet, len(tuned)
+
+
+def versions():
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def te_case(args):
     golden = args.golden
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
-        subprocess.run([str(args.bin.resolve()), "train", "--out", str(out), *TRAIN], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
-        folder = out / "model"
-        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None)
+        folder = train(args.bin, tmp, TRAIN_TE)
+        pipe, ids = load_pipe(folder)
+        unet_changed(pipe)
+        te = pipe.text_encoder
+        base_te = CLIPTextModel.from_pretrained(ROOT / "tests/fixtures/sd1-tiny", subfolder="text_encoder").float()
+        tuned, base = te.state_dict(), base_te.state_dict()
+        assert set(tuned) == set(base), set(tuned) ^ set(base)
+        changed, unchanged_elements = [], {}
+        for k, t in tuned.items():
+            b = base[k]
+            if k.endswith("embeddings.token_embedding.weight"):
+                t = t[: b.shape[0]]  # the base rows; the two new rows are the trained modifier rows
+            assert t.shape == b.shape, (k, t.shape, b.shape)
+            if not torch.equal(t, b):
+                changed.append(k)
+            n_same = int((t == b).sum())
+            if n_same:
+                unchanged_elements[k] = {"elements": n_same, "of": t.numel(), "all_zero_in_base": bool((b[t == b] == 0).all())}
+        # position_ids is a buffer (the same arange in both), not a parameter
+        params = [n for n, _ in te.named_parameters()]
+        not_changed = [k for k in params if k not in changed]
+        assert not_changed == [], not_changed
+        latents = load_file(str(golden / "export-latents.safetensors"))["latents"]
+        tuned_imgs = images(pipe, latents)
+        # the base text encoder with the trained new rows: only the text encoder's fine-tuning undone
+        base_te.resize_token_embeddings(49410)
+        with torch.no_grad():
+            base_te.get_input_embeddings().weight[49408:] = te.get_input_embeddings().weight[49408:]
+        pipe.text_encoder = base_te
+        base_imgs = images(pipe, latents)
+        diffs = [mad(a, b) for a, b in zip(tuned_imgs, base_imgs)]
+        assert min(diffs) >= 1.0, diffs
+        for i, (a, b) in enumerate(zip(tuned_imgs, base_imgs)):
+            a.save(golden / f"dreambooth-te-{i:05d}.png")
+            b.save(golden / f"dreambooth-te-basete-{i:05d}.png")
+        info = {
+            "generator": GEN, "train_args": TRAIN_TE, "call": CALL, "latents": "export-latents.safetensors",
+            "new_token_ids": ids, "text_encoder_vocab_size": int(te.config.vocab_size),
+            "text_encoder_tensors_changed": len(changed), "text_encoder_tensors": len(params),
+            "unchanged_elements": unchanged_elements,
+            "mean_abs_diff_vs_base_text_encoder": diffs,
+            "versions": versions(),
+        }
+        (golden / "dreambooth-te-check.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(json.dumps(info, indent=2))
+
+
+def unet_case(args):
+    golden = args.golden
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = train(args.bin, tmp, TRAIN)
+        pipe, ids = load_pipe(folder)
         tok, te = pipe.tokenizer, pipe.text_encoder
-        ids = tok.convert_tokens_to_ids(["<new1>", "<new2>"])
-        assert ids == [49408, 49409], ids
-        enc = tok("photo of a <new1> cat and <new2> dog").input_ids
-        assert 49408 in enc and 49409 in enc, enc
         table = te.get_input_embeddings().weight
-        assert table.shape[0] == 49410 == te.config.vocab_size, table.shape
         base_te = load_file(str(ROOT / "tests/fixtures/sd1-tiny/text_encoder/model.safetensors"))
         key = "embeddings.token_embedding.weight"
         assert torch.equal(table[:49408].detach(), base_te[key].to(table.dtype)), "the base rows changed"
-        base_unet = UNet2DConditionModel.from_pretrained(ROOT / "tests/fixtures/sd1-tiny", subfolder="unet").float()
-        base_sd = base_unet.state_dict()
-        tuned = pipe.unet.state_dict()
-        assert set(tuned) == set(base_sd)
-        same = [k for k in tuned if torch.equal(tuned[k], base_sd[k].to(tuned[k].dtype))]
-        assert same == [], same
+        base_unet, n_unet = unet_changed(pipe)
         latents = load_file(str(golden / "export-latents.safetensors"))["latents"]
         tuned_imgs = images(pipe, latents)
         pipe.unet = base_unet
@@ -98,10 +184,9 @@ def main():
         info = {
             "generator": GEN, "train_args": TRAIN, "call": CALL, "latents": "export-latents.safetensors",
             "new_token_ids": ids, "text_encoder_vocab_size": int(te.config.vocab_size),
-            "unet_tensors_changed": len(tuned), "unet_tensors": len(tuned),
+            "unet_tensors_changed": n_unet, "unet_tensors": n_unet,
             "mean_abs_diff_vs_base_unet": diffs,
-            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "transformers": transformers.__version__},
+            "versions": versions(),
         }
         (golden / "dreambooth-check.json").write_text(json.dumps(info, indent=2) + "\n")
         print(json.dumps(info, indent=2))

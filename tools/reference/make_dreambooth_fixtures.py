@@ -13,6 +13,13 @@ Rust test regenerates bit for bit (`probe_vector`, below: SplitMix64 of the tens
 hash and the element index, 24-bit values in [-1, 1), exact in float32). A wrong gradient
 (missing, zero, a wrong term) moves the projections by its relative error.
 
+A second case, `dreambooth-te-step.*`, is diffusers' `train_dreambooth.py --train_text_encoder`
+with the added tokens: every text encoder parameter trains as well, its token table resized to
+[vocab + 2, hidden] as one table (here the frozen-free base table concatenated with the two new
+rows, which is the same function and, AdamW being elementwise, the same update), all in one
+AdamW group with the UNet at the same lr. Text encoder tensors are stored as summaries under
+`grad.text_encoder.<name>` (transformers name without `text_model.`), probed by that full name.
+
     python tools/reference/make_dreambooth_fixtures.py [--model tests/fixtures/sd1-tiny] \
         [--out tests/fixtures/golden]
 """
@@ -24,6 +31,7 @@ import make_train_fixtures as base  # noqa: E402  (sets threads, determinism, lo
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -43,6 +51,9 @@ GOLDEN = 0x9E3779B97F4A7C15
 # of a tensor's gradient is ~1e-8 absolute there and flips their update). eps 1e-4 keeps the
 # update a well-conditioned function of the gradient; eps 1e-8 is checked by train-step.
 ADAMW = dict(base.ADAMW, eps=1e-4)
+# A text encoder key bias gradient norm (exactly 0, float noise) at most this times the same
+# layer's query bias gradient norm (tests/dreambooth_parity.rs: KEY_BIAS_BOUND).
+KEY_BIAS_BOUND = 1e-5
 
 
 def fnv1a64(s: str) -> int:
@@ -70,18 +81,28 @@ def summary(name: str, t: torch.Tensor) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64).float()
 
 
+def te_name(n: str) -> str:
+    """A text encoder parameter's name without transformers' `text_model.` prefix."""
+    return n[len("text_model."):] if n.startswith("text_model.") else n
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=base.ROOT / "tests/fixtures/sd1-tiny")
     ap.add_argument("--out", type=Path, default=base.ROOT / "tests/fixtures/golden")
     args = ap.parse_args()
-    t0 = time.time()
-    folder = args.model
 
     # self-check of the probe vectors against values written out by hand from the formula
     assert fnv1a64("") == 0xCBF29CE484222325 and fnv1a64("a") == 0xAF63DC4C8601EC8C
     r = probe_vector("conv_in.weight", 3, 5)
     assert np.all(np.abs(r) <= 1.0) and len(set(r.tolist())) == 5
+    run_case(args, train_te=False, stem="dreambooth-step")
+    run_case(args, train_te=True, stem="dreambooth-te-step")
+
+
+def run_case(args, train_te: bool, stem: str):
+    t0 = time.time()
+    folder = args.model
 
     tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     tok.add_tokens(base.NEW_TOKENS)
@@ -91,11 +112,12 @@ def main():
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").float().eval()
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    te.requires_grad_(False)
+    te.requires_grad_(train_te)
     vae.requires_grad_(False)
     unet.requires_grad_(True)
     params = dict(sorted(unet.named_parameters()))
     n_params = sum(p.numel() for p in params.values())
+    te_params = dict(sorted((f"text_encoder.{te_name(n)}", p) for n, p in te.named_parameters())) if train_te else {}
 
     ids = tok(base.CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     ids = ids.to(torch.int64)
@@ -105,8 +127,10 @@ def main():
     timesteps = torch.tensor(base.TIMESTEPS, dtype=torch.int64)
     mask = torch.ones([3, 1, 16, 16])  # DreamBooth: no augmentation, so no loss mask
 
-    tok_emb = te.embeddings.token_embedding.weight.detach()
-    new_rows = torch.nn.Parameter(tok_emb[base.INIT_IDS].clone())
+    tok_emb = te.embeddings.token_embedding.weight
+    if not train_te:
+        tok_emb = tok_emb.detach()
+    new_rows = torch.nn.Parameter(tok_emb.detach()[base.INIT_IDS].clone())
     pos_ids = te.embeddings.position_ids[:, :77]
     table = torch.cat([tok_emb, new_rows])
     emb = F.embedding(ids, table) + te.embeddings.position_embedding(pos_ids)  # no gradient mask
@@ -129,26 +153,44 @@ def main():
     assert torch.allclose(loss, 4 * (2 * inst + prior) / 3, rtol=1e-6), (loss, inst, prior)
     loss.backward()
 
-    frozen_with_grad = [f"text_encoder.{n}" for n, p in te.named_parameters() if p.grad is not None or p.requires_grad]
+    frozen_with_grad = [] if train_te else [f"text_encoder.{n}" for n, p in te.named_parameters() if p.grad is not None or p.requires_grad]
     frozen_with_grad += [f"vae.{n}" for n, p in vae.named_parameters() if p.grad is not None or p.requires_grad]
     assert frozen_with_grad == [], frozen_with_grad
     no_grad = [n for n, p in params.items() if p.grad is None or float(p.grad.norm()) == 0.0]
     assert no_grad == [], no_grad
     assert new_rows.grad is not None and float(new_rows.grad.norm()) > 0
+    # A key bias's exact gradient is 0 (softmax is invariant to the constant q.b_k it adds to all
+    # of a query's logits): it must be float noise, tiny against the same layer's query bias
+    # gradient. Every other text encoder tensor must get a gradient.
+    key_bias = re.compile(r"text_encoder\.(encoder\.layers\.\d+)\.self_attn\.k_proj\.bias")
+    te_no_grad, key_bias_ratios = [], {}
+    for n, p in te_params.items():
+        m = key_bias.fullmatch(n)
+        if m:
+            q = te_params[f"text_encoder.{m.group(1)}.self_attn.q_proj.bias"].grad
+            assert p.grad is not None and q is not None and float(q.norm()) > 1e-6, n
+            key_bias_ratios[n] = float(p.grad.norm()) / float(q.norm())
+            assert key_bias_ratios[n] <= KEY_BIAS_BOUND, (n, key_bias_ratios[n])
+        elif p.grad is None or float(p.grad.norm()) == 0.0:
+            te_no_grad.append(n)
+    assert te_no_grad == [], te_no_grad
+    assert len(key_bias_ratios) == (te.config.num_hidden_layers if train_te else 0), key_bias_ratios
+    params_all = {**params, **te_params}
 
     gold = {"x0": x0, "noise": noise, "timesteps": timesteps, "mask": mask, "input_ids": ids,
             "loss.total": loss.detach().reshape(1)}
-    for n, p in params.items():
+    for n, p in params_all.items():
         gold[f"grad.{n}"] = summary(n, p.grad)
     for i, t in enumerate(base.NEW_TOKENS):
         gold[f"grad.embedding.{t}"] = new_rows.grad[i].detach().clone()
 
-    before = {n: p.detach().clone() for n, p in params.items()}
+    before = {n: p.detach().clone() for n, p in params_all.items()}
     rows_before = new_rows.detach().clone()
-    opt = torch.optim.AdamW(list(params.values()) + [new_rows], **ADAMW)
+    # one group, one lr for UNet and text encoder (train_dreambooth.py's params_to_optimize)
+    opt = torch.optim.AdamW(list(params_all.values()) + [new_rows], **ADAMW)
     opt.step()
     lr, wd = ADAMW["lr"], ADAMW["weight_decay"]
-    for n, p in params.items():
+    for n, p in params_all.items():
         gr = p.grad
         exp = before[n] * (1 - lr * wd) - lr * gr / (gr.abs() + ADAMW["eps"])
         assert torch.allclose(p.detach(), exp, atol=1e-7), n
@@ -157,10 +199,10 @@ def main():
         gold[f"update.embedding.{t}"] = (new_rows[i] - rows_before[i]).detach().clone()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    st_path = args.out / "dreambooth-step.safetensors"
+    st_path = args.out / f"{stem}.safetensors"
     save_file({k: v.contiguous() for k, v in gold.items()}, str(st_path), metadata={"generator": GEN})
-    re = load_file(str(st_path))
-    assert all(torch.equal(re[k], v) for k, v in gold.items())
+    reread = load_file(str(st_path))
+    assert all(torch.equal(reread[k], v) for k, v in gold.items())
     settings = {
         "generator": GEN,
         "captions": base.CAPTIONS,
@@ -172,17 +214,22 @@ def main():
         "adamw": {"lr": lr, "betas": list(ADAMW["betas"]), "eps": ADAMW["eps"], "weight_decay": wd},
         "unet_params": list(params),
         "unet_param_count": n_params,
+        "train_text_encoder": train_te,
+        "text_encoder_params": list(te_params),
+        "text_encoder_param_count": sum(p.numel() for p in te_params.values()),
         "loss": loss.item(),
         "diffusers_dreambooth_loss": {"instance": inst.item(), "prior": prior.item()},
-        "grad_norms": {n: float(p.grad.norm()) for n, p in params.items()},
+        "grad_norms": {n: float(p.grad.norm()) for n, p in params_all.items()},
+        "key_bias_grad_norm_over_q_bias": key_bias_ratios,
+        "key_bias_bound": KEY_BIAS_BOUND,
         "frozen_with_grad": frozen_with_grad,
         "versions": base.versions(),
     }
-    (args.out / "dreambooth-step.json").write_text(json.dumps(settings, indent=2) + "\n")
-    print(f"{len(params)} UNet tensors ({n_params:,} parameters) + 2 rows; loss {loss.item():.6f}")
+    (args.out / f"{stem}.json").write_text(json.dumps(settings, indent=2) + "\n")
+    print(f"{stem}: {len(params)} UNet tensors ({n_params:,} parameters) + {len(te_params)} text encoder tensors + 2 rows; loss {loss.item():.6f}")
     norms = sorted(settings["grad_norms"].values())
     print(f"grad norms: min {norms[0]:.3e}, median {norms[len(norms) // 2]:.3e}, max {norms[-1]:.3e}")
-    for p in (st_path, args.out / "dreambooth-step.json"):
+    for p in (st_path, args.out / f"{stem}.json"):
         print(f"  {p.name}  {p.stat().st_size:,} bytes")
     print(f"{time.time() - t0:.1f} s")
 

@@ -344,6 +344,10 @@ mod tests {
     /// Parameters of SD1.5's UNet (`sum(p.numel() for p in unet.parameters())`).
     const SD15_UNET_PARAMS: u64 = 859_520_964;
 
+    /// Parameters of SD1.5's text encoder (`ClipTextConfig::parameters`, transformers' count),
+    /// which DreamBooth's `--train-text-encoder` trains as well.
+    const SD15_TEXT_ENCODER_PARAMS: u64 = 123_060_480;
+
     /// SD1.5's configs (diffusers' `runwayml/stable-diffusion-v1-5` UNet and VAE).
     fn sd15(dtype: DType, fused: bool) -> Shapes {
         let unet = UNetConfig::from_json_str(
@@ -387,6 +391,9 @@ mod tests {
                 human(12 * SD15_UNET_PARAMS),
                 human(4 * SD15_UNET_PARAMS)
             );
+            let te = training(&s, &Training { trainable_params: SD15_UNET_PARAMS + SD15_TEXT_ENCODER_PARAMS, ..db }).unwrap();
+            assert_eq!(te.stages[1].bytes - e.stages[1].bytes, 12 * SD15_TEXT_ENCODER_PARAMS);
+            println!("{what} DreamBooth --train-text-encoder 512px batch 2: {} beyond the weights", human(te.activations()));
         }
         let acc = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 10, grad_accum: 4, state_bytes: 8 };
         assert_eq!((acc.optimizer_state_bytes(), acc.gradient_bytes()), (80, 80));
