@@ -15,8 +15,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MKL_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import argparse
 import contextlib
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from safetensors.torch import save_file
 import diffusers
 import transformers
 from diffusers import StableDiffusionPipeline
-from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor
 
 torch.set_num_threads(2)
 torch.use_deterministic_algorithms(True)
@@ -91,6 +93,14 @@ def mean_abs_diff(images_a, images_b):
     return float(np.abs(a - b).mean())
 
 
+def fixtures_main(build_all, holds):
+    """The command line of a script whose `build_all(fixtures)` writes into a fixtures folder:
+    `--out FOLDER` (the folder that holds `holds`)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True, type=Path, help=f"the fixtures folder (holds {holds})")
+    build_all(ap.parse_args().out)
+
+
 @contextlib.contextmanager
 def pinned_latents(module, noise):
     """Within the block, the diffusers pipeline module `module` (img2img, inpaint) draws no noise and
@@ -119,6 +129,18 @@ class ClassicAttnProcessor(AttnProcessor):
     def __init__(self, name, store):
         super().__init__()
         self.name, self.store = name, store
+
+    @classmethod
+    def install(cls, unet):
+        """Gives every attention layer of `unet` this processor (named by its module path); returns
+        the store the processors write to, the processors `unet` had (for `set_attn_processor`) and
+        the class name of its default one."""
+        default = dict(unet.attn_processors)
+        store = {}
+        for name, m in unet.named_modules():
+            if isinstance(m, Attention):
+                m.set_processor(cls(name, store))
+        return store, default, type(next(iter(default.values()))).__name__
 
     def key_value(self, key, value, is_cross):
         return key, value

@@ -15,9 +15,6 @@ Writes golden/img2img-<name>.safetensors and golden/img2img-<name>.json for sd1 
 """
 import common  # first: pins threads and determinism before torch is imported
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 import PIL.Image
 import torch
@@ -114,11 +111,5 @@ def build_all(fixtures):
         build(name, v, fixtures)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True, type=Path, help="the fixtures folder (holds sd1-tiny, sd2-tiny, golden)")
-    build_all(ap.parse_args().out)
-
-
 if __name__ == "__main__":
-    main()
+    common.fixtures_main(build_all, "sd1-tiny, sd2-tiny, golden")

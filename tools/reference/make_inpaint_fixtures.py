@@ -22,9 +22,6 @@ and binarises at 0.5), and per case golden/inpaint-<case>.safetensors, .json, -l
 """
 import common  # first: pins threads and determinism before torch is imported
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 import PIL.Image
 import torch
@@ -131,11 +128,5 @@ def build_all(fixtures):
         build(name, v, fixtures, base, picture, mask_image)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True, type=Path, help="the fixtures folder (holds sd1-tiny, unet-inpaint-tiny, golden)")
-    build_all(ap.parse_args().out)
-
-
 if __name__ == "__main__":
-    main()
+    common.fixtures_main(build_all, "sd1-tiny, unet-inpaint-tiny, golden")

@@ -30,7 +30,6 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from common import perturb, save_tensors, versions, write_json
 
@@ -153,16 +152,11 @@ def unet_goldens(unet, seed, ctx_dim, in_channels, with_attn):
     sample = torch.randn([2, in_channels, 16, 16], generator=g)
     context = torch.randn([2, 77, ctx_dim], generator=g)
     timesteps = torch.tensor(UNET_TIMESTEPS, dtype=torch.int64)
-    default_procs = unet.attn_processors
-    default_name = type(next(iter(default_procs.values()))).__name__
     with torch.no_grad():
         out_default = unet(sample, timesteps, encoder_hidden_states=context).sample
-        store = {}
-        for name, m in unet.named_modules():
-            if isinstance(m, Attention):
-                m.set_processor(RecordingAttnProcessor(name, store))
+        store, default_procs, default_name = RecordingAttnProcessor.install(unet)
         out = unet(sample, timesteps, encoder_hidden_states=context).sample
-    unet.set_attn_processor(dict(default_procs))  # (set_attn_processor empties the dict it gets)
+    unet.set_attn_processor(default_procs)
     err = (out - out_default).abs().max().item()
     assert torch.allclose(out, out_default, atol=1e-5, rtol=1e-4), err
     print(f"  unet: classic vs default ({default_name}) max |diff| {err:.2e}")

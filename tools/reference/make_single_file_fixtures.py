@@ -37,7 +37,6 @@ to check it reproduces every diffusers tensor exactly.
 """
 import common  # first: pins threads and determinism before torch is imported
 
-import argparse
 import json
 import os
 import subprocess
@@ -498,11 +497,5 @@ def build_all(fixtures):
     build_evil(fixtures)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True, type=Path, help="the fixtures folder (holds sd1-tiny, sd2-tiny, golden)")
-    build_all(ap.parse_args().out)
-
-
 if __name__ == "__main__":
-    main()
+    common.fixtures_main(build_all, "sd1-tiny, sd2-tiny, golden")

@@ -244,14 +244,9 @@ def main():
 
     # ---- forward
     noisy = sched.add_noise(x0, noise, timesteps)
-    default_procs = unet.attn_processors
-    default_name = type(next(iter(default_procs.values()))).__name__
     with torch.no_grad():
         out_default = unet(noisy, timesteps, encoder_hidden_states=ref).sample
-    store = {}
-    for name, m in unet.named_modules():
-        if isinstance(m, Attention):
-            m.set_processor(TrainAttnProcessor(name, store))
+    store, _, default_name = TrainAttnProcessor.install(unet)
 
     context = encode(ids, grad_mask=True)
     context.retain_grad()
