@@ -6,7 +6,7 @@ makes a rerun write the same bytes (2 CPU threads, deterministic algorithms, no 
 pool) and silences diffusers' / transformers' logging and progress bars. It also holds the helpers
 several scripts use alike: the seeded weight perturbation of the tiny random models, diffusers'
 classic attention processor with hooks to record or change what it sees, the pinned noise and VAE
-posterior mean of the img2img / inpainting goldens, the float32 sd1-tiny pipeline, the library
+posterior mean of the img2img / inpainting goldens, a float32 pipeline loader, the library
 versions and the safetensors / JSON writers.
 """
 import os
