@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use disendiff::model::sd::{LoadOptions, StableDiffusion};
 use disendiff::model::unet::{AttentionProbe, ForwardOptions, UNet2DConditionModel, UNetConfig};
 use disendiff::model::weights::{component_weight_files, WeightStore};
-use disendiff::pipelines::text2img::{self, Text2ImageParams};
+use disendiff::pipelines::text2img;
 use disendiff::scheduler::NoiseSchedule;
 use disendiff::training::adamw::{AdamW, AdamWConfig};
 use disendiff::training::concepts::{concept_positions, modifier_tokens_in, parse_concepts};
@@ -115,22 +115,6 @@ fn unet_half_precision_close_to_f32() {
     assert!(err <= 3e-2, "{:?}: rel err {err}", low());
 }
 
-fn pipeline_params(sd: &StableDiffusion, name: &str, g: &HashMap<String, Tensor>) -> Text2ImageParams {
-    let text = std::fs::read_to_string(common::fixture(&format!("golden/{name}.json"))).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let pipe = &v["pipe"];
-    let mut p = Text2ImageParams::new(sd, pipe["prompt"].as_str().unwrap());
-    p.negative_prompt = pipe["negative_prompt"].as_str().unwrap_or("").to_string();
-    p.steps = pipe["steps"].as_u64().unwrap() as usize;
-    p.guidance_scale = pipe["guidance_scale"].as_f64().unwrap();
-    p.eta = pipe["eta"].as_f64().unwrap();
-    p.height = pipe["height"].as_u64().unwrap() as usize;
-    p.width = pipe["width"].as_u64().unwrap() as usize;
-    p.latents = Some(g["pipe.latents"].clone());
-    p.num_images = g["pipe.latents"].dim(0).unwrap();
-    p
-}
-
 /// The guided DDIM pipeline: f32 latents and image within 1e-3 (as on the CPU); half-precision
 /// weights within 5e-2 of the latents and 3e-2 of the image (the guided steps compound bf16's
 /// 4e-3 rounding per product).
@@ -141,7 +125,7 @@ fn pipeline_on_gpu_matches_diffusers() {
         let opts = LoadOptions { dtype, device: dev.clone(), ..Default::default() };
         let sd = StableDiffusion::load(&common::fixture("sd1-tiny"), &opts).unwrap();
         let g = golden_on("sd1", &dev);
-        let p = pipeline_params(&sd, "sd1", &g);
+        let p = common::settings::text2img_params(&sd, "sd1", &g["pipe.latents"]);
         let latents = text2img::sample_latents(&sd, &p, |_, _| {}).unwrap();
         let err = rel_err(&latents.to_dtype(DType::F32).unwrap(), &g["pipe.out_latents"]);
         println!("{} {dtype:?}: final latents rel err {err:.3e}", dev_name());
@@ -165,8 +149,7 @@ fn scalar(t: &Tensor) -> f64 {
 #[test]
 fn train_step_on_gpu_matches_pytorch() {
     let dev = gpu();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/train-step.json")).unwrap()).unwrap();
+    let meta = common::settings::golden_json("train-step");
     let captions: Vec<String> = meta["captions"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
     let caption = "<new1> cat and <new2> dog";
     let concepts = parse_concepts(caption, &modifier_tokens_in(caption), &["pll".into(), "ktn".into()]).unwrap();
@@ -251,8 +234,7 @@ fn mixed_precision_two_steps_close_to_f32() {
     let dev = gpu();
     let caption = "<new1> cat and <new2> dog";
     let concepts = parse_concepts(caption, &modifier_tokens_in(caption), &["pll".into(), "ktn".into()]).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/train-step.json")).unwrap()).unwrap();
+    let meta = common::settings::golden_json("train-step");
     let captions: Vec<String> = meta["captions"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
     let g = golden_on("train-step", &dev);
     let run = |dtype: DType| -> Vec<f64> {

@@ -7,13 +7,12 @@ mod common;
 
 use disendiff::model::sd::{LoadOptions, StableDiffusion};
 use disendiff::pipelines::img2img::{self, Img2ImgParams};
-use disendiff::pipelines::latents::{decode_latents, encode_image};
+use disendiff::pipelines::latents::encode_image;
 
 fn check(name: &str) {
     let sd = StableDiffusion::load(&common::fixture(&format!("{name}-tiny")), &LoadOptions::default()).unwrap();
     let g = common::load_golden(&format!("img2img-{name}"));
-    let text = std::fs::read_to_string(common::fixture(&format!("golden/img2img-{name}.json"))).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let v = common::settings::golden_json(&format!("img2img-{name}"));
     let s = &v["img2img"];
 
     let init = encode_image(&sd, &g["img2img.image"]).unwrap();
@@ -21,14 +20,11 @@ fn check(name: &str) {
     println!("{name}: image latents rel err {err:.3e}");
     assert!(err <= 1e-4, "{name}: image latents rel err {err}");
 
-    let mut p = Img2ImgParams::new(s["prompt"].as_str().unwrap(), g["img2img.image"].clone());
-    p.negative_prompt = s["negative_prompt"].as_str().unwrap().to_string();
-    p.steps = s["steps"].as_u64().unwrap() as usize;
-    p.strength = s["strength"].as_f64().unwrap();
-    p.guidance_scale = s["guidance_scale"].as_f64().unwrap();
-    p.eta = s["eta"].as_f64().unwrap();
-    p.num_images = s["num_images_per_prompt"].as_u64().unwrap() as usize;
-    p.noise = Some(g["img2img.noise"].clone());
+    let p = Img2ImgParams {
+        sampling: common::settings::sampling_params(s),
+        image: g["img2img.image"].clone(),
+        noise: Some(g["img2img.noise"].clone()),
+    };
 
     let mut visited = 0;
     let latents = img2img::sample_latents(&sd, &p, |i, total| {
@@ -38,15 +34,8 @@ fn check(name: &str) {
     })
     .unwrap();
     assert_eq!(visited, g["img2img.timesteps"].dim(0).unwrap(), "{name}: steps run");
-    let err = common::rel_err(&latents, &g["img2img.out_latents"]);
-    println!("{name}: final latents rel err {err:.3e} after {visited} steps (strength {})", p.strength);
-    assert!(err <= 1e-3, "{name}: final latents rel err {err}");
-
-    let images = decode_latents(&sd, &latents).unwrap();
-    let want = g["img2img.out_image"].permute((0, 3, 1, 2)).unwrap();
-    let err = common::rel_err(&images, &want);
-    println!("{name}: decoded image rel err {err:.3e}");
-    assert!(err <= 1e-3, "{name}: image rel err {err}");
+    let label = format!("{name} ({visited} steps, strength {})", p.sampling.strength);
+    common::images::assert_latents_and_image(&sd, &label, &latents, &g["img2img.out_latents"], &g["img2img.out_image"]);
 }
 
 #[test]
@@ -64,19 +53,19 @@ fn img2img_rejects_bad_settings() {
     let sd = StableDiffusion::load(&common::fixture("sd1-tiny"), &LoadOptions::default()).unwrap();
     let g = common::load_golden("img2img-sd1");
     let mut p = Img2ImgParams::new("a cat", g["img2img.image"].clone());
-    p.steps = 4;
-    p.strength = 0.2; // int(4 * 0.2) = 0 steps
+    p.sampling.steps = 4;
+    p.sampling.strength = 0.2; // int(4 * 0.2) = 0 steps
     let e = img2img::sample_latents(&sd, &p, |_, _| {}).unwrap_err();
     assert!(format!("{e:#}").contains("strength"), "{e:#}");
-    p.strength = 1.5;
+    p.sampling.strength = 1.5;
     assert!(format!("{:#}", img2img::sample_latents(&sd, &p, |_, _| {}).unwrap_err()).contains("strength"));
-    p.strength = 0.5;
-    p.num_images = 3;
+    p.sampling.strength = 0.5;
+    p.sampling.num_images = 3;
     p.image = g["img2img.image"].repeat((2, 1, 1, 1)).unwrap();
     let e = img2img::sample_latents(&sd, &p, |_, _| {}).unwrap_err();
     assert!(format!("{e:#}").contains("2 start images for 3"), "{e:#}");
     p.image = g["img2img.image"].narrow(3, 0, 60).unwrap();
-    p.num_images = 1;
+    p.sampling.num_images = 1;
     let e = img2img::sample_latents(&sd, &p, |_, _| {}).unwrap_err();
     assert!(format!("{e:#}").contains("multiples of 8"), "{e:#}");
 }
@@ -87,8 +76,7 @@ fn img2img_rejects_bad_settings() {
 #[test]
 fn generate_with_image_matches_diffusers_through_the_cli() {
     let g = common::load_golden("img2img-sd1");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/img2img-sd1.json")).unwrap()).unwrap();
+    let v = common::settings::golden_json("img2img-sd1");
     let s = &v["img2img"];
     let tmp = tempfile::tempdir().unwrap();
     let pixels = ((&g["img2img.image"].squeeze(0).unwrap() + 1.0).unwrap() * 127.5).unwrap().round().unwrap();

@@ -11,7 +11,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use disendiff::model::sd::{LoadOptions, StableDiffusion};
 use disendiff::pipelines::inpaint::{self, InpaintParams};
-use disendiff::pipelines::latents::{decode_latents, encode_image};
+use disendiff::pipelines::latents::encode_image;
 use disendiff::util;
 use std::path::{Path, PathBuf};
 
@@ -35,15 +35,7 @@ fn model_dir(case: &str, tmp: &Path) -> PathBuf {
 }
 
 fn settings(case: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(common::fixture(&format!("golden/{case}.json"))).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["inpaint"].clone()
-}
-
-fn mean_abs_u8(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let s: u64 = a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| (x as i64 - y as i64).unsigned_abs()).sum();
-    s as f64 / a.as_raw().len() as f64
+    common::settings::golden_json(case)["inpaint"].clone()
 }
 
 fn golden_png(case: &str, i: usize) -> image::RgbImage {
@@ -76,14 +68,12 @@ fn check(case: &str) {
     let err = common::rel_err(&encode_image(&sd, &masked).unwrap(), &g["inpaint.masked_image_latents"]);
     assert!(err <= 1e-4, "{case}: masked-image latents rel err {err}");
 
-    let mut p = InpaintParams::new(s["prompt"].as_str().unwrap(), image.clone(), mask.clone());
-    p.negative_prompt = s["negative_prompt"].as_str().unwrap().to_string();
-    p.steps = s["steps"].as_u64().unwrap() as usize;
-    p.strength = s["strength"].as_f64().unwrap();
-    p.guidance_scale = s["guidance_scale"].as_f64().unwrap();
-    p.eta = s["eta"].as_f64().unwrap();
-    p.num_images = s["num_images_per_prompt"].as_u64().unwrap() as usize;
-    p.noise = Some(g["inpaint.noise"].clone());
+    let p = InpaintParams {
+        sampling: common::settings::sampling_params(&s),
+        image: image.clone(),
+        mask: mask.clone(),
+        noise: Some(g["inpaint.noise"].clone()),
+    };
     let steps = g["inpaint.timesteps"].dim(0).unwrap();
     assert_eq!(inpaint::steps_run(&sd, &p).unwrap(), steps);
 
@@ -94,20 +84,9 @@ fn check(case: &str) {
     })
     .unwrap();
     assert_eq!(visited, steps, "{case}: steps run");
-    let err = common::rel_err(&latents, &g["inpaint.out_latents"]);
-    println!("{case}: final latents rel err {err:.3e} after {visited} steps (strength {})", p.strength);
-    assert!(err <= 1e-3, "{case}: final latents rel err {err}");
-
-    let images = decode_latents(&sd, &latents).unwrap();
-    let want = g["inpaint.out_image"].permute((0, 3, 1, 2)).unwrap();
-    let err = common::rel_err(&images, &want);
-    println!("{case}: decoded image rel err {err:.3e}");
-    assert!(err <= 1e-3, "{case}: image rel err {err}");
-    for (i, img) in util::to_rgb8(&images).unwrap().iter().enumerate() {
-        let d = mean_abs_u8(img, &golden_png(case, i));
-        println!("{case}: image {i} mean abs diff {d:.4} / 255");
-        assert!(d <= 1.0, "{case}: image {i} mean abs diff {d} / 255");
-    }
+    let label = format!("{case} ({visited} steps, strength {})", p.sampling.strength);
+    let images = common::images::assert_latents_and_image(&sd, &label, &latents, &g["inpaint.out_latents"], &g["inpaint.out_image"]);
+    common::images::assert_pngs_close(&images, case);
 
     // the other kind of start gives another result: the run depends on the mask
     let mut q = p.clone();
@@ -164,7 +143,7 @@ fn cli_inpaint_matches_diffusers_pngs() {
         let n = settings(case)["num_images_per_prompt"].as_u64().unwrap() as usize;
         for i in 0..n {
             let got = util::load_rgb(&out.join(format!("{i:05}.png"))).unwrap();
-            let d = mean_abs_u8(&got, &golden_png(case, i));
+            let d = common::images::mean_abs_u8(&got, &golden_png(case, i));
             println!("cli {case}: image {i} mean abs diff {d:.4} / 255");
             assert!(d <= 1.0, "cli {case}: image {i} mean abs diff {d} / 255");
         }
@@ -272,7 +251,7 @@ fn library_rejects_mismatched_inputs() {
     let sd = StableDiffusion::load(&common::fixture("sd1-tiny"), &LoadOptions::default()).unwrap();
     let g = common::load_golden("inpaint4");
     let mut p = InpaintParams::new("a cat", g["inpaint.image"].clone(), g["inpaint.mask"].clone());
-    p.steps = 2;
+    p.sampling.steps = 2;
     assert!(inpaint::check(&sd, &p).is_ok());
     p.mask = g["inpaint.mask"].narrow(3, 0, 56).unwrap();
     let e = inpaint::check(&sd, &p).unwrap_err();
@@ -280,7 +259,7 @@ fn library_rejects_mismatched_inputs() {
     p.mask = Tensor::cat(&[&g["inpaint.mask"], &g["inpaint.mask"]], 1).unwrap();
     assert!(format!("{:#}", inpaint::check(&sd, &p).unwrap_err()).contains("the mask must be"));
     p.mask = g["inpaint.mask"].clone();
-    p.num_images = 3;
+    p.sampling.num_images = 3;
     p.image = g["inpaint.image"].repeat((2, 1, 1, 1)).unwrap();
     assert!(format!("{:#}", inpaint::check(&sd, &p).unwrap_err()).contains("2 images for 3 outputs"));
 }

@@ -11,7 +11,7 @@ mod common;
 use candle_core::Tensor;
 use disendiff::model::single_file::{detect, Family};
 use disendiff::model::sd::{LoadOptions, SingleFileOptions, StableDiffusion};
-use disendiff::pipelines::text2img::{self, Text2ImageParams};
+use disendiff::pipelines::text2img;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,8 +26,7 @@ fn single_opts(config: &str, ema: bool) -> LoadOptions {
 /// checked with diffusers' from_single_file; for SD1 also the int64 `position_ids` buffer.
 fn compvis_tensors(entry: &str) -> HashMap<String, Tensor> {
     let dev = candle_core::Device::Cpu;
-    let text = std::fs::read_to_string(common::fixture("golden/single-names.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let v = common::settings::golden_json("single-names");
     let e = &v[entry];
     let files: HashMap<String, HashMap<String, Tensor>> = e["files"]
         .as_object()
@@ -58,39 +57,14 @@ fn sd1_single_file(dir: &Path) -> PathBuf {
     path
 }
 
-/// The golden pipeline settings of `golden/<name>.json`, with start latents `latents`.
-fn params(sd: &StableDiffusion, name: &str, latents: &Tensor) -> Text2ImageParams {
-    let text = std::fs::read_to_string(common::fixture(&format!("golden/{name}.json"))).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let pipe = &v["pipe"];
-    let mut p = Text2ImageParams::new(sd, pipe["prompt"].as_str().unwrap());
-    p.negative_prompt = pipe["negative_prompt"].as_str().unwrap_or("").to_string();
-    p.steps = pipe["steps"].as_u64().unwrap() as usize;
-    p.guidance_scale = pipe["guidance_scale"].as_f64().unwrap();
-    p.eta = pipe["eta"].as_f64().unwrap();
-    p.height = pipe["height"].as_u64().unwrap() as usize;
-    p.width = pipe["width"].as_u64().unwrap() as usize;
-    p.latents = Some(latents.clone());
-    p.num_images = latents.dim(0).unwrap();
-    p
-}
-
 /// Runs the pipeline; checks the final latents against `want` and the PNGs against
 /// `golden/<png>-0000K.png` (mean abs difference <= 1/255). Returns the final latents.
 fn check_run(sd: &StableDiffusion, name: &str, start: &Tensor, want: &Tensor, png: &str) -> Tensor {
-    let latents = text2img::sample_latents(sd, &params(sd, name, start), |_, _| {}).unwrap();
+    let latents = text2img::sample_latents(sd, &common::settings::text2img_params(sd, name, start), |_, _| {}).unwrap();
     let err = common::rel_err(&latents, want);
     println!("{png}: final latents rel err {err:.3e}");
     assert!(err <= 1e-3, "{png}: final latents rel err {err}");
-    let images = text2img::decode_latents(sd, &latents).unwrap();
-    for (i, img) in disendiff::util::to_rgb8(&images).unwrap().iter().enumerate() {
-        let reference = image::open(common::fixture(&format!("golden/{png}-{i:05}.png"))).unwrap().to_rgb8();
-        assert_eq!(reference.dimensions(), img.dimensions());
-        let mad: f64 = img.as_raw().iter().zip(reference.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>()
-            / img.as_raw().len() as f64;
-        println!("{png}: image {i} mean abs diff {mad:.4} (of 255)");
-        assert!(mad <= 1.0, "{png}: PNG {i} differs by {mad}/255 on average");
-    }
+    common::images::assert_pngs_close(&text2img::decode_latents(sd, &latents).unwrap(), png);
     latents
 }
 
@@ -101,7 +75,7 @@ fn sd1_safetensors_generates_what_the_folder_generates() {
     let single = StableDiffusion::load(&sd1_single_file(tmp.path()), &single_opts("sd1-tiny", false)).unwrap();
     let from_file = check_run(&single, "sd1", &g["pipe.latents"], &g["pipe.out_latents"], "sd1-pipe");
     let folder = StableDiffusion::load(&common::fixture("sd1-tiny"), &LoadOptions::default()).unwrap();
-    let from_folder = text2img::sample_latents(&folder, &params(&folder, "sd1", &g["pipe.latents"]), |_, _| {}).unwrap();
+    let from_folder = text2img::sample_latents(&folder, &common::settings::text2img_params(&folder, "sd1", &g["pipe.latents"]), |_, _| {}).unwrap();
     let diff = (&from_file - &from_folder).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     println!("single file vs folder: final latents max |diff| {diff:e}");
     assert_eq!(diff, 0.0, "the same weights must give the same latents");
@@ -339,8 +313,7 @@ fn an_inpainting_single_file_inpaints_as_diffusers() {
     }
     std::fs::copy(common::fixture("unet-inpaint-tiny/config.json"), config.join("unet/config.json")).unwrap();
 
-    let text = std::fs::read_to_string(common::fixture("golden/inpaint9.json")).unwrap();
-    let s: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let s = common::settings::golden_json("inpaint9");
     let s = &s["inpaint"];
     let out = tmp.path().join("out");
     let num = |k: &str| s[k].to_string();
@@ -367,8 +340,7 @@ fn an_inpainting_single_file_inpaints_as_diffusers() {
     for i in 0..s["num_images_per_prompt"].as_u64().unwrap() as usize {
         let got = image::open(out.join(format!("{i:05}.png"))).unwrap().to_rgb8();
         let want = image::open(common::fixture(&format!("golden/inpaint9-{i:05}.png"))).unwrap().to_rgb8();
-        assert_eq!(got.dimensions(), want.dimensions());
-        let mad: f64 = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / got.as_raw().len() as f64;
+        let mad = common::images::mean_abs_u8(&got, &want);
         println!("inpaint9 from one file: image {i} mean abs diff {mad:.4} (of 255)");
         assert!(mad <= 1.0, "image {i} differs by {mad}/255");
     }
@@ -380,8 +352,7 @@ fn an_inpainting_single_file_inpaints_as_diffusers() {
 #[test]
 fn key_maps_at_real_sizes_match_diffusers() {
     use disendiff::model::single_file::{diffusers_names, Part};
-    let text = std::fs::read_to_string(common::fixture("golden/single-real-keys.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let v = common::settings::golden_json("single-real-keys");
     let shapes_of = |o: &serde_json::Value| -> BTreeMap<String, Vec<usize>> {
         o.as_object().unwrap().iter().map(|(k, s)| (k.clone(), s.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect())).collect()
     };
@@ -418,8 +389,7 @@ fn key_maps_at_real_sizes_match_diffusers() {
 #[test]
 fn built_in_configs_match_diffusers() {
     use disendiff::model::single_file::base_configs;
-    let text = std::fs::read_to_string(common::fixture("golden/single-base-configs.json")).unwrap();
-    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let golden = common::settings::golden_json("single-base-configs");
     let clip = ("cond_stage_model.transformer.text_model.embeddings.position_embedding.weight", vec![77, 768]);
     let open_clip = ("cond_stage_model.model.token_embedding.weight", vec![49408, 1024]);
     // Fields of diffusers' configs that no component here reads (PNDM / thresholding options).
@@ -471,8 +441,7 @@ fn built_in_configs_match_diffusers() {
 /// SD1's pad token and SD2's "!", and after adding `<new1>`.
 #[test]
 fn bundled_tokenizer_matches_transformers() {
-    let text = std::fs::read_to_string(common::fixture("golden/single-tokenizer.json")).unwrap();
-    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let golden = common::settings::golden_json("single-tokenizer");
     for (fam, family) in [("sd1", Family::Sd1), ("sd2", Family::Sd2)] {
         let g = &golden[fam];
         let mut tok = disendiff::model::tokenizer::ClipTokenizer::bundled(family).unwrap();

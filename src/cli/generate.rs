@@ -72,22 +72,24 @@ pub fn run(a: Args) -> Result<()> {
                 bail!("{}: the picture is {w}x{h}; image-to-image needs sides that are multiples of {f}", a.image.as_ref().unwrap().display());
             }
             let mut p = Img2ImgParams::new(&a.sampling.prompt, util::rgb_to_tensor(&picture, &sd.device)?);
-            p.negative_prompt = a.sampling.negative_prompt.clone();
-            p.steps = a.sampling.num_inference_steps;
-            p.strength = a.strength;
-            p.guidance_scale = a.sampling.guidance_scale;
-            p.eta = a.sampling.eta;
-            p.num_images = 1;
+            p.sampling.negative_prompt = a.sampling.negative_prompt.clone();
+            p.sampling.steps = a.sampling.num_inference_steps;
+            p.sampling.strength = a.strength;
+            p.sampling.guidance_scale = a.sampling.guidance_scale;
+            p.sampling.eta = a.sampling.eta;
+            p.sampling.num_images = 1;
             let shape = [n, sd.vae_config.latent_channels, h / f, w / f];
             if let (Some(l), Some(path)) = (&latents, &a.latents) {
                 check_latents(l, &shape, path, &format!("{n} image(s) of {w}x{h}"))?;
             }
-            let g = Generation { height: h, width: w, guidance: p.guidance_scale > 1.0, encodes_image: true, vae_tiling: a.sampling.vae_tiling };
+            let g = Generation { height: h, width: w, guidance: p.sampling.guidance_scale > 1.0, encodes_image: true, vae_tiling: a.sampling.vae_tiling };
             super::memory::check_generation(&a.model, sd, &g, "image-to-image at")?;
             let noise = super::images::initial_noise(latents, &shape, seed, &sd.device)?;
             std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-            super::images::generate_each(n, &noise, seed, &a.out, "image", p.steps, |noise, step_seed, on_step| {
-                img2img::generate(sd, &Img2ImgParams { noise: Some(noise), seed: step_seed, ..p.clone() }, on_step)
+            super::images::generate_each(n, &noise, seed, &a.out, "image", p.sampling.steps, |noise, step_seed, on_step| {
+                let mut q = Img2ImgParams { noise: Some(noise), ..p.clone() };
+                q.sampling.seed = step_seed;
+                img2img::generate(sd, &q, on_step)
             })
         }
         None => {

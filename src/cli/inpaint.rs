@@ -105,12 +105,12 @@ pub fn run(a: Args) -> Result<()> {
     super::check_prompt_tokens(sd, &[&a.sampling.prompt, &a.sampling.negative_prompt], a.concepts.strict_tokens)?;
     let (n, seed) = (a.sampling.num_images, a.sampling.seed);
     let mut p = InpaintParams::new(&a.sampling.prompt, image.clone(), mask.clone());
-    p.negative_prompt = a.sampling.negative_prompt.clone();
-    p.steps = a.sampling.num_inference_steps;
-    p.strength = a.strength;
-    p.guidance_scale = a.sampling.guidance_scale;
-    p.eta = a.sampling.eta;
-    p.num_images = n;
+    p.sampling.negative_prompt = a.sampling.negative_prompt.clone();
+    p.sampling.steps = a.sampling.num_inference_steps;
+    p.sampling.strength = a.strength;
+    p.sampling.guidance_scale = a.sampling.guidance_scale;
+    p.sampling.eta = a.sampling.eta;
+    p.sampling.num_images = n;
     p.noise = latents;
     // Validate before any work, and before creating the output folder.
     inpaint::check(sd, &p)?;
@@ -123,10 +123,12 @@ pub fn run(a: Args) -> Result<()> {
     let f = sd.vae_scale_factor();
     let shape = [n, sd.vae_config.latent_channels, height / f, width / f];
     let noise = super::images::initial_noise(p.noise.take(), &shape, seed, &sd.device)?;
-    p.num_images = 1;
+    p.sampling.num_images = 1;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     super::images::generate_each(n, &noise, seed, &a.out, "inpainting", total, |noise, step_seed, on_step| {
-        let images = inpaint::generate(sd, &InpaintParams { noise: Some(noise), seed: step_seed, ..p.clone() }, on_step)?;
+        let mut q = InpaintParams { noise: Some(noise), ..p.clone() };
+        q.sampling.seed = step_seed;
+        let images = inpaint::generate(sd, &q, on_step)?;
         if a.paste_original {
             return inpaint::paste_unmasked(&images, &image, &mask);
         }

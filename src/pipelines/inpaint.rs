@@ -6,8 +6,9 @@
 //!    subsample (`F.interpolate`'s default mode, [`mask_latents`]);
 //! 2. the image and the masked image are VAE-encoded and scaled; both read the posterior **mean**
 //!    (diffusers draws a sample of the posterior with its generator; the mean is deterministic);
-//! 3. the timesteps are the last `int(steps * strength)` ([`get_timesteps`]); the start latents are
-//!    `noise * init_noise_sigma` at strength 1, else the image latents noised to the first of them;
+//! 3. the timesteps are the last `int(steps * strength)` ([`SamplingParams::timesteps`]); the start
+//!    latents are `noise * init_noise_sigma` at strength 1, else the image latents noised to the
+//!    first of them;
 //! 4. the shared loop ([`super::denoise`]) with the model's kind of inpainting:
 //!    - a 9-channel inpainting UNet gets `cat(latents, mask, masked-image latents)` as input;
 //!    - a plain 4-channel UNet gets the latents, and after each step the known region is pasted
@@ -15,8 +16,9 @@
 //!      latents themselves after the last step);
 //! 5. decode; [`paste_unmasked`] optionally puts the original pixels back outside the mask.
 
-use super::denoise::{get_timesteps, Denoise, Hooks, PromptEmbeddings};
+use super::denoise::{Denoise, Hooks};
 use super::latents::{decode_latents, encode_image};
+use super::sampling::SamplingParams;
 use crate::model::sd::StableDiffusion;
 use crate::scheduler::{DdimScheduler, NoiseSchedule};
 use crate::util;
@@ -25,16 +27,8 @@ use candle_core::{DType, Device, Tensor};
 
 #[derive(Clone, Debug)]
 pub struct InpaintParams {
-    pub prompt: String,
-    pub negative_prompt: String,
-    /// DDIM steps of the full schedule; `int(steps * strength)` of them are run.
-    pub steps: usize,
-    /// How far the image is noised before repainting: 1 (default) starts from pure noise.
-    pub strength: f64,
-    pub guidance_scale: f64,
-    pub eta: f64,
-    pub seed: u64,
-    pub num_images: usize,
+    /// Prompt, steps, strength (1, the default, starts from pure noise), guidance...
+    pub sampling: SamplingParams,
     /// The picture [1 or num_images, 3, H, W] in [-1, 1] (e.g. [`util::rgb_to_tensor`]).
     pub image: Tensor,
     /// The binarised mask [1 or num_images, 1, H, W]: 1 where to repaint ([`mask_from_rgb`]).
@@ -47,19 +41,7 @@ pub struct InpaintParams {
 impl InpaintParams {
     /// diffusers' defaults: 50 steps, strength 1, guidance 7.5, eta 0.
     pub fn new(prompt: &str, image: Tensor, mask: Tensor) -> Self {
-        Self {
-            prompt: prompt.to_string(),
-            negative_prompt: String::new(),
-            steps: 50,
-            strength: 1.0,
-            guidance_scale: 7.5,
-            eta: 0.0,
-            seed: 0,
-            num_images: 1,
-            image,
-            mask,
-            noise: None,
-        }
+        Self { sampling: SamplingParams::new(prompt, 1.0), image, mask, noise: None }
     }
 }
 
@@ -122,15 +104,8 @@ struct Prepared {
 /// The checks of [`sample_latents`] that need no model run: settings, sizes and the UNet's
 /// input channels (4 or 9). Returns the latent shape [N, 4, H/f, W/f].
 pub fn check(sd: &StableDiffusion, p: &InpaintParams) -> Result<[usize; 4]> {
-    let n = p.num_images;
-    if n == 0 {
-        bail!("num_images must be at least 1");
-    }
-    if p.steps == 0 {
-        bail!("steps must be at least 1");
-    }
-    let scheduler = DdimScheduler::new(&sd.scheduler_config, p.steps)?;
-    get_timesteps(scheduler.timesteps(), p.steps, p.strength)?;
+    let n = p.sampling.num_images;
+    p.sampling.scheduler(sd)?;
     match sd.unet_config.in_channels {
         4 | 9 => {}
         c => bail!("the UNet has {c} input channels; inpainting needs a 4-channel (plain) or 9-channel (inpainting) UNet"),
@@ -165,8 +140,8 @@ fn repeat_to(t: Tensor, n: usize) -> Result<Tensor> {
 
 fn prepare(sd: &StableDiffusion, p: &InpaintParams, scheduler: &DdimScheduler, rng: &mut rand::rngs::StdRng) -> Result<Prepared> {
     let shape = check(sd, p)?;
-    let n = p.num_images;
-    let timesteps = get_timesteps(scheduler.timesteps(), p.steps, p.strength)?.to_vec();
+    let n = p.sampling.num_images;
+    let timesteps = p.sampling.timesteps(scheduler)?.to_vec();
     let image = p.image.to_device(&sd.device)?.to_dtype(DType::F32)?;
     let mask = p.mask.to_device(&sd.device)?.to_dtype(DType::F32)?;
     let keep = mask.lt(0.5)?.to_dtype(DType::F32)?;
@@ -178,7 +153,7 @@ fn prepare(sd: &StableDiffusion, p: &InpaintParams, scheduler: &DdimScheduler, r
         Some(e) => e.to_device(&sd.device)?.to_dtype(DType::F32)?,
         None => util::randn(rng, &shape, &sd.device)?,
     };
-    let latents = if p.strength == 1.0 {
+    let latents = if p.sampling.strength == 1.0 {
         (&noise * scheduler.init_noise_sigma())?
     } else {
         let t0 = Tensor::new(vec![timesteps[0] as i64; n], &sd.device)?;
@@ -223,18 +198,18 @@ impl Hooks for Blend<'_> {
 
 /// The number of denoising steps a run of `p` takes (for a progress bar).
 pub fn steps_run(sd: &StableDiffusion, p: &InpaintParams) -> Result<usize> {
-    let scheduler = DdimScheduler::new(&sd.scheduler_config, p.steps)?;
-    Ok(get_timesteps(scheduler.timesteps(), p.steps, p.strength)?.len())
+    let scheduler = DdimScheduler::new(&sd.scheduler_config, p.sampling.steps)?;
+    Ok(p.sampling.timesteps(&scheduler)?.len())
 }
 
 /// Runs the sampler and returns the final (scaled) latents [N, 4, H/f, W/f].
 /// `on_step(i, total)` is called after each of the `total` steps run.
 pub fn sample_latents(sd: &StableDiffusion, p: &InpaintParams, on_step: impl FnMut(usize, usize)) -> Result<Tensor> {
-    let scheduler = DdimScheduler::new(&sd.scheduler_config, p.steps.max(1))?;
-    let mut rng = util::seeded_rng(p.seed);
+    let scheduler = DdimScheduler::new(&sd.scheduler_config, p.sampling.steps.max(1))?;
+    let mut rng = util::seeded_rng(p.sampling.seed);
     let prep = prepare(sd, p, &scheduler, &mut rng)?;
-    let prompt = PromptEmbeddings::new(sd, &p.prompt, &p.negative_prompt, p.num_images, p.guidance_scale)?;
-    let run = Denoise { sd, prompt: &prompt, scheduler: &scheduler, timesteps: &prep.timesteps, eta: p.eta };
+    let prompt = p.sampling.prompt_embeddings(sd)?;
+    let run = Denoise { sd, prompt: &prompt, scheduler: &scheduler, timesteps: &prep.timesteps, eta: p.sampling.eta };
     if sd.unet_config.in_channels == 9 {
         let mut hooks = NineChannel { mask: &prep.mask, masked_image_latents: &prep.masked_image_latents };
         run.run(prep.latents.clone(), &mut rng, &mut hooks, on_step)

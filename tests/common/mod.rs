@@ -1,6 +1,10 @@
 //! Shared helpers of the golden tests: fixture paths, golden tensors, relative error, and the
-//! re-run of a test binary's golden tests with the fused CPU kernels off.
+//! re-run of a test binary's golden tests with the fused CPU kernels off; golden settings
+//! ([`settings`]) and the pipelines' end checks ([`images`]) in their own files.
 #![allow(dead_code)]
+
+pub mod images;
+pub mod settings;
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;

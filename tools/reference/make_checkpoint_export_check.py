@@ -19,11 +19,7 @@ make_export_check.py's call and latents (golden/export-latents.safetensors) and 
   about 7 MB), versions, and the mean abs differences (of 255) of the images against make_export_check.py's PNGs
   (export-cd: the same model applied as a Custom Diffusion folder; export-base: the plain model).
 """
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # first: pins threads and determinism before torch is imported
 
 import argparse
 import hashlib
@@ -40,15 +36,10 @@ from safetensors.torch import load_file
 import diffusers
 import transformers
 from diffusers import StableDiffusionPipeline
+from common import load_pipeline, write_json
 
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
+from make_export_check import CALL  # a sibling script: the images are compared with its PNGs
 
-CALL = dict(prompt="photo of a <new1> cat", negative_prompt="", num_inference_steps=10, guidance_scale=6.0, eta=0.0,
-            height=64, width=64, num_images_per_prompt=2)
 ARGS = ["export", "--concepts", "tests/fixtures/golden/export-concepts.safetensors", "--model", "tests/fixtures/sd1-tiny",
         "--format", "checkpoint", "--name", "export"]
 
@@ -81,7 +72,7 @@ def main():
         pipe = StableDiffusionPipeline.from_single_file(str(merged), config=str(folder), local_files_only=True,
                                                         torch_dtype=torch.float32, safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
-        ref = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None)
+        ref = load_pipeline(folder)
         concept = load_file(str(golden / "export-concepts.safetensors"))
         kv = {k: v for k, v in concept.items() if k.endswith((".to_k.weight", ".to_v.weight"))}
         assert kv and all(".attn2." in k for k in kv), sorted(kv)
@@ -116,10 +107,9 @@ def main():
             theirs = np.asarray(Image.open(golden / f"export-{other}-{i:05d}.png").convert("RGB"), dtype=np.float64)
             diffs[f"image{i}-vs-{other}"] = float(np.abs(mine - theirs).mean())
     info = {"generator": "tools/reference/make_checkpoint_export_check.py", "command": ARGS + ["--out", "DIR"],
-            "call": CALL, "diffusers": diffusers.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "sha256": shas, "trained_kv": len(kv),
+            "call": CALL, **common.versions(diffusers, torch, transformers), "sha256": shas, "trained_kv": len(kv),
             "mean_abs_diff_of_255": diffs}
-    (golden / "export-ckpt.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_json(golden / "export-ckpt.json", info, indent=1)
     print(json.dumps(diffs))
 
 

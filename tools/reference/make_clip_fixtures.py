@@ -18,14 +18,9 @@ float32:
 make_sd_fixtures.py calls it at its end. Everything is seeded: a rerun with the same library
 versions writes the same files.
 """
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # first: pins threads and determinism before torch is imported
 
 import argparse
-import json
 import re
 import shutil
 from pathlib import Path
@@ -34,16 +29,13 @@ import numpy as np
 import PIL
 import PIL.Image
 import torch
-from safetensors.torch import save_file
 
 import transformers
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from common import perturb, save_tensors, write_json
 
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
-transformers.utils.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+from make_clip_vocab import bpe_vocab, write_bpe  # a sibling script (standard library only)
 
 SEED = 3500  # gives two positive cosines and one clamped to 0
 IMAGE_SIZE = 32
@@ -68,59 +60,25 @@ def clip_text(prompt):
     return "A photo depicts " + " ".join(re.sub(r"<[^<>\s]+>", " ", prompt).split())
 
 
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer(folder):
     """A tiny CLIP BPE vocabulary: every byte symbol alone and word-final, merges that build the
     words of WORDS left to right, and the two special tokens."""
-    symbols = bytes_to_unicode()
-    vocab = symbols + [s + "</w>" for s in symbols]
     merges = []
     for w in WORDS:
         parts = list(w[:-1]) + [w[-1] + "</w>"]
         cur = parts[0]
         for p in parts[1:]:
-            m = (cur, p)
-            if m not in merges:
-                merges.append(m)
+            if (cur, p) not in merges:
+                merges.append((cur, p))
             cur = cur + p
-            if cur not in vocab:
-                vocab.append(cur)
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    vocab = bpe_vocab(merges)
+    assert len(set(vocab)) == len(vocab)  # a joined merge is never a byte symbol nor another merge
+    write_bpe(folder, vocab, merges)
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
     tok.save_pretrained(folder)
     if (folder / "tokenizer.json").exists():
         (folder / "tokenizer.json").unlink()  # vocab.json + merges.txt, as openai/clip-* ship them
     return CLIPTokenizer.from_pretrained(folder), len(vocab)
-
-
-def perturb(model, seed):
-    """Move every parameter off its default init so that a skipped weight/norm is caught."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            n = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * n)
-            elif name.endswith("bias"):
-                p.add_(0.1 * n)
-            elif p.ndim == 0:
-                continue  # logit_scale: unused by the metrics
-            else:
-                s = p.std().item() if p.numel() > 1 else 0.0
-                p.add_((0.1 * s if s > 0 else 0.02) * n)
 
 
 def make_image(size, seed):
@@ -214,19 +172,18 @@ def build(out):
         "input_ids": enc["input_ids"].to(torch.int64), "text_embeds": txt_emb,
         "clipscore": clipscore, "image_alignment": image_alignment,
     })
-    save_file({k: v.contiguous() for k, v in tensors.items()}, gold / "clip.safetensors",
-              metadata={"generator": "tools/reference/make_clip_fixtures.py"})
+    save_tensors(gold / "clip.safetensors", tensors, "tools/reference/make_clip_fixtures.py")
     pairs = [{"image": n, "prompt": p} for n, p in PAIRS]
-    (gold / "clip-pairs.json").write_text(json.dumps(pairs, indent=1) + "\n")
+    write_json(gold / "clip-pairs.json", pairs, indent=1)
     meta = {
         "images": names, "references": ref_names, "texts": texts, "pairs": pairs,
         "resize_targets": RESIZE_TARGETS,
         "clipscore": clipscore.tolist(), "image_alignment": image_alignment.tolist(),
         "mean_clipscore": clipscore.mean().item(), "mean_image_alignment": image_alignment.mean().item(),
         "truncated": [int((ids == eos).nonzero()[0]) == 76 for ids in enc["input_ids"]],
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "PIL": PIL.__version__},
+        "versions": common.versions(torch, transformers, PIL),
     }
-    (gold / "clip.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(gold / "clip.json", meta, indent=1)
     print("== clip: image cosines\n", (norm(img_emb) @ norm(torch.cat([img_emb, ref_emb])).T).numpy().round(3))
     print("== clip: cos_text", cos_text.numpy().round(3))
     print("== clip: clipscore", [round(v, 4) for v in meta["clipscore"]],

@@ -18,11 +18,7 @@ fused K/V equals base + up @ down), then writes, for the same latents (golden/ex
 - golden/export.json: the call, versions, the sha256 of every tensor consumed, the differences between images,
   and numpy's singular values of every K/V difference (trained - base) for the Rust SVD.
 """
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # first: pins threads and determinism before torch is imported
 
 import argparse
 import hashlib
@@ -31,39 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import diffusers
 import transformers
-from diffusers import StableDiffusionPipeline
+from common import load_pipeline, mean_abs_diff, save_tensors, submodule, write_json
 
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
-
+# The call of every image here, make_checkpoint_export_check.py's and make_dreambooth_check.py's.
 CALL = dict(prompt="photo of a <new1> cat", negative_prompt="", num_inference_steps=10, guidance_scale=6.0, eta=0.0,
             height=64, width=64, num_images_per_prompt=2)
 SEED = 1400
 CD_NAME = "pytorch_custom_diffusion_weights.safetensors"
+GEN = "tools/reference/make_export_check.py"
 
 
 def sha(t):
     return hashlib.sha256(t.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
-
-
-def module(root, path):
-    m = root
-    for part in path.split("."):
-        m = m[int(part)] if part.isdigit() else getattr(m, part)
-    return m
-
-
-def pipeline(folder):
-    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def images(pipe, latents):
@@ -81,14 +60,13 @@ def main():
     latents_path = golden / "export-latents.safetensors"
     if not latents_path.exists():
         g = torch.Generator().manual_seed(SEED)
-        save_file({"latents": torch.randn([2, 4, 8, 8], generator=g)}, str(latents_path),
-                  metadata={"generator": "tools/reference/make_export_check.py"})
+        save_tensors(latents_path, {"latents": torch.randn([2, 4, 8, 8], generator=g)}, GEN)
     latents = load_file(str(latents_path))["latents"]
     consumed = {}
     out = {}
 
     # the Custom Diffusion folder
-    pipe = pipeline(folder)
+    pipe = load_pipeline(folder)
     cd = load_file(str(cd_dir / CD_NAME))
     consumed[f"export-diffusers/{CD_NAME}"] = {k: sha(v) for k, v in sorted(cd.items())}
     pipe.unet.load_attn_procs(str(cd_dir), weight_name=CD_NAME, _pipeline=pipe)
@@ -111,7 +89,7 @@ def main():
     del pipe
 
     # the webui files through diffusers' LoRA loader
-    pipe = pipeline(folder)
+    pipe = load_pipeline(folder)
     net = load_file(str(webui_dir / "export.safetensors"))
     consumed["export-webui/export.safetensors"] = {k: sha(v) for k, v in sorted(net.items())}
     mods = sorted({k[len("lora_unet_"):].split(".")[0] for k in net})
@@ -119,14 +97,14 @@ def main():
     for name, _ in pipe.unet.named_modules():
         if name.endswith(("attn2.to_k", "attn2.to_v")):
             paths[name.replace(".", "_")] = name
-    bases = {m: module(pipe.unet, paths[m]).weight.detach().clone() for m in mods}
+    bases = {m: submodule(pipe.unet, paths[m]).weight.detach().clone() for m in mods}
     pipe.load_lora_weights(str(webui_dir), weight_name="export.safetensors", adapter_name="export")
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()
     for m in mods:
         up, down, alpha = net[f"lora_unet_{m}.lora_up.weight"], net[f"lora_unet_{m}.lora_down.weight"], float(net[f"lora_unet_{m}.alpha"])
         want = bases[m] + up @ down * (alpha / down.shape[0])
-        got = module(pipe.unet, paths[m]).weight.detach()
+        got = submodule(pipe.unet, paths[m]).weight.detach()
         err = (got - want).abs().max().item()
         assert err < 1e-6 * max(1.0, want.abs().max().item()), (m, err)
     emb = webui_dir / "embeddings" / "new1.safetensors"
@@ -136,10 +114,10 @@ def main():
     del pipe
 
     # the embedding alone, and the plain model
-    pipe = pipeline(folder)
+    pipe = load_pipeline(folder)
     pipe.load_textual_inversion(str(cd_dir / "new1.safetensors"))
     out["ti"] = images(pipe, latents)
-    out["base"] = images(pipeline(folder), latents)
+    out["base"] = images(load_pipeline(folder), latents)
 
     # numpy's singular values of every K/V difference (trained - base), for the Rust SVD
     concept = load_file(str(golden / "export-concepts.safetensors"))
@@ -147,17 +125,15 @@ def main():
     singular = {k: np.linalg.svd((v.double() - base[k].double()).numpy(), compute_uv=False).tolist()
                 for k, v in sorted(concept.items()) if k.endswith(".weight")}
 
-    arrays = {k: np.stack([np.asarray(x, dtype=np.float64) for x in v]) for k, v in out.items()}
-    diffs = {f"{a}-vs-{b}": float(np.abs(arrays[a] - arrays[b]).mean()) for a, b in
+    diffs = {f"{a}-vs-{b}": mean_abs_diff(out[a], out[b]) for a, b in
              [("cd", "webui"), ("cd", "ti"), ("cd", "base"), ("ti", "base")]}
     for name, imgs in out.items():
         for i, im in enumerate(imgs):
             im.save(golden / f"export-{name}-{i:05d}.png")
-    info = {"generator": "tools/reference/make_export_check.py", "call": CALL, "diffusers": diffusers.__version__,
-            "torch": torch.__version__, "transformers": transformers.__version__, "trained_processors": trained,
+    info = {"generator": GEN, "call": CALL, **common.versions(diffusers, torch, transformers), "trained_processors": trained,
             "mean_abs_diff_of_255": diffs, "consumed_sha256_f32": consumed,
             "singular_values_of_differences": singular}
-    (golden / "export.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_json(golden / "export.json", info, indent=1)
     print(json.dumps(diffs))
 
 

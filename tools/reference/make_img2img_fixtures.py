@@ -13,31 +13,15 @@ Two things of the pipeline are pinned so that an independent implementation can 
   golden file (`randn_tensor` of the pipeline module is replaced by one returning it).
 Writes golden/img2img-<name>.safetensors and golden/img2img-<name>.json for sd1 and sd2.
 """
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import argparse
-import json
-from pathlib import Path
+import common  # first: pins threads and determinism before torch is imported
 
 import numpy as np
 import PIL.Image
 import torch
-from safetensors.torch import save_file
 
-import diffusers
 import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
-import transformers
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
+from common import pinned_latents, save_tensors, versions, write_json
 
 CALL = dict(
     prompt="a red ball and a blue box",
@@ -64,6 +48,26 @@ def test_picture(seed):
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
+def seeded_noise(seed, n):
+    """The noise the pipeline's `prepare_latents` gets (`pinned_latents`): [n, 4, SIDE / 8, SIDE / 8]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn([n, 4, SIDE // 8, SIDE // 8], generator=g)
+
+
+def run_timesteps(pipe, steps, strength):
+    """The DDIM timesteps the pipeline ran at this strength."""
+    pipe.scheduler.set_timesteps(steps)
+    timesteps, _ = pipe.get_timesteps(steps, strength, "cpu")
+    return timesteps
+
+
+def call_settings(call, strength):
+    """The json's record of a pipeline call's sampling settings (FIXTURES.md)."""
+    return {"prompt": call["prompt"], "negative_prompt": call["negative_prompt"], "steps": call["num_inference_steps"],
+            "strength": strength, "guidance_scale": call["guidance_scale"], "eta": call["eta"],
+            "num_images_per_prompt": call["num_images_per_prompt"]}
+
+
 def build(name, v, fixtures):
     folder = fixtures / f"{name}-tiny"
     base = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
@@ -72,50 +76,32 @@ def build(name, v, fixtures):
     seed = v["seed"]
     picture = PIL.Image.fromarray(test_picture(seed))
     image = pipe.image_processor.preprocess(picture)  # [1, 3, 64, 64] in [-1, 1], as the pipeline sees it
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn([CALL["num_images_per_prompt"], 4, SIDE // 8, SIDE // 8], generator=g)
-
-    def fixed_noise(shape, generator=None, device=None, dtype=None, layout=None):
-        assert tuple(shape) == tuple(noise.shape), (shape, noise.shape)
-        return noise.clone()
-
-    retrieve, randn = img2img_module.retrieve_latents, img2img_module.randn_tensor
-    img2img_module.randn_tensor = fixed_noise
-    img2img_module.retrieve_latents = lambda out, generator=None, sample_mode="sample": retrieve(out, generator, "argmax")
-
+    noise = seeded_noise(seed, CALL["num_images_per_prompt"])
     call = dict(CALL, image=picture, strength=v["strength"])
-    with torch.no_grad():
+    with pinned_latents(img2img_module, noise), torch.no_grad():
         init_latents = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor
         out_latents = pipe(**call, output_type="latent").images
         img_np = pipe(**call, output_type="np").images
-    pipe.scheduler.set_timesteps(CALL["num_inference_steps"])
-    timesteps, _ = pipe.get_timesteps(CALL["num_inference_steps"], v["strength"], "cpu")
-    img = torch.from_numpy(np.ascontiguousarray(img_np)).float()
-    assert img.shape == (CALL["num_images_per_prompt"], SIDE, SIDE, 3)
-    # the output depends on the picture: a different start gives different latents
-    with torch.no_grad():
+        # the output depends on the picture: a different start gives different latents
         other = pipe(**dict(call, image=PIL.Image.fromarray(255 - test_picture(seed))), output_type="latent").images
     assert (other - out_latents).abs().max() > 1e-2
-    img2img_module.randn_tensor = randn
-    img2img_module.retrieve_latents = retrieve
+    timesteps = run_timesteps(pipe, CALL["num_inference_steps"], v["strength"])
+    img = torch.from_numpy(np.ascontiguousarray(img_np)).float()
+    assert img.shape == (CALL["num_images_per_prompt"], SIDE, SIDE, 3)
 
     gold = {"image": image, "noise": noise, "init_latents": init_latents, "timesteps": timesteps.to(torch.int64),
             "out_latents": out_latents, "out_image": img}
     golden = fixtures / "golden"
-    save_file({f"img2img.{k}": t.contiguous() for k, t in gold.items()}, str(golden / f"img2img-{name}.safetensors"),
-              metadata={"generator": "tools/reference/make_img2img_fixtures.py"})
+    save_tensors(golden / f"img2img-{name}.safetensors", {f"img2img.{k}": t for k, t in gold.items()},
+                 "tools/reference/make_img2img_fixtures.py")
     settings = {
-        "img2img": {"prompt": CALL["prompt"], "negative_prompt": CALL["negative_prompt"],
-                    "steps": CALL["num_inference_steps"], "strength": v["strength"],
-                    "guidance_scale": CALL["guidance_scale"], "eta": CALL["eta"],
-                    "num_images_per_prompt": CALL["num_images_per_prompt"], "scheduler": "DDIMScheduler",
+        "img2img": {**call_settings(CALL, v["strength"]), "scheduler": "DDIMScheduler",
                     "vae_latents": "posterior mean", "timesteps": [int(t) for t in timesteps]},
         "output_stds": {"out_latents": float(out_latents.std()), "out_image": float(img.std()),
                         "init_latents": float(init_latents.std())},
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__},
+        "versions": versions(),
     }
-    (golden / f"img2img-{name}.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(golden / f"img2img-{name}.json", settings, indent=2)
     print(f"== img2img {name}: strength {v['strength']}, timesteps {settings['img2img']['timesteps']}, "
           f"out_latents std {settings['output_stds']['out_latents']:.4f}")
 
@@ -125,11 +111,5 @@ def build_all(fixtures):
         build(name, v, fixtures)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True, type=Path, help="the fixtures folder (holds sd1-tiny, sd2-tiny, golden)")
-    build_all(ap.parse_args().out)
-
-
 if __name__ == "__main__":
-    main()
+    common.fixtures_main(build_all, "sd1-tiny, sd2-tiny, golden")

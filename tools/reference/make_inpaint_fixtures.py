@@ -20,33 +20,18 @@ Writes golden/inpaint-image.png, golden/inpaint-mask.png (RGB: the pipeline conv
 and binarises at 0.5), and per case golden/inpaint-<case>.safetensors, .json, -latents.safetensors
 (the noise as one tensor `latents`, for `disendiff inpaint --latents`) and -0000K.png (the pipeline's PIL output).
 """
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import argparse
-import json
-from pathlib import Path
+import common  # first: pins threads and determinism before torch is imported
 
 import numpy as np
 import PIL.Image
 import torch
-from safetensors.torch import save_file
 
-import diffusers
 import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
-import transformers
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from common import pinned_latents, save_tensors, versions, write_json
 
-from make_img2img_fixtures import test_picture  # a sibling script: the same seeded 64x64 picture
-
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
+# sibling script: the same seeded 64x64 picture, noise shape, timesteps and settings record
+from make_img2img_fixtures import call_settings, run_timesteps, seeded_noise, test_picture
 
 SIDE = 64
 CALL = dict(
@@ -65,6 +50,7 @@ CASES = {
     "inpaint4s": dict(unet=None, strength=0.75, seed=1500),
 }
 PICTURE_SEED = 1200
+GEN = "tools/reference/make_inpaint_fixtures.py"
 
 
 def test_mask():
@@ -88,19 +74,9 @@ def build(name, v, fixtures, base, picture, mask_image):
     pipe = StableDiffusionInpaintPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     n = CALL["num_images_per_prompt"]
-    g = torch.Generator().manual_seed(v["seed"])
-    noise = torch.randn([n, 4, SIDE // 8, SIDE // 8], generator=g)
-
-    def fixed_noise(shape, generator=None, device=None, dtype=None, layout=None):
-        assert tuple(shape) == tuple(noise.shape), (shape, noise.shape)
-        return noise.clone()
-
-    retrieve, randn = inpaint_module.retrieve_latents, inpaint_module.randn_tensor
-    inpaint_module.randn_tensor = fixed_noise
-    inpaint_module.retrieve_latents = lambda out, generator=None, sample_mode="sample": retrieve(out, generator, "argmax")
-
+    noise = seeded_noise(v["seed"], n)
     call = dict(CALL, image=picture, mask_image=mask_image, strength=v["strength"])
-    with torch.no_grad():
+    with pinned_latents(inpaint_module, noise), torch.no_grad():
         image = pipe.image_processor.preprocess(picture, height=SIDE, width=SIDE)
         mask = pipe.mask_processor.preprocess(mask_image, height=SIDE, width=SIDE)
         masked = image * (mask < 0.5)
@@ -114,10 +90,7 @@ def build(name, v, fixtures, base, picture, mask_image):
         # the output depends on the mask: another mask gives other latents
         other = pipe(**dict(call, mask_image=PIL.Image.fromarray(255 - test_mask())), output_type="latent").images
     assert (other - out_latents).abs().max() > 1e-2
-    pipe.scheduler.set_timesteps(CALL["num_inference_steps"])
-    timesteps, _ = pipe.get_timesteps(CALL["num_inference_steps"], v["strength"], "cpu")
-    inpaint_module.randn_tensor = randn
-    inpaint_module.retrieve_latents = retrieve
+    timesteps = run_timesteps(pipe, CALL["num_inference_steps"], v["strength"])
     img = torch.from_numpy(np.ascontiguousarray(img_np)).float()
     assert img.shape == (n, SIDE, SIDE, 3)
 
@@ -125,25 +98,19 @@ def build(name, v, fixtures, base, picture, mask_image):
     gold = {"image": image, "mask": mask, "mask_latents": mask_latents, "image_latents": image_latents,
             "masked_image_latents": masked_latents, "noise": noise, "timesteps": timesteps.to(torch.int64),
             "out_latents": out_latents, "out_image": img}
-    save_file({f"inpaint.{k}": t.contiguous() for k, t in gold.items()}, str(golden / f"{name}.safetensors"),
-              metadata={"generator": "tools/reference/make_inpaint_fixtures.py"})
-    save_file({"latents": noise.contiguous()}, str(golden / f"{name}-latents.safetensors"),
-              metadata={"generator": "tools/reference/make_inpaint_fixtures.py"})
+    save_tensors(golden / f"{name}.safetensors", {f"inpaint.{k}": t for k, t in gold.items()}, GEN)
+    save_tensors(golden / f"{name}-latents.safetensors", {"latents": noise}, GEN)
     for i, p in enumerate(pils):
         p.save(golden / f"{name}-{i:05d}.png")
     settings = {
-        "inpaint": {"prompt": CALL["prompt"], "negative_prompt": CALL["negative_prompt"],
-                    "steps": CALL["num_inference_steps"], "strength": v["strength"],
-                    "guidance_scale": CALL["guidance_scale"], "eta": CALL["eta"],
-                    "num_images_per_prompt": n, "height": SIDE, "width": SIDE,
+        "inpaint": {**call_settings(CALL, v["strength"]), "height": SIDE, "width": SIDE,
                     "unet_in_channels": pipe.unet.config.in_channels,
                     "unet": v["unet"] or "sd1-tiny/unet", "base": "sd1-tiny", "scheduler": "DDIMScheduler",
                     "vae_latents": "posterior mean", "timesteps": [int(t) for t in timesteps]},
         "output_stds": {"out_latents": float(out_latents.std()), "out_image": float(img.std())},
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__},
+        "versions": versions(),
     }
-    (golden / f"{name}.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(golden / f"{name}.json", settings, indent=2)
     print(f"== {name}: in_channels {pipe.unet.config.in_channels}, strength {v['strength']}, "
           f"timesteps {settings['inpaint']['timesteps']}, out_latents std {settings['output_stds']['out_latents']:.4f}")
 
@@ -161,11 +128,5 @@ def build_all(fixtures):
         build(name, v, fixtures, base, picture, mask_image)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True, type=Path, help="the fixtures folder (holds sd1-tiny, unet-inpaint-tiny, golden)")
-    build_all(ap.parse_args().out)
-
-
 if __name__ == "__main__":
-    main()
+    common.fixtures_main(build_all, "sd1-tiny, unet-inpaint-tiny, golden")

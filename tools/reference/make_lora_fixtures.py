@@ -18,31 +18,20 @@ Writes two random LoRA files for tests/fixtures/sd1-tiny and diffusers' images w
 The script checks that diffusers applied every entry: each fused weight must equal
 base + scale * up @ down (a loader that skips a key silently would otherwise pass unnoticed).
 """
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # first: pins threads and determinism before torch is imported
 
 import argparse
 import json
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 from safetensors.torch import save_file
 
 import diffusers
 import peft
 import transformers
-from diffusers import StableDiffusionPipeline
-
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
+from common import load_pipeline, mean_abs_diff, save_tensors, submodule, write_json
 
 CALL = dict(prompt="a red ball and a blue box", negative_prompt="blurry", num_inference_steps=10,
             guidance_scale=6.0, eta=0.0, height=64, width=64, num_images_per_prompt=2)
@@ -82,18 +71,11 @@ TE_TARGETS = [
 ]
 
 
-def module(root, path):
-    m = root
-    for part in path.split("."):
-        m = getattr(m, part) if not part.isdigit() else m[int(part)]
-    return m
-
-
 def random_entries(root, targets, g):
     """(path, down, up, alpha) per target; down [r, in(, kh, kw)], up [out, r(, 1, 1)]."""
     out = []
     for path, r, alpha in targets:
-        w = module(root, path).weight
+        w = submodule(root, path).weight
         out_dim, in_dim = w.shape[0], w.shape[1]
         kernel = tuple(w.shape[2:])
         down = torch.randn((r, in_dim) + kernel, generator=g) / (in_dim * int(np.prod(kernel or (1,)))) ** 0.5
@@ -132,17 +114,16 @@ def peft_file(unet_entries, te_entries):
 
 
 def run(folder, latents, lora_file=None, expected=None):
-    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(folder)
     if lora_file is not None:
-        bases = {k: module(r, p).weight.detach().clone() for k, (r, p) in expected(pipe).items()}
+        bases = {k: submodule(r, p).weight.detach().clone() for k, (r, p) in expected(pipe).items()}
         pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="x")
         pipe.fuse_lora(lora_scale=SCALE)
         pipe.unload_lora_weights()
         # every entry was applied, with the scale this contract says
         for k, (r, p) in expected(pipe).items():
             down, up, alpha = expected.entries[k]
-            w = module(r, p).weight.detach()
+            w = submodule(r, p).weight.detach()
             want = bases[k] + delta(w, down, up, alpha * SCALE)
             err = (w - want).abs().max().item()
             assert err < 1e-5 * max(1.0, want.abs().max().item()), (lora_file.name, k, err)
@@ -173,7 +154,7 @@ def main():
     golden = fixtures / "golden"
     g = torch.Generator().manual_seed(SEED)
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None)
+    pipe = load_pipeline(folder)
     unet_entries = random_entries(pipe.unet, UNET_TARGETS, g)
     te_entries = random_entries(text_model(pipe), TE_TARGETS, g)
     del pipe
@@ -184,7 +165,7 @@ def main():
     peft_path = golden / "lora-peft.safetensors"
     save_file(kohya_file(unet_entries, te_entries), str(kohya), metadata=dict(meta, ss_network_module="networks.lora"))
     save_file(peft_file(unet_entries, te_entries), str(peft_path), metadata=meta)
-    save_file({"latents": latents.contiguous()}, str(golden / "lora-latents.safetensors"), metadata=meta)
+    save_tensors(golden / "lora-latents.safetensors", {"latents": latents}, meta["generator"])
 
     outputs = {
         "none": run(folder, latents),
@@ -196,17 +177,14 @@ def main():
         for i, im in enumerate(imgs):
             im.save(golden / f"lora-{name}-{i:05d}.png")
         if name != "none":
-            a = np.stack([np.asarray(x, dtype=np.float64) for x in imgs])
-            b = np.stack([np.asarray(x, dtype=np.float64) for x in outputs["none"]])
-            diffs[name] = float(np.abs(a - b).mean())
+            diffs[name] = mean_abs_diff(imgs, outputs["none"])
             assert diffs[name] > 5.0, (name, diffs[name])  # the LoRA changes the image clearly
     settings = {
         "call": dict(CALL, scale=SCALE, scheduler="DDIMScheduler"),
         "mean_abs_diff_from_none": diffs,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "versions": common.versions(torch, diffusers, transformers, peft),
     }
-    (golden / "lora.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(golden / "lora.json", settings, indent=2)
     print("== lora goldens:", json.dumps(diffs))
 
 

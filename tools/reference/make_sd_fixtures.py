@@ -10,11 +10,7 @@ float32:
 by default the committed copies in OUT/tokenizer/ are used.
 Everything is seeded: a rerun with the same library versions writes the same files.
 """
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # first: pins threads and determinism before torch is imported
 
 import argparse
 import copy
@@ -26,10 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-import diffusers
-import transformers
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -37,15 +30,8 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.attention_processor import Attention, AttnProcessor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
-diffusers.utils.logging.disable_progress_bar()
+from common import perturb, save_tensors, versions, write_json
 
 BOS, EOS = 49406, 49407
 NEW_TOKENS = ["<new1>", "<new2>"]
@@ -63,6 +49,7 @@ PIPE = dict(
 UNET_TIMESTEPS = [999, 37]
 ATTN_TOKENS = 10  # columns of the attention-probability goldens that are stored
 DDPM_T = [0, 1, 37, 500, 999]
+GEN = "tools/reference/make_sd_fixtures.py"
 
 VARIANTS = {
     "sd1": dict(
@@ -87,22 +74,6 @@ VARIANTS = {
 
 # ----------------------------------------------------------------------------------------------
 # models
-
-
-def perturb(model, seed):
-    """Move every parameter off its default init so that a skipped weight/norm is caught."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            n = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and name.endswith("weight"):  # GroupNorm / LayerNorm scales
-                p.copy_(1.0 + 0.1 * n)
-            elif name.endswith("bias"):
-                p.add_(0.1 * n)
-            else:
-                s = p.std().item() if p.numel() > 1 else 0.0
-                p.add_((0.1 * s if s > 0 else 0.02) * n)
-            assert not torch.all(p == 0) and not torch.all(p == 1), name
 
 
 def make_text_encoder(cfg, seed):
@@ -167,52 +138,13 @@ def make_tokenizer(vocab_dir, pad_token, added=()):
 # cross-attention probabilities
 
 
-class RecordingAttnProcessor(AttnProcessor):
+class RecordingAttnProcessor(common.ClassicAttnProcessor):
     """diffusers' classic AttnProcessor (same code, same output) that also stores the
     cross-attention probabilities of layers whose query has 256 positions (16x16 grid)."""
 
-    def __init__(self, name, store):
-        super().__init__()
-        self.name, self.store = name, store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-        attention_probs = attn.get_attention_scores(query, key, attention_mask)
-        if self.name.endswith("attn2") and query.shape[1] == 256:
-            self.store[self.name] = attention_probs.detach().clone()
-        hidden_states = torch.bmm(attention_probs, value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+    def record(self, attn, probs, is_cross, batch_size):
+        if self.name.endswith("attn2") and probs.shape[1] == 256:
+            self.store[self.name] = probs.detach().clone()
 
 
 def unet_goldens(unet, seed, ctx_dim, in_channels, with_attn):
@@ -220,16 +152,11 @@ def unet_goldens(unet, seed, ctx_dim, in_channels, with_attn):
     sample = torch.randn([2, in_channels, 16, 16], generator=g)
     context = torch.randn([2, 77, ctx_dim], generator=g)
     timesteps = torch.tensor(UNET_TIMESTEPS, dtype=torch.int64)
-    default_procs = unet.attn_processors
-    default_name = type(next(iter(default_procs.values()))).__name__
     with torch.no_grad():
         out_default = unet(sample, timesteps, encoder_hidden_states=context).sample
-        store = {}
-        for name, m in unet.named_modules():
-            if isinstance(m, Attention):
-                m.set_processor(RecordingAttnProcessor(name, store))
+        store, default_procs, default_name = RecordingAttnProcessor.install(unet)
         out = unet(sample, timesteps, encoder_hidden_states=context).sample
-    unet.set_attn_processor(dict(default_procs))  # (set_attn_processor empties the dict it gets)
+    unet.set_attn_processor(default_procs)
     err = (out - out_default).abs().max().item()
     assert torch.allclose(out, out_default, atol=1e-5, rtol=1e-4), err
     print(f"  unet: classic vs default ({default_name}) max |diff| {err:.2e}")
@@ -349,8 +276,7 @@ def build_pipeline(name, v, vocab_dir, out):
     copy.deepcopy(text_encoder).to(torch.float16).save_pretrained(folder / "text_encoder")
     fix_tokenizer_folder(folder / "tokenizer", vocab_dir)
     golden = out / "golden"
-    save_file({k: t.contiguous() for k, t in gold.items()}, str(golden / f"{name}.safetensors"),
-              metadata={"generator": "tools/reference/make_sd_fixtures.py"})
+    save_tensors(golden / f"{name}.safetensors", gold, GEN)
     for i, im in enumerate(img_pil):
         im.save(golden / f"{name}-pipe-{i:05d}.png")
         assert np.array_equal(np.asarray(im), (img_np[i] * 255).round().astype(np.uint8))
@@ -367,7 +293,7 @@ def build_pipeline(name, v, vocab_dir, out):
         "output_stds": stds,
         "versions": versions(),
     }
-    (golden / f"{name}.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(golden / f"{name}.json", settings, indent=2)
     for k, s in stds.items():
         print(f"  {k}: {s:.4f}")
 
@@ -382,7 +308,7 @@ def fix_tokenizer_folder(tok_dir, vocab_dir):
     shutil.copyfile(vocab_dir / "vocab.json", tok_dir / "vocab.json")
     shutil.copyfile(vocab_dir / "merges.txt", tok_dir / "merges.txt")
     special = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    (tok_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    write_json(tok_dir / "special_tokens_map.json", special, indent=2)
 
 
 def check_reload(folder, gold, latents):
@@ -415,8 +341,7 @@ def build_inpaint(vocab_dir, out):
     gold = unet_goldens(unet, seed + 40, 32, 9, with_attn=False)
     print(f"  unet.out std {std(gold['unet.out']):.4f}")
     copy.deepcopy(unet).to(torch.float16).save_pretrained(out / "unet-inpaint-tiny", safe_serialization=True, variant="fp16")
-    save_file({k: t.contiguous() for k, t in gold.items()}, str(out / "golden" / "unet-inpaint.safetensors"),
-              metadata={"generator": "tools/reference/make_sd_fixtures.py"})
+    save_tensors(out / "golden" / "unet-inpaint.safetensors", gold, GEN)
     re = UNet2DConditionModel.from_pretrained(out / "unet-inpaint-tiny", variant="fp16").float().eval()
     with torch.no_grad():
         u = re(gold["unet.sample"], gold["unet.timesteps"], encoder_hidden_states=gold["unet.context"]).sample
@@ -490,11 +415,6 @@ def tokenizer_cases(vocab_dir):
     return cases
 
 
-def versions():
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, type=Path)
@@ -518,7 +438,7 @@ def main():
         shutil.copyfile(args.vocab_dir / f, out / "tokenizer" / f)
 
     cases = tokenizer_cases(args.vocab_dir)
-    (out / "golden" / "tokenizer.json").write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
+    write_json(out / "golden" / "tokenizer.json", cases, indent=1, ensure_ascii=False)
     print(f"== tokenizer: {len(cases)} cases")
     for c in cases:
         if c["pad_token"] == "<|endoftext|>":

@@ -35,13 +35,10 @@ make_sd_fixtures.py calls it at its end. The CompVis names are written by a map 
 (the reverse of diffusers' `convert_ldm_*_checkpoint`), and diffusers' converters are run on the result
 to check it reproduces every diffusers tensor exactly.
 """
-import os
+import common  # first: pins threads and determinism before torch is imported
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
-
-import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -50,20 +47,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import diffusers
-import transformers
 from diffusers import StableDiffusionPipeline
 from diffusers.loaders import single_file_utils as sfu
+from common import save_tensors, write_json
 
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
+from make_clip_vocab import bpe_vocab, write_bpe  # a sibling script (standard library only)
 
 MARKER = "disendiff_pickle_ran.txt"
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def block_name(blocks, i, p):
+    """CompVis name of a down/up block's resnet or attention tensor (diffusers name split at `.`, p[2]
+    `resnets` or `attentions`) in `blocks`.`i` (input_blocks / output_blocks)."""
+    if p[2] == "resnets":
+        return f"{blocks}.{i}.0.{RESNET[p[4]]}.{p[5]}"
+    return f"{blocks}.{i}.1.{'.'.join(p[4:])}"
 
 
 def unet_to_ldm(sd, config):
@@ -81,10 +81,8 @@ def unet_to_ldm(sd, config):
             n = f"time_embed.{ {'linear_1': 0, 'linear_2': 2}[p[1]]}.{p[2]}"
         elif p[0] == "down_blocks":
             b = int(p[1])
-            if p[2] == "resnets":
-                n = f"input_blocks.{1 + b * (lpb + 1) + int(p[3])}.0.{RESNET[p[4]]}.{p[5]}"
-            elif p[2] == "attentions":
-                n = f"input_blocks.{1 + b * (lpb + 1) + int(p[3])}.1.{'.'.join(p[4:])}"
+            if p[2] in ("resnets", "attentions"):
+                n = block_name("input_blocks", 1 + b * (lpb + 1) + int(p[3]), p)
             else:
                 n = f"input_blocks.{(b + 1) * (lpb + 1)}.0.op.{p[-1]}"
         elif p[0] == "mid_block":
@@ -93,10 +91,8 @@ def unet_to_ldm(sd, config):
             n = f"middle_block.{i}.{rest}"
         elif p[0] == "up_blocks":
             b = int(p[1])
-            if p[2] == "resnets":
-                n = f"output_blocks.{b * (lpb + 1) + int(p[3])}.0.{RESNET[p[4]]}.{p[5]}"
-            elif p[2] == "attentions":
-                n = f"output_blocks.{b * (lpb + 1) + int(p[3])}.1.{'.'.join(p[4:])}"
+            if p[2] in ("resnets", "attentions"):
+                n = block_name("output_blocks", b * (lpb + 1) + int(p[3]), p)
             else:
                 n = f"output_blocks.{b * (lpb + 1) + lpb}.{2 if attn_up[b] else 1}.conv.{p[-1]}"
         else:
@@ -250,7 +246,7 @@ def build_names(fixtures):
                "inpaint_unet": {"unet": inpaint.config}}
     names = {e: {"files": NAME_SOURCES[e], "pairs": name_pairs(fixtures, e, configs[e])} for e in NAME_SOURCES}
     names["sd1"]["position_ids"] = POSITION_IDS
-    (fixtures / "golden" / "single-names.json").write_text(json.dumps(names, separators=(",", ":"), sort_keys=True) + "\n")
+    write_json(fixtures / "golden" / "single-names.json", names, separators=(",", ":"), sort_keys=True)
 
     ckpt = write_from_pairs(fixtures, "sd1", names["sd1"]["pairs"])
     s = state(pipe, torch.float32)
@@ -326,7 +322,7 @@ def build_sd2(fixtures):
     diff = (lat_ema - lat).abs().max().item()
     print(f"  EMA vs non-EMA final latents max |diff| {diff:.3f} (must differ)")
     assert diff > 1e-2
-    save_file({k: v.contiguous() for k, v in gold.items()}, str(fixtures / "golden" / "single-sd2.safetensors"))
+    save_tensors(fixtures / "golden" / "single-sd2.safetensors", gold)
 
 
 REAL = {
@@ -373,7 +369,7 @@ def build_real_keys(fixtures):
                              "diffusers": {k: list(v.shape) for k, v in conv.items()}}
         out[fam] = fam_out
         print(f"  {fam}: " + ", ".join(f"{c} {len(v['compvis'])} CompVis -> {len(v['diffusers'])} diffusers tensors" for c, v in fam_out.items()))
-    (fixtures / "golden" / "single-real-keys.json").write_text(json.dumps(out, separators=(",", ":"), sort_keys=True) + "\n")
+    write_json(fixtures / "golden" / "single-real-keys.json", out, separators=(",", ":"), sort_keys=True)
 
 
 # The original LDM inference configs (CompVis/Stability `configs/stable-diffusion/*.yaml`, the parts
@@ -439,7 +435,7 @@ def build_base_configs(fixtures):
         out[kind] = {"unet": unet, "vae": vae, "scheduler": sched, "text_encoder": {k: text[k] for k in TEXT_FIELDS},
                      "model_type": model_type}
         print(f"  {kind}: {model_type}, prediction {sched['prediction_type']}, sample_size {unet['sample_size']}")
-    (fixtures / "golden" / "single-base-configs.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    write_json(fixtures / "golden" / "single-base-configs.json", out, indent=1, sort_keys=True)
 
 
 TOKENIZER_PROMPTS = [
@@ -457,25 +453,13 @@ def build_tokenizer_ids(fixtures, merges_zlib):
     import zlib
     from transformers import CLIPTokenizer
 
-    def bytes_to_unicode():  # OpenAI CLIP's simple_tokenizer.bytes_to_unicode
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-        cs = bs[:]
-        n = 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        return dict(zip(bs, map(chr, cs)))
     merges = [tuple(l.split(" ")) for l in zlib.decompress(Path(merges_zlib).read_bytes()).decode("utf-8").splitlines()]
     assert len(merges) == 48894
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = bpe_vocab(merges)
     assert len(vocab) == 49408 and len(set(vocab)) == 49408
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        write_bpe(tmp, vocab, merges)
         for fam, pad in (("sd1", "<|endoftext|>"), ("sd2", "!")):
             tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token=pad)
             enc = lambda p: tok(p, padding="max_length", max_length=77, truncation=True).input_ids
@@ -484,7 +468,7 @@ def build_tokenizer_ids(fixtures, merges_zlib):
             added = {"token": "<new1>", "id": tok.convert_tokens_to_ids("<new1>"), "prompt": "a <new1> cat!", "ids": enc("a <new1> cat!")}
             out[fam] = {"pad": pad, "ids": ids, "added": added, "vocab_size": len(vocab)}
             print(f"  {fam}: {type(tok).__name__}, {len(ids)} prompts, <new1> = {added['id']}")
-    (fixtures / "golden" / "single-tokenizer.json").write_text(json.dumps(out, ensure_ascii=False, separators=(",", ":")) + "\n")
+    write_json(fixtures / "golden" / "single-tokenizer.json", out, ensure_ascii=False, separators=(",", ":"))
 
 
 class Evil:
@@ -513,11 +497,5 @@ def build_all(fixtures):
     build_evil(fixtures)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True, type=Path, help="the fixtures folder (holds sd1-tiny, sd2-tiny, golden)")
-    build_all(ap.parse_args().out)
-
-
 if __name__ == "__main__":
-    main()
+    common.fixtures_main(build_all, "sd1-tiny, sd2-tiny, golden")

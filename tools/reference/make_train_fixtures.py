@@ -10,34 +10,21 @@ gradients of every attn2 to_k / to_v weight and of the two new token rows, and o
 
 Everything is seeded: a rerun with the same library versions writes the same files.
 """
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # first: pins threads and determinism before torch is imported
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-import diffusers
-import transformers
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from diffusers.models.attention_processor import Attention, AttnProcessor
+from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
-
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
-diffusers.utils.logging.disable_progress_bar()
+from common import save_tensors, versions, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 4242
@@ -62,61 +49,24 @@ GEN = "tools/reference/make_train_fixtures.py"
 # cross-attention processor
 
 
-class TrainAttnProcessor(AttnProcessor):
+class TrainAttnProcessor(common.ClassicAttnProcessor):
     """diffusers' classic AttnProcessor (same code, same forward values) that, for cross-attention,
     detaches key and value at token position 0 (`k = s*k + (1-s)*k.detach()`, s = 0 at position 0)
     and keeps the probabilities of layers with a 16x16 query grid in the graph, as [B, heads, Q, 77]."""
 
-    def __init__(self, name, store):
-        super().__init__()
-        self.name, self.store = name, store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        is_cross = encoder_hidden_states is not None
+    def key_value(self, key, value, is_cross):
         assert is_cross == self.name.endswith("attn2"), self.name
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
         if is_cross:
             s = torch.ones([1, key.shape[1], 1], dtype=key.dtype)
             s[:, 0] = 0.0
             key = s * key + (1 - s) * key.detach()
             value = s * value + (1 - s) * value.detach()
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-        attention_probs = attn.get_attention_scores(query, key, attention_mask)
-        if is_cross and query.shape[1] == ATTN_Q:
+        return key, value
+
+    def record(self, attn, probs, is_cross, batch_size):
+        if is_cross and probs.shape[1] == ATTN_Q:
             # head_to_batch_dim orders the batch as b * heads + h
-            self.store[self.name] = attention_probs.reshape(batch_size, attn.heads, ATTN_Q, key.shape[1])
-        hidden_states = torch.bmm(attention_probs, value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+            self.store[self.name] = probs.reshape(batch_size, attn.heads, ATTN_Q, probs.shape[2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,11 +159,6 @@ def attention_loss_check(store, layers, mod_pos, n_layers_expected):
 # ----------------------------------------------------------------------------------------------
 
 
-def versions():
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=ROOT / "tests/fixtures/sd1-tiny")
@@ -299,14 +244,9 @@ def main():
 
     # ---- forward
     noisy = sched.add_noise(x0, noise, timesteps)
-    default_procs = unet.attn_processors
-    default_name = type(next(iter(default_procs.values()))).__name__
     with torch.no_grad():
         out_default = unet(noisy, timesteps, encoder_hidden_states=ref).sample
-    store = {}
-    for name, m in unet.named_modules():
-        if isinstance(m, Attention):
-            m.set_processor(TrainAttnProcessor(name, store))
+    store, _, default_name = TrainAttnProcessor.install(unet)
 
     context = encode(ids, grad_mask=True)
     context.retain_grad()
@@ -402,7 +342,7 @@ def main():
     gold.update(updated)
     args.out.mkdir(parents=True, exist_ok=True)
     st_path = args.out / "train-step.safetensors"
-    save_file({k: v.contiguous() for k, v in gold.items()}, str(st_path), metadata={"generator": GEN})
+    save_tensors(st_path, gold, GEN)
     re = load_file(str(st_path))
     assert all(torch.equal(re[k], v) for k, v in gold.items())
 
@@ -441,7 +381,7 @@ def main():
         "versions": versions(),
     }
     js_path = args.out / "train-step.json"
-    js_path.write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(js_path, settings, indent=2)
 
     # ---- summary
     print(f"captions / modifier positions: {[(c, mod_pos.get(b)) for b, c in enumerate(CAPTIONS)]}")
