@@ -10,13 +10,13 @@
 mod common;
 
 use candle_core::{DType, Tensor};
+use common::grad_check::{self as check, golden_batch};
 use disendiff::model::sd::LoadOptions;
 use disendiff::scheduler::NoiseSchedule;
-use disendiff::training::adamw::{AdamW, AdamWConfig};
-use disendiff::training::concepts::{modifier_tokens_in, parse_concepts};
+use disendiff::training::adamw::AdamWConfig;
 use disendiff::training::method::Method;
 use disendiff::training::model::Personalized;
-use disendiff::training::step::{forward_losses, MicroBatch};
+use disendiff::training::step::forward_losses;
 
 const K: usize = 8;
 const GOLDEN: u64 = 0x9E3779B97F4A7C15;
@@ -124,8 +124,7 @@ fn check_step(stem: &str, train_te: bool) {
     assert_eq!(meta["key_bias_bound"].as_f64(), Some(KEY_BIAS_BOUND));
     let mut preset = Method::Dreambooth.preset(&[]).unwrap();
     preset.set_train_text_encoder(train_te).unwrap();
-    let caption = "<new1> cat and <new2> dog";
-    let concepts = parse_concepts(caption, &modifier_tokens_in(caption), &["pll".into(), "ktn".into()]).unwrap();
+    let concepts = check::concepts();
     let mut model =
         Personalized::load(&common::fixture("sd1-tiny"), &LoadOptions::default(), &concepts, preset.unet_trainable).unwrap();
     if preset.train_text_encoder {
@@ -151,14 +150,7 @@ fn check_step(stem: &str, train_te: bool) {
     }
     let schedule = NoiseSchedule::new(model.sd.scheduler_config.clone());
     // DreamBooth has no attention loss: no sample needs concept positions.
-    let batch = MicroBatch {
-        ids,
-        x0: g["x0"].clone(),
-        noise: g["noise"].clone(),
-        timesteps: g["timesteps"].clone(),
-        mask: g["mask"].clone(),
-        targets: vec![None; 3],
-    };
+    let batch = golden_batch(&g, ids, vec![None; 3]);
     let losses = forward_losses(&model, &schedule, &batch, &preset.loss).unwrap();
     let ours = losses.total.to_scalar::<f32>().unwrap() as f64;
     let want = g["loss.total"].to_vec1::<f32>().unwrap()[0] as f64;
@@ -171,16 +163,13 @@ fn check_step(stem: &str, train_te: bool) {
     assert_eq!(trainable.len(), 494 + te_names.len() + 1);
     let mut worst = (0.0f64, 0.0f64, 0.0f64, String::new());
     let mut worst_te = (0.0f64, 0.0f64, 0.0f64, String::new());
-    let mut grad_list = Vec::new();
     let mut key_biases = 0;
-    for (name, var) in &trainable {
-        let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
-        if name == "token_embeddings" {
-            for (row, tok) in ["<new1>", "<new2>"].iter().enumerate() {
-                let err = common::rel_err(&grad.get(row).unwrap(), &g[&format!("grad.embedding.{tok}")]);
-                println!("grad.embedding.{tok}: rel err {err:.2e}");
-                assert!(err <= 1e-3, "grad of {tok}: rel err {err}");
-            }
+    let grad_list = check::each_gradient(&trainable, &grads, |part, grad| {
+        let name = part.name;
+        if part.row.is_some() {
+            let err = common::rel_err(grad, &g[&format!("grad.{}", part.key)]);
+            println!("grad.{}: rel err {err:.2e}", part.key);
+            assert!(err <= 1e-3, "grad of {}: rel err {err}", part.label);
         } else if let Some(layer) = key_bias_layer(name) {
             // Exactly zero (see key_bias_layer): both sides hold float noise, so both norms
             // must be tiny against the same layer's query bias gradient, which is not zero.
@@ -199,12 +188,11 @@ fn check_step(stem: &str, train_te: bool) {
             assert!(en <= 1e-3 && ep <= 1e-3 && es <= 1e-3, "grad of {name}: rel err norm {en:.2e}, projections {ep:.2e}, sum {es:.2e}");
             let w = if name.starts_with("text_encoder.") { &mut worst_te } else { &mut worst };
             if ep > w.1 {
-                w.3 = name.clone();
+                w.3 = name.to_string();
             }
             *w = (w.0.max(en), w.1.max(ep), w.2.max(es), w.3.clone());
         }
-        grad_list.push(grad.clone());
-    }
+    });
     // Every layer's key bias, and nothing else, took the zero-gradient branch.
     let layers = te_names.iter().filter(|n| n.ends_with(".self_attn.q_proj.bias")).count();
     assert_eq!((key_biases, layers), (if train_te { 2 } else { 0 }, if train_te { 2 } else { 0 }));
@@ -219,42 +207,28 @@ fn check_step(stem: &str, train_te: bool) {
     // Frozen: the VAE and, unless it trains, the text encoder (its table included); the UNet
     // has no frozen tensor. A trained text encoder's store still lists its file tensors, which
     // the model no longer uses: they must get no gradient either.
-    let mut frozen = 0;
-    for (component, store) in &model.sd.weight_stores {
-        for (name, t) in store.frozen() {
-            assert!(*component != "unet", "UNet weight {name} is frozen");
-            assert!(grads.get(&t).is_none(), "frozen {component} weight {name} got a gradient");
-            if *component == "vae" || !train_te {
-                frozen += 1;
-            }
-        }
-    }
-    println!("{frozen} frozen tensors checked");
-    assert!(frozen > 100, "only {frozen} frozen tensors checked");
+    check::assert_frozen_without_gradient(&model.sd, &grads, |component, name| {
+        assert!(component != "unet", "UNet weight {name} is frozen");
+        component == "vae" || !train_te
+    });
     let table_grad = grads.get(model.sd.text_encoder.token_embedding());
     assert_eq!(table_grad.is_some(), train_te, "the vocabulary table's gradient");
 
     // One AdamW step (lr 1e-3 and eps 1e-4 as the reference: with eps 1e-8 the first step
     // g / (|g| + eps) is ill-conditioned at the ~1e-8 gradient elements a whole UNet has).
-    let before: Vec<Tensor> = trainable.iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
     assert_eq!(meta["adamw"]["eps"].as_f64(), Some(1e-4));
-    let mut opt = AdamW::new(trainable.clone(), AdamWConfig { lr: 1e-3, eps: meta["adamw"]["eps"].as_f64().unwrap(), ..Default::default() }).unwrap();
-    opt.step(&grad_list).unwrap();
+    let before = check::adamw_step(&trainable, &grad_list, AdamWConfig { lr: 1e-3, eps: meta["adamw"]["eps"].as_f64().unwrap(), ..Default::default() });
     // Worst rel err (norm or projections) and its tensor, per group: UNet, text encoder (its key
-    // biases apart: their update is the weight decay alone, rounded), new rows.
+    // biases apart: their update is the weight decay alone, rounded), new rows (the worst row).
     let mut worst_update: [(f64, String); 4] = Default::default();
-    for (i, (name, var)) in trainable.iter().enumerate() {
-        let ours = (var.as_tensor() - &before[i]).unwrap();
-        let (group, err) = if name == "token_embeddings" {
-            let mut e = 0.0f64;
-            for (row, tok) in ["<new1>", "<new2>"].iter().enumerate() {
-                let err = common::rel_err(&ours.get(row).unwrap(), &g[&format!("update.embedding.{tok}")]);
-                assert!(err <= 1e-3, "update of {tok}: rel err {err}");
-                e = e.max(err);
-            }
-            (3, e)
+    check::each_update(&trainable, &before, |part, ours| {
+        let (name, i) = (part.name, part.index);
+        let (group, err) = if part.row.is_some() {
+            let err = common::rel_err(ours, &g[&format!("update.{}", part.key)]);
+            assert!(err <= 1e-3, "update of {}: rel err {err}", part.label);
+            (3, err)
         } else {
-            let s = summary(name, &ours);
+            let s = summary(name, ours);
             let (en, ep, es) = summary_errors(&s, &g[&format!("update.{name}")].to_vec1::<f32>().unwrap(), ours.elem_count());
             assert!(en <= 1e-3 && ep <= 1e-3 && es <= 1e-3, "update of {name}: rel err norm {en:.2e}, projections {ep:.2e}, sum {es:.2e}");
             if key_bias_layer(name).is_some() {
@@ -262,7 +236,7 @@ fn check_step(stem: &str, train_te: bool) {
                 // (the Adam term's size) and an f32 ulp of the weight of -lr wd w.
                 let (lr, wd, eps) = (1e-3, AdamWConfig::default().weight_decay, meta["adamw"]["eps"].as_f64().unwrap());
                 let vals = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let (u, w, gr) = (vals(&ours), vals(&before[i]), vals(&grad_list[i]));
+                let (u, w, gr) = (vals(ours), vals(&before[i]), vals(&grad_list[i]));
                 let worst = (0..u.len())
                     .map(|j| {
                         let bound = lr * (gr[j] as f64).abs() / eps + (w[j] as f64).abs() * f32::EPSILON as f64;
@@ -275,9 +249,9 @@ fn check_step(stem: &str, train_te: bool) {
             (if key_bias_layer(name).is_some() { 2 } else { usize::from(name.starts_with("text_encoder.")) }, en.max(ep))
         };
         if err > worst_update[group].0 {
-            worst_update[group] = (err, name.clone());
+            worst_update[group] = (err, name.to_string());
         }
-    }
+    });
     for (label, (err, name)) in ["UNet", "text encoder", "text encoder key biases", "new rows"].iter().zip(&worst_update) {
         if name.is_empty() {
             continue;

@@ -6,27 +6,23 @@
 mod common;
 
 use candle_core::{DType, Tensor};
+use common::grad_check::{self as check, golden_batch};
 use disendiff::model::sd::LoadOptions;
 use disendiff::scheduler::NoiseSchedule;
-use disendiff::training::adamw::{AdamW, AdamWConfig};
-use disendiff::training::concepts::{concept_positions, modifier_tokens_in, parse_concepts};
+use disendiff::training::adamw::AdamWConfig;
+use disendiff::training::concepts::concept_positions;
 use disendiff::training::method::UNetTrainable;
 use disendiff::training::model::Personalized;
-use disendiff::training::step::{forward_losses, LossConfig, MicroBatch};
-
-fn scalar(t: &Tensor) -> f64 {
-    t.flatten_all().unwrap().get(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
+use disendiff::training::step::{forward_losses, LossConfig};
 
 #[test]
 fn one_step_matches_pytorch() {
     let g = common::load_golden("train-step");
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(common::fixture("golden/train-step.json")).unwrap()).unwrap();
-    let captions: Vec<String> = meta["captions"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
+    let captions = check::captions(&meta);
 
-    let caption = "<new1> cat and <new2> dog";
-    let concepts = parse_concepts(caption, &modifier_tokens_in(caption), &["pll".into(), "ktn".into()]).unwrap();
+    let concepts = check::concepts();
     let model = Personalized::load(&common::fixture("sd1-tiny"), &LoadOptions::default(), &concepts, UNetTrainable::CrossAttnKV)
         .unwrap();
     assert_eq!(model.modifier_ids, vec![49408, 49409]);
@@ -53,22 +49,10 @@ fn one_step_matches_pytorch() {
     assert_eq!(targets.iter().filter(|t| t.is_some()).count(), 2);
 
     let schedule = NoiseSchedule::new(model.sd.scheduler_config.clone());
-    let batch = MicroBatch {
-        ids,
-        x0: g["x0"].clone(),
-        noise: g["noise"].clone(),
-        timesteps: g["timesteps"].clone(),
-        mask: g["mask"].clone(),
-        targets: targets.clone(),
-    };
+    let batch = golden_batch(&g, ids, targets.clone());
     let cfg = LossConfig::default();
     let losses = forward_losses(&model, &schedule, &batch, &cfg).unwrap();
-    for (name, ours) in [("diffusion", &losses.diffusion), ("bind", &losses.l_bind), ("ss", &losses.l_ss), ("total", &losses.total)] {
-        let want = scalar(&g[&format!("loss.{name}")]);
-        let rel = (scalar(ours) - want).abs() / want.abs();
-        println!("loss.{name}: {:.7} vs {want:.7} (rel {rel:.2e})", scalar(ours));
-        assert!(rel <= 1e-4, "loss.{name}: rel err {rel}");
-    }
+    check::assert_losses(&g, &losses, 1e-4, "");
 
     // Processed maps M_1, C_1, M_2, C_2 of each target sample.
     for (k, maps) in losses.maps.iter().enumerate() {
@@ -85,57 +69,31 @@ fn one_step_matches_pytorch() {
     let grads = losses.total.backward().unwrap();
     let trainable = model.trainable(true);
     assert_eq!(trainable.len(), 22 + 1);
-    let mut grad_list = Vec::new();
-    for (name, var) in &trainable {
-        let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
-        if name == "token_embeddings" {
-            for (row, tok) in ["<new1>", "<new2>"].iter().enumerate() {
-                let err = common::rel_err(&grad.get(row).unwrap(), &g[&format!("grad.embedding.{tok}")]);
-                println!("grad.embedding.{tok}: rel err {err:.2e}");
-                assert!(err <= 1e-3, "grad of {tok}: rel err {err}");
-            }
-        } else {
-            let err = common::rel_err(grad, &g[&format!("grad.{name}")]);
-            println!("grad.{name}: rel err {err:.2e}");
-            assert!(err <= 1e-3, "grad of {name}: rel err {err}");
-        }
-        grad_list.push(grad.clone());
-    }
+    let grad_list = check::each_gradient(&trainable, &grads, |part, grad| {
+        let err = common::rel_err(grad, &g[&format!("grad.{}", part.key)]);
+        println!("grad.{}: rel err {err:.2e}", part.key);
+        assert!(err <= 1e-3, "grad of {}: rel err {err}", part.label);
+    });
     for (name, var) in &trainable {
         let g = grads.get(var.as_tensor()).unwrap();
         let norm = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(norm > 0.0, "{name} has a zero gradient");
     }
     // Every frozen weight of the text encoder, UNet and VAE: no gradient computed or stored.
-    let mut frozen = 0;
-    for (component, store) in &model.sd.weight_stores {
-        for (name, t) in store.frozen() {
-            assert!(grads.get(&t).is_none(), "frozen {component} weight {name} got a gradient");
-            frozen += 1;
-        }
-    }
-    println!("{frozen} frozen tensors checked");
-    assert!(frozen > 100, "only {frozen} frozen tensors checked");
+    check::assert_frozen_without_gradient(&model.sd, &grads, |_, _| true);
     assert!(grads.get(model.sd.text_encoder.token_embedding()).is_none());
 
     // One AdamW step (lr 1e-3 as the reference): compare the updates.
-    let before: Vec<Tensor> = trainable.iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
-    let mut opt = AdamW::new(trainable.clone(), AdamWConfig { lr: 1e-3, ..Default::default() }).unwrap();
-    opt.step(&grad_list).unwrap();
-    for (i, (name, var)) in trainable.iter().enumerate() {
-        let ours = (var.as_tensor() - &before[i]).unwrap();
-        if name == "token_embeddings" {
-            for (row, tok) in ["<new1>", "<new2>"].iter().enumerate() {
-                let want = (&g[&format!("updated.embedding.{tok}")] - before[i].get(row).unwrap()).unwrap();
-                let err = common::rel_err(&ours.get(row).unwrap(), &want);
-                assert!(err <= 1e-3, "update of {tok}: rel err {err}");
-            }
-        } else {
-            let want = (&g[&format!("updated.{name}")] - &before[i]).unwrap();
-            let err = common::rel_err(&ours, &want);
-            assert!(err <= 1e-3, "update of {name}: rel err {err}");
-        }
-    }
+    let before = check::adamw_step(&trainable, &grad_list, AdamWConfig { lr: 1e-3, ..Default::default() });
+    check::each_update(&trainable, &before, |part, ours| {
+        let then = match part.row {
+            Some(row) => before[part.index].get(row).unwrap(),
+            None => before[part.index].clone(),
+        };
+        let want = (&g[&format!("updated.{}", part.key)] - then).unwrap();
+        let err = common::rel_err(ours, &want);
+        assert!(err <= 1e-3, "update of {}: rel err {err}", part.label);
+    });
 }
 
 /// [`one_step_matches_pytorch`] again on the generic candle path: this test re-runs it and

@@ -1,8 +1,10 @@
 //! Shared helpers of the golden tests: fixture paths, golden tensors, relative error, and the
 //! re-run of a test binary's golden tests with the fused CPU kernels off; golden settings
-//! ([`settings`]) and the pipelines' end checks ([`images`]) in their own files.
+//! ([`settings`]), the pipelines' end checks ([`images`]) and the training-step checks
+//! ([`grad_check`]) in their own files.
 #![allow(dead_code)]
 
+pub mod grad_check;
 pub mod images;
 pub mod settings;
 
