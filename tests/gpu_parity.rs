@@ -13,16 +13,16 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::grad_check::{self as check, golden_batch, scalar};
 use disendiff::model::sd::{LoadOptions, StableDiffusion};
 use disendiff::model::unet::{AttentionProbe, ForwardOptions, UNet2DConditionModel, UNetConfig};
 use disendiff::model::weights::{component_weight_files, WeightStore};
 use disendiff::pipelines::text2img;
 use disendiff::scheduler::NoiseSchedule;
 use disendiff::training::adamw::{AdamW, AdamWConfig};
-use disendiff::training::concepts::{concept_positions, modifier_tokens_in, parse_concepts};
 use disendiff::training::method::UNetTrainable;
 use disendiff::training::model::Personalized;
-use disendiff::training::step::{forward_losses, LossConfig, MicroBatch};
+use disendiff::training::step::{forward_losses, LossConfig};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -138,10 +138,6 @@ fn pipeline_on_gpu_matches_diffusers() {
     }
 }
 
-fn scalar(t: &Tensor) -> f64 {
-    t.flatten_all().unwrap().get(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
-
 /// One DisenDiff step (tests/train_step_parity.rs's check on the GPU): losses within 1e-4,
 /// every trainable gradient within 1e-3 of PyTorch's (f32); with half-precision frozen weights
 /// (mixed precision: K/V and embeddings f32) the losses within 2e-2 and all gradients together
@@ -150,74 +146,46 @@ fn scalar(t: &Tensor) -> f64 {
 fn train_step_on_gpu_matches_pytorch() {
     let dev = gpu();
     let meta = common::settings::golden_json("train-step");
-    let captions: Vec<String> = meta["captions"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
-    let caption = "<new1> cat and <new2> dog";
-    let concepts = parse_concepts(caption, &modifier_tokens_in(caption), &["pll".into(), "ktn".into()]).unwrap();
+    let captions = check::captions(&meta);
+    let concepts = check::concepts();
     for (dtype, tol_loss, tol_grad) in [(DType::F32, 1e-4, 1e-3), (low(), 2e-2, 5e-2)] {
         let g = golden_on("train-step", &dev);
         let opts = LoadOptions { dtype, device: dev.clone(), ..Default::default() };
         let model = Personalized::load(&common::fixture("sd1-tiny"), &opts, &concepts, UNetTrainable::CrossAttnKV).unwrap();
         let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
-        let mut targets = Vec::new();
-        for c in &captions {
-            let pos = concept_positions(&model.sd.tokenizer, c, &concepts).unwrap();
-            targets.push(if pos.iter().all(|p| p.is_some()) { Some(pos.into_iter().flatten().collect()) } else { None });
-        }
+        let targets = check::targets(&model.sd, &captions, &concepts);
         let schedule = NoiseSchedule::new(model.sd.scheduler_config.clone());
-        let batch = MicroBatch {
-            ids,
-            x0: g["x0"].clone(),
-            noise: g["noise"].clone(),
-            timesteps: g["timesteps"].clone(),
-            mask: g["mask"].clone(),
-            targets,
-        };
+        let batch = golden_batch(&g, ids, targets);
         let losses = forward_losses(&model, &schedule, &batch, &LossConfig::default()).unwrap();
-        for (name, ours) in [("diffusion", &losses.diffusion), ("bind", &losses.l_bind), ("ss", &losses.l_ss), ("total", &losses.total)] {
-            let want = scalar(&g[&format!("loss.{name}")]);
-            let rel = (scalar(ours) - want).abs() / want.abs();
-            println!("{} {dtype:?} loss.{name}: {:.7} vs {want:.7} (rel {rel:.2e})", dev_name(), scalar(ours));
-            assert!(rel <= tol_loss, "{dtype:?} loss.{name}: rel err {rel}");
-        }
+        check::assert_losses(&g, &losses, tol_loss, &format!("{} {dtype:?} ", dev_name()));
         let grads = losses.total.backward().unwrap();
         let trainable = model.trainable(true);
         assert_eq!(trainable.len(), 22 + 1);
         // f32: every tensor within tol_grad. Half precision: all trainable gradients together
         // (a small tensor alone can be mostly rounding noise: f16 on the CPU measured up to 0.29
         // on one, 1.5e-3 on all together).
-        let mut grad_list = Vec::new();
+        for (name, var) in &trainable {
+            assert_eq!(var.dtype(), DType::F32, "{name}: trainable tensors are f32");
+        }
         let mut worst = 0f64;
         let (mut num, mut den) = (0f64, 0f64);
-        let mut check = |label: &str, ours: &Tensor, want: &Tensor| {
+        let grad_list = check::each_gradient(&trainable, &grads, |part, ours| {
+            let want = &g[&format!("grad.{}", part.key)];
             let err = rel_err(ours, want);
             worst = worst.max(err);
             let n = scalar(&want.sqr().unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap());
             num += err * err * n;
             den += n;
             if dtype == DType::F32 {
-                assert!(err <= tol_grad, "{dtype:?} grad of {label}: rel err {err}");
+                assert!(err <= tol_grad, "{dtype:?} grad of {}: rel err {err}", part.label);
             }
-        };
-        for (name, var) in &trainable {
-            assert_eq!(var.dtype(), DType::F32, "{name}: trainable tensors are f32");
-            let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} got no gradient"));
-            if name == "token_embeddings" {
-                for (row, tok) in ["<new1>", "<new2>"].iter().enumerate() {
-                    check(tok, &grad.get(row).unwrap(), &g[&format!("grad.embedding.{tok}")]);
-                }
-            } else {
-                check(name, grad, &g[&format!("grad.{name}")]);
-            }
-            grad_list.push(grad.clone());
-        }
+        });
         let all = (num / den).sqrt();
         println!("{} {dtype:?}: all gradients together rel err {all:.2e}", dev_name());
         assert!(all <= tol_grad, "{dtype:?}: all gradients together rel err {all}");
         println!("{} {dtype:?}: worst gradient rel err {worst:.2e}", dev_name());
         // one AdamW step runs on the GPU and moves every trainable tensor
-        let before: Vec<Tensor> = trainable.iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
-        let mut opt = AdamW::new(trainable.clone(), AdamWConfig { lr: 1e-3, ..Default::default() }).unwrap();
-        opt.step(&grad_list).unwrap();
+        let before = check::adamw_step(&trainable, &grad_list, AdamWConfig { lr: 1e-3, ..Default::default() });
         for (i, (name, var)) in trainable.iter().enumerate() {
             let moved = scalar(&(var.as_tensor() - &before[i]).unwrap().abs().unwrap().sum_all().unwrap());
             assert!(moved > 0.0, "{dtype:?}: AdamW did not move {name}");
@@ -232,27 +200,15 @@ fn train_step_on_gpu_matches_pytorch() {
 #[test]
 fn mixed_precision_two_steps_close_to_f32() {
     let dev = gpu();
-    let caption = "<new1> cat and <new2> dog";
-    let concepts = parse_concepts(caption, &modifier_tokens_in(caption), &["pll".into(), "ktn".into()]).unwrap();
+    let concepts = check::concepts();
     let meta = common::settings::golden_json("train-step");
-    let captions: Vec<String> = meta["captions"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect();
+    let captions = check::captions(&meta);
     let g = golden_on("train-step", &dev);
     let run = |dtype: DType| -> Vec<f64> {
         let opts = LoadOptions { dtype, device: dev.clone(), ..Default::default() };
         let model = Personalized::load(&common::fixture("sd1-tiny"), &opts, &concepts, UNetTrainable::CrossAttnKV).unwrap();
-        let mut targets = Vec::new();
-        for c in &captions {
-            let pos = concept_positions(&model.sd.tokenizer, c, &concepts).unwrap();
-            targets.push(if pos.iter().all(|p| p.is_some()) { Some(pos.into_iter().flatten().collect()) } else { None });
-        }
-        let batch = MicroBatch {
-            ids: g["input_ids"].to_dtype(DType::U32).unwrap(),
-            x0: g["x0"].clone(),
-            noise: g["noise"].clone(),
-            timesteps: g["timesteps"].clone(),
-            mask: g["mask"].clone(),
-            targets,
-        };
+        let targets = check::targets(&model.sd, &captions, &concepts);
+        let batch = golden_batch(&g, g["input_ids"].to_dtype(DType::U32).unwrap(), targets);
         let schedule = NoiseSchedule::new(model.sd.scheduler_config.clone());
         let trainable = model.trainable(true);
         let mut opt = AdamW::new(trainable.clone(), AdamWConfig { lr: 1e-3, ..Default::default() }).unwrap();
@@ -261,7 +217,7 @@ fn mixed_precision_two_steps_close_to_f32() {
             let l = forward_losses(&model, &schedule, &batch, &LossConfig::default()).unwrap();
             losses.push(scalar(&l.total));
             let grads = l.total.backward().unwrap();
-            let gl: Vec<Tensor> = trainable.iter().map(|(n, v)| grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{n}: no gradient")).clone()).collect();
+            let gl = check::each_gradient(&trainable, &grads, |_, _| {});
             opt.step(&gl).unwrap();
         }
         let l = forward_losses(&model, &schedule, &batch, &LossConfig::default()).unwrap();
