@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import diffusers
 import transformers
@@ -46,6 +46,22 @@ def save_tensors(path, tensors, generator=None):
     """A safetensors file of contiguous copies of `tensors`, with `generator` (the script) as metadata."""
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(path),
               metadata=None if generator is None else {"generator": generator})
+
+
+def save_tensors_checked(path, tensors, generator):
+    """`save_tensors`, then the file read back: every tensor must be bit for bit the one given."""
+    save_tensors(path, tensors, generator)
+    reread = load_file(str(path))
+    assert all(torch.equal(reread[k], v) for k, v in tensors.items())
+
+
+def model_out_args(root):
+    """The parsed command line of a training-step script: `--model` (the diffusers folder, default
+    tests/fixtures/sd1-tiny) and `--out` (default tests/fixtures/golden), both below `root`."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=root / "tests/fixtures/sd1-tiny")
+    ap.add_argument("--out", type=Path, default=root / "tests/fixtures/golden")
+    return ap.parse_args()
 
 
 def write_json(path, value, **dumps):

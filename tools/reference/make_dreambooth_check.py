@@ -22,10 +22,7 @@ rewritten byte for byte the same (two runs of the binary write identical folders
 
     python tools/reference/make_dreambooth_check.py --bin target/release/disendiff
 """
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common  # first: pins threads and determinism before torch is imported
 
 import argparse
 import json
@@ -33,20 +30,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 from safetensors.torch import load_file
-
-import diffusers
-import transformers
-
-torch.set_num_threads(2)
-torch.use_deterministic_algorithms(True)
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
+from common import load_pipeline, mean_abs_diff, versions, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 GEN = "tools/reference/make_dreambooth_check.py"
@@ -63,10 +51,6 @@ CALL = dict(prompt="photo of a <new1> cat", negative_prompt="", num_inference_st
 def images(pipe, latents):
     with torch.no_grad():
         return pipe(**CALL, latents=latents.clone(), output_type="pil").images
-
-
-def mad(a, b):
-    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
 
 
 def train(bin_path, tmp, train_args):
@@ -86,7 +70,7 @@ def main():
 
 
 def load_pipe(folder):
-    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None)
+    pipe = load_pipeline(folder)
     tok, te = pipe.tokenizer, pipe.text_encoder
     ids = tok.convert_tokens_to_ids(["<new1>", "<new2>"])
     assert ids == [49408, 49409], ids
@@ -107,8 +91,27 @@ def unet_changed(pipe):
     return base_unet, len(tuned)
 
 
-def versions():
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+def save_pairs(golden, tuned_imgs, base_imgs, stem, base_stem, min_diff):
+    """Writes the images golden/<stem>-0000i.png and golden/<base_stem>-0000i.png after asserting
+    that each pair differs by at least `min_diff` (mean |a - b| of 255); returns those differences."""
+    diffs = [mean_abs_diff([a], [b]) for a, b in zip(tuned_imgs, base_imgs)]
+    assert min(diffs) >= min_diff, diffs
+    for i, (a, b) in enumerate(zip(tuned_imgs, base_imgs)):
+        a.save(golden / f"{stem}-{i:05d}.png")
+        b.save(golden / f"{base_stem}-{i:05d}.png")
+    return diffs
+
+
+def write_record(path, train_args, ids, te, **fields):
+    """The record of a case (its command, the call, the new tokens, then `fields`) as JSON at `path`."""
+    info = {
+        "generator": GEN, "train_args": train_args, "call": CALL, "latents": "export-latents.safetensors",
+        "new_token_ids": ids, "text_encoder_vocab_size": int(te.config.vocab_size),
+        **fields,
+        "versions": versions(),
+    }
+    write_json(path, info, indent=2)
+    print(json.dumps(info, indent=2))
 
 
 def te_case(args):
@@ -144,21 +147,10 @@ def te_case(args):
             base_te.get_input_embeddings().weight[49408:] = te.get_input_embeddings().weight[49408:]
         pipe.text_encoder = base_te
         base_imgs = images(pipe, latents)
-        diffs = [mad(a, b) for a, b in zip(tuned_imgs, base_imgs)]
-        assert min(diffs) >= 1.0, diffs
-        for i, (a, b) in enumerate(zip(tuned_imgs, base_imgs)):
-            a.save(golden / f"dreambooth-te-{i:05d}.png")
-            b.save(golden / f"dreambooth-te-basete-{i:05d}.png")
-        info = {
-            "generator": GEN, "train_args": TRAIN_TE, "call": CALL, "latents": "export-latents.safetensors",
-            "new_token_ids": ids, "text_encoder_vocab_size": int(te.config.vocab_size),
-            "text_encoder_tensors_changed": len(changed), "text_encoder_tensors": len(params),
-            "unchanged_elements": unchanged_elements,
-            "mean_abs_diff_vs_base_text_encoder": diffs,
-            "versions": versions(),
-        }
-        (golden / "dreambooth-te-check.json").write_text(json.dumps(info, indent=2) + "\n")
-        print(json.dumps(info, indent=2))
+        diffs = save_pairs(golden, tuned_imgs, base_imgs, "dreambooth-te", "dreambooth-te-basete", 1.0)
+        write_record(golden / "dreambooth-te-check.json", TRAIN_TE, ids, te,
+                     text_encoder_tensors_changed=len(changed), text_encoder_tensors=len(params),
+                     unchanged_elements=unchanged_elements, mean_abs_diff_vs_base_text_encoder=diffs)
 
 
 def unet_case(args):
@@ -176,20 +168,9 @@ def unet_case(args):
         tuned_imgs = images(pipe, latents)
         pipe.unet = base_unet
         base_imgs = images(pipe, latents)
-        diffs = [mad(a, b) for a, b in zip(tuned_imgs, base_imgs)]
-        assert min(diffs) >= 3.0, diffs
-        for i, (a, b) in enumerate(zip(tuned_imgs, base_imgs)):
-            a.save(golden / f"dreambooth-{i:05d}.png")
-            b.save(golden / f"dreambooth-baseunet-{i:05d}.png")
-        info = {
-            "generator": GEN, "train_args": TRAIN, "call": CALL, "latents": "export-latents.safetensors",
-            "new_token_ids": ids, "text_encoder_vocab_size": int(te.config.vocab_size),
-            "unet_tensors_changed": n_unet, "unet_tensors": n_unet,
-            "mean_abs_diff_vs_base_unet": diffs,
-            "versions": versions(),
-        }
-        (golden / "dreambooth-check.json").write_text(json.dumps(info, indent=2) + "\n")
-        print(json.dumps(info, indent=2))
+        diffs = save_pairs(golden, tuned_imgs, base_imgs, "dreambooth", "dreambooth-baseunet", 3.0)
+        write_record(golden / "dreambooth-check.json", TRAIN, ids, te,
+                     unet_tensors_changed=n_unet, unet_tensors=n_unet, mean_abs_diff_vs_base_unet=diffs)
 
 
 if __name__ == "__main__":

@@ -23,24 +23,18 @@ AdamW group with the UNet at the same lr. Text encoder tensors are stored as sum
     python tools/reference/make_dreambooth_fixtures.py [--model tests/fixtures/sd1-tiny] \
         [--out tests/fixtures/golden]
 """
-import sys
-from pathlib import Path
+import common  # first: pins threads and determinism before torch is imported
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_train_fixtures as base  # noqa: E402  (sets threads, determinism, logging)
+import re
+import time
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
-from transformers.masking_utils import create_causal_mask  # noqa: E402
+import make_train_fixtures as base
+from common import model_out_args, save_tensors_checked, versions, write_json
 
 GEN = "tools/reference/make_dreambooth_fixtures.py"
 K = 8
@@ -87,10 +81,7 @@ def te_name(n: str) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path, default=base.ROOT / "tests/fixtures/sd1-tiny")
-    ap.add_argument("--out", type=Path, default=base.ROOT / "tests/fixtures/golden")
-    args = ap.parse_args()
+    args = model_out_args(base.ROOT)
 
     # self-check of the probe vectors against values written out by hand from the formula
     assert fnv1a64("") == 0xCBF29CE484222325 and fnv1a64("a") == 0xAF63DC4C8601EC8C
@@ -104,14 +95,8 @@ def run_case(args, train_te: bool, stem: str):
     t0 = time.time()
     folder = args.model
 
-    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    tok.add_tokens(base.NEW_TOKENS)
-    new_ids = tok.convert_tokens_to_ids(base.NEW_TOKENS)
-    assert new_ids == [49408, 49409], new_ids
-    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32).eval()
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().eval()
+    tok, new_ids, te, unet, sched = base.load_models(folder)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").float().eval()
-    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     te.requires_grad_(train_te)
     vae.requires_grad_(False)
     unet.requires_grad_(True)
@@ -119,23 +104,14 @@ def run_case(args, train_te: bool, stem: str):
     n_params = sum(p.numel() for p in params.values())
     te_params = dict(sorted((f"text_encoder.{te_name(n)}", p) for n, p in te.named_parameters())) if train_te else {}
 
-    ids = tok(base.CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    ids = ids.to(torch.int64)
-    g = torch.Generator().manual_seed(base.SEED)
-    x0 = torch.randn([3, 4, 16, 16], generator=g)
-    noise = torch.randn([3, 4, 16, 16], generator=g)
-    timesteps = torch.tensor(base.TIMESTEPS, dtype=torch.int64)
+    ids, x0, noise, timesteps = base.batch_inputs(tok)
     mask = torch.ones([3, 1, 16, 16])  # DreamBooth: no augmentation, so no loss mask
 
     tok_emb = te.embeddings.token_embedding.weight
     if not train_te:
         tok_emb = tok_emb.detach()
     new_rows = torch.nn.Parameter(tok_emb.detach()[base.INIT_IDS].clone())
-    pos_ids = te.embeddings.position_ids[:, :77]
-    table = torch.cat([tok_emb, new_rows])
-    emb = F.embedding(ids, table) + te.embeddings.position_embedding(pos_ids)  # no gradient mask
-    causal = create_causal_mask(config=te.config, inputs_embeds=emb, attention_mask=None, past_key_values=None)
-    context = te.final_layer_norm(te.encoder(inputs_embeds=emb, attention_mask=causal, is_causal=True).last_hidden_state)
+    context = base.encode_with_table(te, ids, torch.cat([tok_emb, new_rows]))  # no gradient mask
     with torch.no_grad():
         ids_init = ids.clone()
         for i, j in zip(new_ids, base.INIT_IDS):
@@ -191,8 +167,7 @@ def run_case(args, train_te: bool, stem: str):
     opt.step()
     lr, wd = ADAMW["lr"], ADAMW["weight_decay"]
     for n, p in params_all.items():
-        gr = p.grad
-        exp = before[n] * (1 - lr * wd) - lr * gr / (gr.abs() + ADAMW["eps"])
+        exp = base.first_adamw_step(before[n], p.grad, ADAMW)
         assert torch.allclose(p.detach(), exp, atol=1e-7), n
         gold[f"update.{n}"] = summary(n, p.detach() - before[n])
     for i, t in enumerate(base.NEW_TOKENS):
@@ -200,9 +175,7 @@ def run_case(args, train_te: bool, stem: str):
 
     args.out.mkdir(parents=True, exist_ok=True)
     st_path = args.out / f"{stem}.safetensors"
-    save_file({k: v.contiguous() for k, v in gold.items()}, str(st_path), metadata={"generator": GEN})
-    reread = load_file(str(st_path))
-    assert all(torch.equal(reread[k], v) for k, v in gold.items())
+    save_tensors_checked(st_path, gold, GEN)
     settings = {
         "generator": GEN,
         "captions": base.CAPTIONS,
@@ -223,9 +196,9 @@ def run_case(args, train_te: bool, stem: str):
         "key_bias_grad_norm_over_q_bias": key_bias_ratios,
         "key_bias_bound": KEY_BIAS_BOUND,
         "frozen_with_grad": frozen_with_grad,
-        "versions": base.versions(),
+        "versions": versions(),
     }
-    (args.out / f"{stem}.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(args.out / f"{stem}.json", settings, indent=2)
     print(f"{stem}: {len(params)} UNet tensors ({n_params:,} parameters) + {len(te_params)} text encoder tensors + 2 rows; loss {loss.item():.6f}")
     norms = sorted(settings["grad_norms"].values())
     print(f"grad norms: min {norms[0]:.3e}, median {norms[len(norms) // 2]:.3e}, max {norms[-1]:.3e}")

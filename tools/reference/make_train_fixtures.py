@@ -12,19 +12,17 @@ Everything is seeded: a rerun with the same library versions writes the same fil
 """
 import common  # first: pins threads and determinism before torch is imported
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
-from common import save_tensors, versions, write_json
+from common import model_out_args, save_tensors_checked, versions, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 4242
@@ -43,6 +41,55 @@ ATTN_WEIGHT = 0.01
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 G1 = [0.21194156, 0.57611688, 0.21194156]
 GEN = "tools/reference/make_train_fixtures.py"
+
+
+# ----------------------------------------------------------------------------------------------
+# models, inputs, text path and AdamW check (make_dreambooth_fixtures.py uses them too)
+
+
+def load_models(folder):
+    """The tokenizer of `folder` with NEW_TOKENS added, their ids, and the text encoder, UNet (float32,
+    eval mode) and DDPM scheduler."""
+    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    assert len(tok) == 49408 and tok.pad_token_id == 49407
+    tok.add_tokens(NEW_TOKENS)
+    new_ids = tok.convert_tokens_to_ids(NEW_TOKENS)
+    assert new_ids == [49408, 49409], new_ids
+    assert tok.convert_ids_to_tokens(INIT_IDS) == ["pll", "ktn"], tok.convert_ids_to_tokens(INIT_IDS)
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32).eval()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().eval()
+    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    return tok, new_ids, te, unet, sched
+
+
+def batch_inputs(tok):
+    """The batch of CAPTIONS: token ids [3, 77] (int64), the seeded x0 and noise [3, 4, 16, 16] and
+    the TIMESTEPS."""
+    ids = tok(CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = ids.to(torch.int64)
+    g = torch.Generator().manual_seed(SEED)
+    x0 = torch.randn([3, 4, 16, 16], generator=g)
+    noise = torch.randn([3, 4, 16, 16], generator=g)
+    return ids, x0, noise, torch.tensor(TIMESTEPS, dtype=torch.int64)
+
+
+def encode_with_table(te, input_ids, table, grad_mask=False):
+    """The text encoder's last layer-normed hidden states of `input_ids` looked up in `table` (the
+    extended token table); with `grad_mask` gradients reach the embeddings only at new-token ids."""
+    emb = F.embedding(input_ids, table) + te.embeddings.position_embedding(te.embeddings.position_ids[:, :77])
+    if grad_mask:
+        m = (input_ids >= 49408).to(emb.dtype)[..., None]
+        emb = emb * m + emb.detach() * (1 - m)
+    causal = create_causal_mask(config=te.config, inputs_embeds=emb, attention_mask=None,
+                                past_key_values=None)
+    h = te.encoder(inputs_embeds=emb, attention_mask=causal, is_causal=True).last_hidden_state
+    return te.final_layer_norm(h)
+
+
+def first_adamw_step(w, gr, adamw):
+    """The weight after AdamW's first step (m_hat = g, sqrt(v_hat) = |g|) from `w` with gradient `gr`."""
+    lr, eps, wd = adamw["lr"], adamw["eps"], adamw["weight_decay"]
+    return w * (1 - lr * wd) - lr * gr / (gr.abs() + eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,30 +207,18 @@ def attention_loss_check(store, layers, mod_pos, n_layers_expected):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path, default=ROOT / "tests/fixtures/sd1-tiny")
-    ap.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/golden")
-    args = ap.parse_args()
+    args = model_out_args(ROOT)
     t0 = time.time()
     folder = args.model
 
     # ---- models
-    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    assert len(tok) == 49408 and tok.pad_token_id == 49407
-    tok.add_tokens(NEW_TOKENS)
-    new_ids = tok.convert_tokens_to_ids(NEW_TOKENS)
-    assert new_ids == [49408, 49409], new_ids
-    assert tok.convert_ids_to_tokens(INIT_IDS) == ["pll", "ktn"], tok.convert_ids_to_tokens(INIT_IDS)
-    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32).eval()
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().eval()
-    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    tok, new_ids, te, unet, sched = load_models(folder)
     assert te.dtype == torch.float32 and unet.dtype == torch.float32
     te.requires_grad_(False)
     unet.requires_grad_(False)
 
     # ---- inputs
-    ids = tok(CAPTIONS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    ids = ids.to(torch.int64)
+    ids, x0, noise, timesteps = batch_inputs(tok)
     mod_pos = {}
     for b in TARGET:
         row = ids[b].tolist()
@@ -192,10 +227,6 @@ def main():
         for p, cls in zip(mod_pos[b], ("cat", "dog")):
             assert tok.convert_ids_to_tokens(row[p + 1]) == cls + "</w>", (b, p)
     assert not any(i in ids[2].tolist() for i in new_ids)
-    g = torch.Generator().manual_seed(SEED)
-    x0 = torch.randn([3, 4, 16, 16], generator=g)
-    noise = torch.randn([3, 4, 16, 16], generator=g)
-    timesteps = torch.tensor(TIMESTEPS, dtype=torch.int64)
     mask = torch.ones([3, 1, 16, 16])
     mask[BOX["sample"]] = 0.0
     r0, r1 = BOX["rows"]
@@ -216,18 +247,8 @@ def main():
     assert len(kv) == 2 * n_cross, (len(kv), n_cross)
 
     # ---- text encoder on the extended table
-    pos_ids = te.embeddings.position_ids[:, :77]
-
     def encode(input_ids, grad_mask):
-        table = torch.cat([tok_emb, new_rows])
-        emb = F.embedding(input_ids, table) + te.embeddings.position_embedding(pos_ids)
-        if grad_mask:
-            m = (input_ids >= 49408).to(emb.dtype)[..., None]
-            emb = emb * m + emb.detach() * (1 - m)
-        causal = create_causal_mask(config=te.config, inputs_embeds=emb, attention_mask=None,
-                                    past_key_values=None)
-        h = te.encoder(inputs_embeds=emb, attention_mask=causal, is_causal=True).last_hidden_state
-        return te.final_layer_norm(h)
+        return encode_with_table(te, input_ids, torch.cat([tok_emb, new_rows]), grad_mask)
 
     # the path is the model's own: with the new ids replaced by their initialisers (same rows) it
     # reproduces te(ids) exactly
@@ -320,14 +341,11 @@ def main():
     updated["updated.embedding.<new1>"] = new_rows[0].detach().clone()
     updated["updated.embedding.<new2>"] = new_rows[1].detach().clone()
     # hand-written first AdamW step as a check
-    lr, (b1, b2), eps, wd = ADAMW["lr"], ADAMW["betas"], ADAMW["eps"], ADAMW["weight_decay"]
     for n in kv:
-        gr = grads[f"grad.{n}"]
-        exp = before[n] * (1 - lr * wd) - lr * gr / (gr.abs() + eps)  # step 1: m_hat = g, sqrt(v_hat) = |g|
+        exp = first_adamw_step(before[n], grads[f"grad.{n}"], ADAMW)
         assert torch.allclose(updated[f"updated.{n}"], exp, atol=1e-7), n
     for i, key in enumerate(("<new1>", "<new2>")):
-        gr = grads[f"grad.embedding.{key}"]
-        exp = rows_before[i] * (1 - lr * wd) - lr * gr / (gr.abs() + eps)
+        exp = first_adamw_step(rows_before[i], grads[f"grad.embedding.{key}"], ADAMW)
         assert torch.allclose(updated[f"updated.embedding.{key}"], exp, atol=1e-7), key
 
     # ---- write
@@ -342,9 +360,7 @@ def main():
     gold.update(updated)
     args.out.mkdir(parents=True, exist_ok=True)
     st_path = args.out / "train-step.safetensors"
-    save_tensors(st_path, gold, GEN)
-    re = load_file(str(st_path))
-    assert all(torch.equal(re[k], v) for k, v in gold.items())
+    save_tensors_checked(st_path, gold, GEN)
 
     grad_norms = {k[len("grad."):]: float(v.norm()) for k, v in grads.items()}
     settings = {
