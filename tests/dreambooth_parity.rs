@@ -217,7 +217,8 @@ fn check_step(stem: &str, train_te: bool) {
     // One AdamW step (lr 1e-3 and eps 1e-4 as the reference: with eps 1e-8 the first step
     // g / (|g| + eps) is ill-conditioned at the ~1e-8 gradient elements a whole UNet has).
     assert_eq!(meta["adamw"]["eps"].as_f64(), Some(1e-4));
-    let before = check::adamw_step(&trainable, &grad_list, AdamWConfig { lr: 1e-3, eps: meta["adamw"]["eps"].as_f64().unwrap(), ..Default::default() });
+    let config = AdamWConfig { lr: 1e-3, eps: meta["adamw"]["eps"].as_f64().unwrap(), ..Default::default() };
+    let before = check::adamw_step(&trainable, &grad_list, config);
     // Worst rel err (norm or projections) and its tensor, per group: UNet, text encoder (its key
     // biases apart: their update is the weight decay alone, rounded), new rows (the worst row).
     let mut worst_update: [(f64, String); 4] = Default::default();
