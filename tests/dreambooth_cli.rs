@@ -39,9 +39,27 @@ fn load(p: &Path) -> HashMap<String, Tensor> {
 }
 
 fn mean_abs_png(a: &Path, b: &Path) -> f64 {
-    let (a, b) = (image::open(a).unwrap().to_rgb8(), image::open(b).unwrap().to_rgb8());
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.as_raw().len() as f64
+    common::images::mean_abs_u8(&image::open(a).unwrap().to_rgb8(), &image::open(b).unwrap().to_rgb8())
+}
+
+/// `generate --model MODEL` (the two images of make_dreambooth_check.py's settings) within
+/// `max_diff`/255 of diffusers' `golden/{golden}-0000i.png` and at least `min_off`/255 from
+/// `golden/{off}-0000i.png`, diffusers' images with the part that trained put back to the base.
+fn generate_as_diffusers(model: &Path, gen: &Path, golden: &str, off: &str, max_diff: f64, min_off: f64) {
+    let latents = common::fixture("golden/export-latents.safetensors");
+    let (ok, err) = common::disendiff(&[
+        "generate", "--model", s(model), "--prompt", "photo of a <new1> cat", "--steps", "10", "--guidance-scale", "6",
+        "--num-images", "2", "--height", "64", "--width", "64", "--latents", s(&latents), "--strict-tokens", "--out", s(gen),
+    ]);
+    assert!(ok, "{err}");
+    for i in 0..2 {
+        let got = gen.join(format!("{i:05}.png"));
+        let mad = mean_abs_png(&got, &common::fixture(&format!("golden/{golden}-{i:05}.png")));
+        let far = mean_abs_png(&got, &common::fixture(&format!("golden/{off}-{i:05}.png")));
+        println!("image {i}: mean abs diff {mad:.5}/255 vs diffusers, {far:.2}/255 vs diffusers' {off}");
+        assert!(mad <= max_diff, "image {i} differs from diffusers' by {mad}/255");
+        assert!(far >= min_off, "image {i} is close to {off} ({far}/255)");
+    }
 }
 
 #[test]
@@ -101,21 +119,7 @@ fn dreambooth_writes_a_diffusers_folder_that_generates_as_diffusers() {
     assert_eq!(std::fs::read_dir(&b).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count(), 0);
 
     // generate --model OUT/model against diffusers' images of the same folder.
-    let gen = tmp.path().join("gen");
-    let latents = common::fixture("golden/export-latents.safetensors");
-    let (ok, err) = common::disendiff(&[
-        "generate", "--model", s(&model), "--prompt", "photo of a <new1> cat", "--steps", "10", "--guidance-scale", "6",
-        "--num-images", "2", "--height", "64", "--width", "64", "--latents", s(&latents), "--strict-tokens", "--out", s(&gen),
-    ]);
-    assert!(ok, "{err}");
-    for i in 0..2 {
-        let got = gen.join(format!("{i:05}.png"));
-        let mad = mean_abs_png(&got, &common::fixture(&format!("golden/dreambooth-{i:05}.png")));
-        let off = mean_abs_png(&got, &common::fixture(&format!("golden/dreambooth-baseunet-{i:05}.png")));
-        println!("image {i}: mean abs diff {mad:.4}/255 vs diffusers, {off:.2}/255 vs diffusers with the base UNet");
-        assert!(mad <= 1.0, "image {i} differs from diffusers' by {mad}/255");
-        assert!(off >= 3.0, "image {i} is close to the base UNet's ({off}/255)");
-    }
+    generate_as_diffusers(&model, &tmp.path().join("gen"), "dreambooth", "dreambooth-baseunet", 1.0, 3.0);
 }
 
 /// Max |a - b| of two tensors (f32).
@@ -193,21 +197,7 @@ fn dreambooth_with_text_encoder_writes_the_trained_text_encoder() {
         assert!(std::fs::read(model.join(f)).unwrap() == std::fs::read(b.join("model").join(f)).unwrap(), "{f} differs after resume");
     }
 
-    let gen = tmp.path().join("gen");
-    let latents = common::fixture("golden/export-latents.safetensors");
-    let (ok, err) = common::disendiff(&[
-        "generate", "--model", s(&model), "--prompt", "photo of a <new1> cat", "--steps", "10", "--guidance-scale", "6",
-        "--num-images", "2", "--height", "64", "--width", "64", "--latents", s(&latents), "--strict-tokens", "--out", s(&gen),
-    ]);
-    assert!(ok, "{err}");
-    for i in 0..2 {
-        let got = gen.join(format!("{i:05}.png"));
-        let mad = mean_abs_png(&got, &common::fixture(&format!("golden/dreambooth-te-{i:05}.png")));
-        let off = mean_abs_png(&got, &common::fixture(&format!("golden/dreambooth-te-basete-{i:05}.png")));
-        println!("image {i}: mean abs diff {mad:.5}/255 vs diffusers, {off:.2}/255 vs diffusers with the base text encoder");
-        assert!(mad <= 0.001, "image {i} differs from diffusers' by {mad}/255");
-        assert!(off >= 1.0, "image {i} is close to the base text encoder's ({off}/255)");
-    }
+    generate_as_diffusers(&model, &tmp.path().join("gen"), "dreambooth-te", "dreambooth-te-basete", 0.001, 1.0);
 }
 
 /// `--train-text-encoder` is DreamBooth's: with another method it is refused before anything
