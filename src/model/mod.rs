@@ -3,6 +3,7 @@
 //! renaming.
 
 pub mod attention_chunks;
+pub mod attention_recompute;
 pub mod clip;
 pub mod clip_model;
 pub mod clip_preprocess;

@@ -21,7 +21,7 @@ struct Attach {
     bwd: Box<BwdFn>,
 }
 
-fn copy_storage(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+pub(crate) fn copy_storage(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     macro_rules! slice {
         ($v:expr, $variant:ident) => {{
             match l.contiguous_offsets() {

@@ -7,9 +7,14 @@ and DisenDiff losses it reuses), on the GPU, plus the full-size case.
 - unet-fwd, unet-train-kv: the 3.19 M-parameter benchmark UNet, batch 32, 16x16 latents;
 - sd15-train-kv: one DisenDiff micro-batch on the SD1.5 UNet config (random weights), batch 2,
   64x64 latents, the 16x16 probe, diffusion + DisenDiff losses, backward to every attn2 K/V, AdamW.
-Attention uses the classic processor on every layer (as bench_torch.py: the probabilities are
-kept, as on disendiff's CUDA path). --dtype bf16 is diffusers' `--mixed_precision bf16`: frozen
-weights in bf16, the trained K/V in f32, the forward under torch.autocast(bfloat16).
+Attention (`--attention`): `sdpa` (default) is diffusers' default processor
+(F.scaled_dot_product_attention, no probabilities kept for the backward) on every layer except
+the probed 16x16 cross-attention, whose probabilities the DisenDiff losses read and which keeps
+them (bench_torch.py's classic processor), as disendiff's CUDA path does since
+src/model/attention_recompute.rs; `classic` keeps every layer's probabilities (bench_torch.py).
+--dtype bf16 is diffusers' `--mixed_precision bf16`: frozen weights in bf16, the trained K/V
+in f32, the forward under torch.autocast(bfloat16). On the CPU the two attention settings give
+the small case's K/V gradients within 3e-6 (relative to the largest).
 
 Prints one JSON object: name, median_s, times_s, setup_s, torch_max_allocated_mb,
 torch_max_reserved_mb. Every timed run ends with torch.cuda.synchronize(). `--device cpu` runs the
@@ -37,6 +42,30 @@ def gaussian(maps):
 
 bench_torch.gaussian = gaussian  # its kernel lives on the CPU; calibration_losses reads this name
 
+
+class SdpaRecorder(bench_torch.Recorder):
+    """F.scaled_dot_product_attention on every layer but the probed 16x16 cross-attention (the
+    classic Recorder there); start-token K/V detached on cross-attention as the Recorder does."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        cross = encoder_hidden_states is not None
+        b, n, _ = hidden_states.shape
+        if cross and n == 256:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
+        q = attn.to_q(hidden_states)
+        ctx = encoder_hidden_states if cross else hidden_states
+        k, v = attn.to_k(ctx), attn.to_v(ctx)
+        if cross:
+            s = torch.ones_like(k)
+            s[:, :1] = 0
+            k = s * k + (1 - s) * k.detach()
+            v = s * v + (1 - s) * v.detach()
+        heads = attn.heads
+        split = lambda x: x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=attn.scale)
+        out = out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
 SMALL = dict(sample_size=16, in_channels=4, out_channels=4,
              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
              block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=128, attention_head_dim=8)
@@ -46,7 +75,7 @@ SD15 = dict(sample_size=64, in_channels=4, out_channels=4,
             block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
 
 
-def prepare(name, dtype, dev):
+def prepare(name, dtype, dev, attention="sdpa"):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -67,7 +96,7 @@ def prepare(name, dtype, dev):
         return run
     unet.train()
     store = []
-    unet.set_attn_processor(bench_torch.Recorder(store))
+    unet.set_attn_processor(SdpaRecorder(store) if attention == "sdpa" else bench_torch.Recorder(store))
     params = []
     for n, p in unet.named_parameters():
         keep = n.endswith("attn2.to_k.weight") or n.endswith("attn2.to_v.weight")
@@ -100,13 +129,15 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "classic"],
+                    help="sdpa: no probabilities kept except the probe's (as disendiff); classic: all kept")
     a = ap.parse_args()
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.backends.cuda.matmul.allow_tf32 = False  # full f32, as candle's cuBLAS calls
     torch.backends.cudnn.allow_tf32 = False
     start = time.perf_counter()
-    run = prepare(a.case, a.dtype, dev)
+    run = prepare(a.case, a.dtype, dev, a.attention)
     sync()
     setup = time.perf_counter() - start
     for _ in range(a.warmup):
@@ -119,7 +150,7 @@ def main():
         sync()
         times.append(time.perf_counter() - start)
     cuda = dev.type == "cuda"
-    print(json.dumps({"name": a.case, "dtype": a.dtype, "device": a.device, "median_s": sorted(times)[len(times) // 2],
+    print(json.dumps({"name": a.case, "dtype": a.dtype, "device": a.device, "attention": a.attention, "median_s": sorted(times)[len(times) // 2],
                       "times_s": times, "setup_s": setup,
                       "torch_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                       "torch_max_reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if cuda else None}))

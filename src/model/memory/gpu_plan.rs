@@ -86,8 +86,9 @@ impl GpuPlan {
                 _ => "other",
             };
             let ours = match (s.mixed_precision, s.no_full_probabilities, s.checkpointing) {
-                (_, false, false) => if s.mixed_precision { "`train --dtype bf16` on CUDA" } else { "`train` on CUDA today" },
-                (_, true, false) => "not on CUDA (the CPU's FusedAttention)",
+                (_, false, false) => "earlier `train` on CUDA (before `attention_recompute`)",
+                (false, true, false) => "`train` on CUDA (`attention_recompute`)",
+                (true, true, false) => "`train --dtype bf16` on CUDA (`attention_recompute`)",
                 _ => "not implemented",
             };
             let theirs = match (s.mixed_precision, s.no_full_probabilities, s.checkpointing) {

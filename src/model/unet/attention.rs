@@ -6,7 +6,7 @@
 
 use super::{CapturedAttention, ForwardOptions};
 use crate::model::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
-use crate::model::{attention_chunks, ops};
+use crate::model::{attention_recompute, ops};
 use crate::model::weights::Vb;
 use candle_core::{DType, Module, Result, Tensor};
 
@@ -106,23 +106,13 @@ impl Attention {
             q = q.to_dtype(DType::F32)?;
             k = k.to_dtype(DType::F32)?;
         }
-        // diffusers: baddbmm(q, k^T, alpha=scale); softmax in f32 (probabilities are kept in f32).
-        let probs_of = |q: &Tensor| -> Result<Tensor> {
-            let scores = q.matmul(&k.t()?)?;
-            if scores.dtype() == DType::F32 {
-                ops::softmax_last_dim_scaled(&scores, self.scale)
-            } else {
-                ops::softmax_last_dim(&(scores * self.scale)?.to_dtype(DType::F32)?)
-            }
-        };
         let out = if captured {
-            let probs = probs_of(&q)?;
+            let probs = attention_recompute::probabilities(&q, &k, self.scale)?;
             cx.captured.push(CapturedAttention { layer: self.name.clone(), height: hw.0, width: hw.1, probs: probs.clone() });
             probs.to_dtype(v.dtype())?.matmul(&v)?
         } else {
-            // blocks of query rows, so the [B, heads, N, M] scores never exist at once
-            let rows = attention_chunks::rows_per_block(b * self.heads, n, k.dim(2)?);
-            attention_chunks::by_query_blocks(&q, 2, rows, |q| probs_of(q)?.to_dtype(v.dtype())?.matmul(&v))?
+            // blocks of query rows; in training the probabilities are recomputed, not kept
+            attention_recompute::attention(&q, &k, &v, self.scale)?
         };
         let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
         self.to_out.forward_residual(&out, residual)
