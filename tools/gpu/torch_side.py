@@ -52,14 +52,7 @@ class SdpaRecorder(bench_torch.Recorder):
         b, n, _ = hidden_states.shape
         if cross and n == 256:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
-        q = attn.to_q(hidden_states)
-        ctx = encoder_hidden_states if cross else hidden_states
-        k, v = attn.to_k(ctx), attn.to_v(ctx)
-        if cross:
-            s = torch.ones_like(k)
-            s[:, :1] = 0
-            k = s * k + (1 - s) * k.detach()
-            v = s * v + (1 - s) * v.detach()
+        cross, q, k, v = self.projections(attn, hidden_states, encoder_hidden_states)
         heads = attn.heads
         split = lambda x: x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # noqa: E731
         out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=attn.scale)

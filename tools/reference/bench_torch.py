@@ -69,11 +69,12 @@ class Recorder:
     def __init__(self, store):
         self.store = store
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+    @staticmethod
+    def projections(attn, hidden_states, encoder_hidden_states):
+        """(cross, q, k, v), the start token's K/V detached on cross-attention."""
         import torch
 
         cross = encoder_hidden_states is not None
-        b = hidden_states.shape[0]
         q = attn.to_q(hidden_states)
         ctx = encoder_hidden_states if cross else hidden_states
         k, v = attn.to_k(ctx), attn.to_v(ctx)
@@ -82,6 +83,13 @@ class Recorder:
             s[:, :1] = 0
             k = s * k + (1 - s) * k.detach()
             v = s * v + (1 - s) * v.detach()
+        return cross, q, k, v
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        import torch
+
+        b = hidden_states.shape[0]
+        cross, q, k, v = self.projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)
         probs = attn.get_attention_scores(q, k, None)
         if cross and q.shape[1] == 256:
