@@ -37,11 +37,12 @@ pub struct CheckArgs {
     pub n: usize,
     /// The training sets whose captions count as seen, each `SEED:UNNAMED_SHARE` or
     /// `SEED:UNNAMED_SHARE:MIN-MAX` (objects per scene), as `toy scenes --seed S --unnamed-share F
-    /// --min-objects MIN --max-objects MAX` wrote them. The shipped model's runs:
-    /// tools/toyworld/README.md.
-    #[arg(long, value_delimiter = ',', default_value = "1:0,1:0.25", value_name = "SET,..")]
+    /// --min-objects MIN --max-objects MAX` wrote them. The default is the shipped model's four
+    /// runs (tools/toyworld/README.md).
+    #[arg(long, value_delimiter = ',', default_value = "1:0,1:0.25,3:0.3,4:0.3:2-2", value_name = "SET,..")]
     pub train_sets: Vec<crate::toyworld::model_check::TrainingSet>,
-    /// Scenes in each of those training sets (`toy scenes --n`).
+    /// Scenes in each of those training sets (`toy scenes --n`); a set generated with fewer (the
+    /// fourth run's 10,000 two-object scenes) is covered by its first scenes.
     #[arg(long, default_value_t = 20000)]
     pub train_n: usize,
     /// DDIM steps of each generated image.
@@ -96,7 +97,7 @@ pub struct ScenesArgs {
     #[arg(long, default_value_t = 3)]
     pub max_objects: usize,
     /// Share of training objects drawn with an unnamed two-colour look and captioned by class
-    /// alone ("a ball"); the shipped toy model's third run used 0.25. The looks of the
+    /// alone ("a ball"); the shipped toy model's third run used 0.25, its fourth 0.3. The looks of the
     /// personalization scenes never occur.
     #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
     pub unnamed_share: f32,
