@@ -52,7 +52,7 @@ class SdpaRecorder(bench_torch.Recorder):
         b, n, _ = hidden_states.shape
         if cross and n == 256:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
-        cross, q, k, v = self.projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = self.projections(attn, hidden_states, encoder_hidden_states)
         heads = attn.heads
         split = lambda x: x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # noqa: E731
         out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=attn.scale)

@@ -71,7 +71,7 @@ class Recorder:
 
     @staticmethod
     def projections(attn, hidden_states, encoder_hidden_states):
-        """(cross, q, k, v), the start token's K/V detached on cross-attention."""
+        """(q, k, v), the start token's K/V detached on cross-attention."""
         import torch
 
         cross = encoder_hidden_states is not None
@@ -83,13 +83,13 @@ class Recorder:
             s[:, :1] = 0
             k = s * k + (1 - s) * k.detach()
             v = s * v + (1 - s) * v.detach()
-        return cross, q, k, v
+        return q, k, v
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         import torch
 
-        b = hidden_states.shape[0]
-        cross, q, k, v = self.projections(attn, hidden_states, encoder_hidden_states)
+        cross, b = encoder_hidden_states is not None, hidden_states.shape[0]
+        q, k, v = self.projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)
         probs = attn.get_attention_scores(q, k, None)
         if cross and q.shape[1] == 256:
