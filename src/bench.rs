@@ -75,11 +75,13 @@ pub struct Target {
     pub device: Device,
     /// The frozen weights' dtype (trainable ones are f32).
     pub dtype: DType,
+    /// The training cases recompute the UNet blocks' activations in the backward pass.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for Target {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32 }
+        Self { device: Device::Cpu, dtype: DType::F32, gradient_checkpointing: false }
     }
 }
 
@@ -141,9 +143,13 @@ fn train_kv(cfg: &UNetConfig, batch: usize, side: usize, target: &Target) -> Res
     let cal = LossConfig::default();
     let concepts = vec![ConceptPositions { modifier: 4, class: 5 }, ConceptPositions { modifier: 7, class: 8 }];
     let dtype = target.dtype;
+    let opts = ForwardOptions {
+        probe: Some(AttentionProbe { resolutions: vec![16] }),
+        detach_start_token_kv: true,
+        gradient_checkpointing: target.gradient_checkpointing,
+    };
     Ok(Box::new(move || {
         let noisy = schedule.add_noise(&x0, &noise, &t)?.to_dtype(dtype)?;
-        let opts = ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![16] }), detach_start_token_kv: true };
         let out = unet.forward_with(&noisy, &t, &ctx, &opts)?;
         let diffusion = (out.sample.to_dtype(DType::F32)? - &noise)?.sqr()?.mean_all()?;
         let layers: Vec<_> = out.attention.iter().map(|a| (a.probs.clone(), a.height, a.width)).collect();
@@ -214,7 +220,7 @@ pub fn prepare_on(name: &str, target: &Target) -> Result<Case> {
             let ids = Tensor::from_vec(ids, (2, 77), &Device::Cpu)?;
             let mut rng = util::seeded_rng(3);
             let pixels = (util::randn(&mut rng, &[2, 3, side, side], &Device::Cpu)? * 0.5)?;
-            let cfg = LossConfig { attn_resolution: side / f, ..Default::default() };
+            let cfg = LossConfig { attn_resolution: side / f, gradient_checkpointing: target.gradient_checkpointing, ..Default::default() };
             Ok(Box::new(move || {
                 let post = model.sd.vae.encode(&pixels)?;
                 let eps = util::randn(&mut rng, post.mean.dims(), &Device::Cpu)?;

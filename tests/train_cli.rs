@@ -106,6 +106,34 @@ fn trains_kv_and_embeddings_and_resumes_exactly() {
     assert!(err.contains("was trained on the base model") && err.contains("sd1-tiny"), "{err}");
 }
 
+/// `--gradient-checkpointing` trains to the same weights (its gradients equal the plain ones to
+/// rounding: tests/train_step_parity.rs); DreamBooth, which trains the checkpointed blocks'
+/// weights, is refused before anything is written.
+#[test]
+fn gradient_checkpointing_trains_as_without() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, ckpt) = (tmp.path().join("plain"), tmp.path().join("ckpt"));
+    let (ok, err) = train(&plain, &["--max-train-steps", "2"]);
+    assert!(ok, "{err}");
+    let (ok, err) = train(&ckpt, &["--max-train-steps", "2", "--gradient-checkpointing"]);
+    assert!(ok, "{err}");
+    let base = tensors(&common::fixture("sd1-tiny/unet/diffusion_pytorch_model.safetensors"));
+    let (a, b) = (tensors(&plain.join("concepts.safetensors")), tensors(&ckpt.join("concepts.safetensors")));
+    assert_eq!(a.len(), b.len());
+    for (name, ta) in &a {
+        if let Some(w0) = base.get(name) {
+            // what training changed, with and without checkpointing
+            let (da, db) = ((ta - w0).unwrap(), (&b[name] - w0).unwrap());
+            let err = common::rel_err(&db, &da);
+            assert!(err <= 1e-3, "{name}: the checkpointed run's update differs, rel err {err}");
+        }
+    }
+    let db = tmp.path().join("db");
+    let (ok, err) = train(&db, &["--method", "dreambooth", "--max-train-steps", "1", "--gradient-checkpointing"]);
+    assert!(!ok && err.contains("--gradient-checkpointing") && err.contains("dreambooth"), "{err}");
+    assert!(!db.exists(), "a refused run wrote {}", db.display());
+}
+
 #[test]
 fn textual_inversion_trains_embeddings_only() {
     let tmp = tempfile::tempdir().unwrap();

@@ -33,7 +33,7 @@ fn load(folder: &str, dtype: DType, store_fn: impl FnOnce(WeightStore) -> Weight
 }
 
 fn probe16() -> ForwardOptions {
-    ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![16] }), detach_start_token_kv: false }
+    ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![16] }), ..Default::default() }
 }
 
 fn check(golden: &str, folder: &str) {

@@ -19,6 +19,10 @@ pub struct Args {
     /// Precision of the frozen weights: f32, f16 or bf16 (trainable ones stay f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// The training cases (unet-train-kv, sd15-train-kv) recompute the UNet blocks'
+    /// activations in the backward pass instead of keeping them (as `train --gradient-checkpointing`).
+    #[arg(long, alias = "gradient_checkpointing")]
+    pub gradient_checkpointing: bool,
     /// Print the SD1.5 GPU memory plan (estimated from the shapes) and exit.
     #[arg(long)]
     pub memory_plan: bool,
@@ -45,7 +49,7 @@ pub fn run(a: Args) -> Result<()> {
     let dtype = bench::parse_dtype(&a.dtype)?;
     if a.child {
         let [name] = a.cases.as_slice() else { bail!("--child takes exactly one --case") };
-        let target = bench::Target { device: bench::parse_device(&a.device)?, dtype };
+        let target = bench::Target { device: bench::parse_device(&a.device)?, dtype, gradient_checkpointing: a.gradient_checkpointing };
         let m = bench::measure_on(name, &target, a.warmup, a.runs)?;
         println!(
             "{}",
@@ -68,6 +72,7 @@ pub fn run(a: Args) -> Result<()> {
         let out = std::process::Command::new(&exe)
             .args(["bench", "--child", "--case", c, "--runs", &a.runs.to_string(), "--warmup", &a.warmup.to_string()])
             .args(["--device", &a.device, "--dtype", &a.dtype])
+            .args(a.gradient_checkpointing.then_some("--gradient-checkpointing"))
             .output()
             .with_context(|| format!("running case {c}"))?;
         if !out.status.success() {

@@ -98,6 +98,14 @@ pub struct Args {
     /// text encoder parameter (about 2 GB for SD1.5's), counted by the memory estimate.
     #[arg(long, alias = "train_text_encoder")]
     pub train_text_encoder: bool,
+    /// Recompute the UNet blocks' activations in the backward pass instead of keeping them
+    /// (diffusers' --gradient_checkpointing): less memory for about one more UNet forward
+    /// per step; the same gradients to rounding. The probed attention level is not
+    /// recomputed. For methods whose trained weights lie outside the blocks (disendiff,
+    /// custom-diffusion, textual-inversion: the cross-attention K/V are computed outside);
+    /// refused with dreambooth and the train-q ablation.
+    #[arg(long, alias = "gradient_checkpointing")]
+    pub gradient_checkpointing: bool,
     /// Turn off Custom Diffusion's scale/crop augmentation (dreambooth has none).
     #[arg(long, alias = "noaug")]
     pub no_augment: bool,
@@ -179,6 +187,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let mut preset = a.method.preset(&a.ablation)?;
     preset.set_train_text_encoder(a.train_text_encoder)?;
+    preset.set_gradient_checkpointing(a.gradient_checkpointing)?;
     if !a.template.contains("{}") {
         bail!("--template must contain {{}} where the caption goes, got {:?}", a.template);
     }
@@ -274,7 +283,8 @@ pub fn run(a: Args) -> Result<()> {
     let trainable_params = model.trainable_parameters(preset.train_embeddings);
     let state_dtype = a.adam_state_dtype.dtype();
     let state_bytes = 2 * state_dtype.size_in_bytes() as u64;
-    let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution, trainable_params, grad_accum, state_bytes };
+    let checkpointed = preset.loss.gradient_checkpointing;
+    let t = Training { resolution, batch: batch_size, attn_resolution: preset.loss.attn_resolution, trainable_params, grad_accum, state_bytes, checkpointed };
     eprintln!(
         "trainable: {trainable_params} parameters; their gradients and AdamW state take about {}",
         crate::model::memory::human(t.optimizer_state_bytes() + t.gradient_bytes())

@@ -23,8 +23,8 @@
 
 use super::attention_chunks::{by_query_blocks, rows_per_block};
 use super::ops;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
-use std::sync::Mutex;
+use super::precomputed::Precomputed;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// Softmax probabilities of `scale q k^T` for [B, H, N, d] / [B, H, M, d] tensors, [B, H, N, M]
 /// in f32 for f16/bf16 inputs and in the inputs' dtype otherwise (diffusers:
@@ -52,28 +52,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     let out = attend(&q.detach(), &k.detach(), &v.detach())?.contiguous()?;
     // The backward holds about four blocks of scores at once (P, dP, dS and a product), so it
     // takes a quarter of the forward's rows per block.
-    let op = Recomputed { scale, rows: (rows / 4).max(1), out: Mutex::new(Some(out)) };
+    let op = Recomputed { scale, rows: (rows / 4).max(1), out: Precomputed::new("attention-recompute", out) };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
-/// The attention output `out` (computed on detached inputs) attached to (q, k, v): the forward
+/// The attention output (computed on detached inputs) attached to (q, k, v): the forward
 /// returns it, the backward recomputes the probabilities block by block (module comment).
 struct Recomputed {
     scale: f64,
     /// Query rows per block in the backward pass.
     rows: usize,
-    /// Taken by the forward, so the op does not keep a second copy alive in the graph.
-    out: Mutex<Option<Tensor>>,
-}
-
-impl Recomputed {
-    fn take_out(&self) -> Result<Tensor> {
-        self.out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention-recompute: poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("attention-recompute: forward ran twice".into()))
-    }
+    out: Precomputed,
 }
 
 impl CustomOp3 for Recomputed {
@@ -82,12 +71,7 @@ impl CustomOp3 for Recomputed {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = self.take_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((ops::copy_storage(s, layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("attention-recompute: output not on the CPU"),
-        }
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -100,15 +84,7 @@ impl CustomOp3 for Recomputed {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = self.take_out()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) if layout.is_contiguous() && layout.start_offset() == 0 => {
-                Ok((s.try_clone(layout)?, layout.shape().clone()))
-            }
-            _ => candle_core::bail!("attention-recompute: output not a contiguous CUDA tensor"),
-        }
+        self.out.cuda()
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -173,7 +149,7 @@ mod tests {
                 let out = attention(&q, &k, &v, scale)?;
                 let out = match rows {
                     None => out,
-                    Some(rows) => q.apply_op3(&k, &v, Recomputed { scale, rows, out: Mutex::new(Some(out.detach())) })?,
+                    Some(rows) => q.apply_op3(&k, &v, Recomputed { scale, rows, out: Precomputed::new("attention-recompute", out.detach()) })?,
                 };
                 assert!(max_diff(&out, &reference) < tol, "{dtype:?} {rows:?}: values");
                 let g_ref = (reference * &w)?.sum_all()?.backward()?;

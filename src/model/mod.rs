@@ -4,6 +4,7 @@
 
 pub mod attention_chunks;
 pub mod attention_recompute;
+pub mod checkpoint;
 pub mod clip;
 pub mod clip_model;
 pub mod clip_preprocess;
@@ -13,6 +14,7 @@ pub mod kernels;
 pub mod memory;
 pub mod ops;
 pub mod pil_resize;
+mod precomputed;
 pub mod sd;
 pub mod single_file;
 pub mod tokenizer;

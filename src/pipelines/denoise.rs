@@ -140,7 +140,7 @@ impl Denoise<'_> {
             let ts = Tensor::new(vec![t as f32; input.dim(0)?], &sd.device)?;
             let probe = hooks.probe();
             let observing = probe.is_some();
-            let opts = ForwardOptions { probe, detach_start_token_kv: false };
+            let opts = ForwardOptions { probe, ..Default::default() };
             let result = sd.unet.forward_with(&input.to_dtype(sd.dtype)?, &ts, &self.prompt.context, &opts)?;
             if observing {
                 let cond: Vec<CapturedAttention> = result

@@ -303,7 +303,7 @@ fn class_map_ious(
     let ids = Tensor::new(sd.tokenizer.encode(text).ids, &sd.device)?.unsqueeze(0)?;
     let ctx = sd.text_encoder.forward(&ids)?;
     // every cross-attention layer (an empty resolution list captures them all)
-    let opts = ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![] }), detach_start_token_kv: false };
+    let opts = ForwardOptions { probe: Some(AttentionProbe { resolutions: vec![] }), ..Default::default() };
     let out = sd.unet.forward_with(&noisy.to_dtype(sd.dtype)?, &t, &ctx, &opts)?;
     let mut sides: Vec<usize> = out.attention.iter().map(|a| a.height.max(a.width)).collect();
     sides.sort_unstable_by(|a, b| b.cmp(a));

@@ -307,6 +307,21 @@ impl Preset {
         Ok(())
     }
 
+    /// Recomputes the UNet blocks' activations in the backward pass (`--gradient-checkpointing`).
+    /// The checkpointed blocks must be frozen, so methods that train weights inside them
+    /// (DreamBooth's whole UNet, the train-q ablation's queries) are refused.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) -> Result<()> {
+        if on && !matches!(self.unet_trainable, UNetTrainable::Nothing | UNetTrainable::CrossAttnKV) {
+            bail!(
+                "--gradient-checkpointing recomputes frozen UNet blocks; {} trains weights inside them \
+                 (it works with disendiff, custom-diffusion and textual-inversion)",
+                self.name()
+            );
+        }
+        self.loss.gradient_checkpointing = on;
+        Ok(())
+    }
+
     /// Overrides the attention weights: `attn` sets both (`--attn-weight`), then `bind` and
     /// `ss` each set one (`--bind-weight`, `--ss-weight`).
     pub fn set_loss_weights(&mut self, attn: Option<f64>, bind: Option<f64>, ss: Option<f64>) -> Result<()> {
@@ -378,6 +393,23 @@ mod tests {
         let p = Preset::parse("disendiff/no-ss+train-q").unwrap();
         assert!(!p.loss.calibration.separate && p.unet_trainable == UNetTrainable::CrossAttnQKV);
         assert_eq!(p.name(), "disendiff/no-ss+train-q");
+    }
+
+    /// Checkpointing is taken by the methods whose trained weights lie outside the blocks and
+    /// refused, with the reason, by those that train weights inside them.
+    #[test]
+    fn gradient_checkpointing_only_for_frozen_blocks() {
+        for name in ["disendiff", "custom-diffusion", "textual-inversion", "disendiff/no-ss"] {
+            let mut p = Preset::parse(name).unwrap();
+            p.set_gradient_checkpointing(true).unwrap();
+            assert!(p.loss.gradient_checkpointing, "{name}");
+        }
+        for name in ["dreambooth", "disendiff/train-q"] {
+            let mut p = Preset::parse(name).unwrap();
+            let err = p.set_gradient_checkpointing(true).unwrap_err().to_string();
+            assert!(err.contains("--gradient-checkpointing") && err.contains(name) && !p.loss.gradient_checkpointing, "{err}");
+            p.set_gradient_checkpointing(false).unwrap();
+        }
     }
 
     #[test]

@@ -131,7 +131,7 @@ mod tests {
         assert_eq!(te, 1_600_672);
         assert_eq!(m.trainable_parameters(true), unet + te + rows);
         // the estimate's optimiser state and gradients grow by the text encoder's share
-        let t = |n| crate::model::memory::Training { resolution: 64, batch: 2, attn_resolution: 8, trainable_params: n, grad_accum: 1, state_bytes: 8 };
+        let t = |n| crate::model::memory::Training { resolution: 64, batch: 2, attn_resolution: 8, trainable_params: n, grad_accum: 1, state_bytes: 8, checkpointed: false };
         let (with, without) = (t(m.trainable_parameters(true)), t(unet + rows));
         assert_eq!(with.optimizer_state_bytes() + with.gradient_bytes() - without.optimizer_state_bytes() - without.gradient_bytes(), 12 * te);
         m.train_text_encoder().unwrap();

@@ -51,6 +51,10 @@ pub struct LossConfig {
     /// `attn_resolution`.
     pub all_scales: bool,
     pub masks: GradientMasks,
+    /// Recompute the UNet blocks' activations in the backward pass (`--gradient-checkpointing`;
+    /// frozen blocks only, see [`crate::model::unet::ForwardOptions`]). The gradients are the
+    /// same to rounding.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for LossConfig {
@@ -63,6 +67,7 @@ impl Default for LossConfig {
             attn_resolution: 16,
             all_scales: false,
             masks: GradientMasks::default(),
+            gradient_checkpointing: false,
         }
     }
 }
@@ -128,7 +133,7 @@ pub fn forward_losses(model: &Personalized, noise_schedule: &NoiseSchedule, batc
     let target = noise_schedule.training_target(&batch.x0, &batch.noise, &batch.timesteps)?;
     let use_attention = cfg.uses_attention() && batch.targets.iter().any(|t| t.is_some());
     let probe = use_attention.then(|| AttentionProbe { resolutions: if cfg.all_scales { vec![] } else { vec![cfg.attn_resolution] } });
-    let opts = ForwardOptions { probe, detach_start_token_kv: cfg.masks.detach_start_token_kv };
+    let opts = ForwardOptions { probe, detach_start_token_kv: cfg.masks.detach_start_token_kv, gradient_checkpointing: cfg.gradient_checkpointing };
     let out = model.sd.unet.forward_with(&noisy.to_dtype(model.sd.dtype)?, &batch.timesteps, &context, &opts)?;
     let pred = out.sample.to_dtype(DType::F32)?;
 

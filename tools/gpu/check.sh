@@ -17,7 +17,7 @@
 #    SD1.5 UNet config, random weights, batch 2, 64x64 latents), f32 and bf16 mixed precision;
 #    each side's GPU memory peak read through NVML (tools/gpu/gpumem.py);
 # 3. a 250-step DisenDiff run on SD1.5, extrapolated from 20 steps (setup + 250 x median step;
-#    f32 from 20 timed steps, bf16 from 10);
+#    f32 from 20 timed steps, bf16 from 10; bf16 again with gradient checkpointing, "bf16-gc");
 # and prints a short table last. Results (JSON lines, logs) go to $OUT when set, else .gpu/out.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -73,21 +73,23 @@ python3 -c 'import diffusers; print("diffusers", diffusers.__version__)' || exit
 
 say "2. benchmarks (each case in its own process; GPU peak from NVML)"
 rows=()
-bench() {  # case dtype runs warmup
-    local c=$1 d=$2 n=$3 w=$4
-    timeout 200 python3 tools/gpu/gpumem.py "$out/rust.$c.$d.json" -- \
-        "$bin/disendiff" bench --child --case "$c" --device cuda --dtype "$d" --runs "$n" --warmup "$w" > /dev/null \
-        || { echo "rust $c $d failed"; fail=1; }
-    timeout 200 python3 tools/gpu/gpumem.py "$out/torch.$c.$d.json" -- \
-        python3 tools/gpu/torch_side.py --case "$c" --dtype "$d" --runs "$n" --warmup "$w" > /dev/null \
-        || { echo "torch $c $d failed"; fail=1; }
-    rows+=("$c $d")
-    say "$c $d done"
+bench() {  # case dtype runs warmup [gc: both sides with gradient checkpointing]
+    local c=$1 d=$2 n=$3 w=$4 tag=$2 flags=()
+    if [[ ${5:-} == gc ]]; then tag=$d-gc; flags=(--gradient-checkpointing); fi
+    timeout 200 python3 tools/gpu/gpumem.py "$out/rust.$c.$tag.json" -- \
+        "$bin/disendiff" bench --child --case "$c" --device cuda --dtype "$d" --runs "$n" --warmup "$w" "${flags[@]}" > /dev/null \
+        || { echo "rust $c $tag failed"; fail=1; }
+    timeout 200 python3 tools/gpu/gpumem.py "$out/torch.$c.$tag.json" -- \
+        python3 tools/gpu/torch_side.py --case "$c" --dtype "$d" --runs "$n" --warmup "$w" "${flags[@]}" > /dev/null \
+        || { echo "torch $c $tag failed"; fail=1; }
+    rows+=("$c $tag")
+    say "$c $tag done"
 }
 bench unet-fwd f32 10 3
 bench unet-train-kv f32 10 3
 bench sd15-train-kv f32 20 2
 bench sd15-train-kv bf16 10 1
+bench sd15-train-kv bf16 10 1 gc
 cat "$out"/rust.*.json "$out"/torch.*.json > "$out/bench.jsonl" 2>/dev/null
 
 say "done in $(( $(date +%s) - t0 )) s"
@@ -108,7 +110,7 @@ for row in rows:
     print(f"| {c} | {d} | {f(r, 'median_s', '.4f')} | {f(t, 'median_s', '.4f')} | {ratio('median_s')} "
           f"| {f(r, 'gpu_peak_mb', '.0f')} | {f(t, 'gpu_peak_mb', '.0f')} | {ratio('gpu_peak_mb')} |")
 print("\n250-step DisenDiff run on SD1.5 (2 images at 512 px a step): setup + 250 x median step (f32: of 20 steps, bf16: of 10)")
-for d in ("f32", "bf16"):
+for d in ("f32", "bf16", "bf16-gc"):
     for side in ("rust", "torch"):
         x = load(side, "sd15-train-kv", d)
         if x:

@@ -68,7 +68,7 @@ SD15 = dict(sample_size=64, in_channels=4, out_channels=4,
             block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
 
 
-def prepare(name, dtype, dev, attention="sdpa"):
+def prepare(name, dtype, dev, attention="sdpa", checkpointing=False):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -88,6 +88,8 @@ def prepare(name, dtype, dev, attention="sdpa"):
                 unet(x.to(low), t, encoder_hidden_states=ctx)
         return run
     unet.train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()  # diffusers' --gradient_checkpointing (every block)
     store = []
     unet.set_attn_processor(SdpaRecorder(store) if attention == "sdpa" else bench_torch.Recorder(store))
     params = []
@@ -124,13 +126,15 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "classic"],
                     help="sdpa: no probabilities kept except the probe's (as disendiff); classic: all kept")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="training cases: diffusers' enable_gradient_checkpointing()")
     a = ap.parse_args()
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.backends.cuda.matmul.allow_tf32 = False  # full f32, as candle's cuBLAS calls
     torch.backends.cudnn.allow_tf32 = False
     start = time.perf_counter()
-    run = prepare(a.case, a.dtype, dev, a.attention)
+    run = prepare(a.case, a.dtype, dev, a.attention, a.gradient_checkpointing)
     sync()
     setup = time.perf_counter() - start
     for _ in range(a.warmup):
@@ -143,7 +147,8 @@ def main():
         sync()
         times.append(time.perf_counter() - start)
     cuda = dev.type == "cuda"
-    print(json.dumps({"name": a.case, "dtype": a.dtype, "device": a.device, "attention": a.attention, "median_s": sorted(times)[len(times) // 2],
+    print(json.dumps({"name": a.case, "dtype": a.dtype, "device": a.device, "attention": a.attention,
+                      "gradient_checkpointing": a.gradient_checkpointing, "median_s": sorted(times)[len(times) // 2],
                       "times_s": times, "setup_s": setup,
                       "torch_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                       "torch_max_reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if cuda else None}))

@@ -21,7 +21,8 @@ pub struct GpuSavings {
     /// maps (read by the DisenDiff losses) are kept.
     pub no_full_probabilities: bool,
     /// Gradient checkpointing of the UNet's resnets and transformers: only each block's input
-    /// is kept and one block at a time is recomputed during the backward.
+    /// is kept and one block at a time is recomputed during the backward; the probed level's
+    /// transformers are kept in full, as `model::checkpoint`'s caller in the UNet does.
     pub checkpointing: bool,
 }
 
@@ -89,13 +90,15 @@ impl GpuPlan {
                 (_, false, false) => "earlier `train` on CUDA (before `attention_recompute`)",
                 (false, true, false) => "`train` on CUDA (`attention_recompute`)",
                 (true, true, false) => "`train --dtype bf16` on CUDA (`attention_recompute`)",
+                (false, true, true) => "`train --gradient-checkpointing` on CUDA",
+                (true, true, true) => "`train --dtype bf16 --gradient-checkpointing` on CUDA",
                 _ => "not implemented",
             };
             let theirs = match (s.mixed_precision, s.no_full_probabilities, s.checkpointing) {
                 (false, false, false) => "classic AttnProcessor on every layer, f32",
                 (true, false, false) => "`--mixed_precision bf16`, classic AttnProcessor on every layer",
                 (_, true, false) => "SDPA (AttnProcessor2_0) except the probed cross-attention",
-                (_, true, true) => "the same + `--gradient_checkpointing`",
+                (_, true, true) => "the same + `--gradient_checkpointing` (recomputes the probed blocks too: a little less kept)",
                 _ => "",
             };
             out += &format!(
@@ -119,7 +122,7 @@ pub fn sd15_gpu_training_plan() -> Result<GpuPlan> {
     let unet_params = unet_parameters(&unet)?;
     let s = Shapes::from_configs(&unet, &VaeConfig::default(), 77, DType::F32, false)?;
     // the plan counts its own trainable K/V and their state (gpu_training_row)
-    let t = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 0, grad_accum: 1, state_bytes: 8 };
+    let t = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 0, grad_accum: 1, state_bytes: 8, checkpointed: false };
     let combos = [(false, false, false), (true, false, false), (true, true, false), (true, true, true), (false, true, false), (false, true, true)];
     let mut rows = Vec::new();
     for (mixed_precision, no_full_probabilities, checkpointing) in combos {
@@ -246,8 +249,10 @@ fn gpu_training_row(s: &Shapes, t: &Training, ctx_dim: u64, unet_params: u64, sv
         let probs_per_transformer = if sv.no_full_probabilities { probe_probs } else { full_probs };
         kv_params += transformers * 2 * ctx_dim * c;
         if sv.checkpointing {
-            // block inputs (the up path's resnets read the skip too) and the probe's maps
-            kept += resnets * 2 * c * p * e * b + transformers * (c * p * e * b + probe_probs);
+            // block inputs (the up path's resnets read the skip too); the probed level's
+            // transformers are not recomputed (their maps feed the losses): kept in full
+            let per_transformer = if p == probed { transformer_kept + probs_per_transformer } else { c * p * e * b };
+            kept += resnets * 2 * c * p * e * b + transformers * per_transformer;
             probabilities += transformers * probe_probs;
             let block = (transformer_kept + probs_per_transformer).max(resnet_kept);
             largest_block = largest_block.max(if transformers > 0 { block } else { resnet_kept });

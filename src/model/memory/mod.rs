@@ -16,7 +16,9 @@
 //! - the UNet's skip connections, alive through the up path: (layers + 1) C P per level;
 //! - training keeps the activations of the whole forward for the backward: the sum over
 //!   levels instead of the largest, three tensors per layer (norm, activation, output), with
-//!   the attention probabilities of the probed level kept in full;
+//!   the attention probabilities of the probed level kept in full; with gradient
+//!   checkpointing only each block's input (a resnet's, and a transformer's with its output)
+//!   outside the probed level;
 //! - training also holds, per trainable parameter (f32; the weights themselves are loaded, so
 //!   part of the model's measured memory), AdamW's m and v through every stage (8 bytes) and
 //!   the gradient during the backward (4 bytes, 8 with gradient accumulation's running sum):
@@ -89,6 +91,8 @@ pub struct Training {
     pub grad_accum: usize,
     /// Bytes of AdamW state per trainable parameter: 8 (m and v in f32) or 4 (in bf16).
     pub state_bytes: u64,
+    /// Gradient checkpointing: the unprobed levels keep only their blocks' inputs.
+    pub checkpointed: bool,
 }
 
 impl Training {
@@ -261,9 +265,14 @@ pub fn training(s: &Shapes, t: &Training) -> Result<Estimate> {
         // down and up path: 2 layers + 1 per level each way, three tensors a layer, plus the
         // transformer's 17C per layer where there is one
         let layers = 2 * s.unet_layers[l] + 1;
-        let per_layer = 3 * c + if s.unet_attention[l] { 17 * c } else { 0 };
-        kept = kept.saturating_add(layers.saturating_mul(per_layer).saturating_mul(p));
         let probed = (t.attn_resolution as u64).pow(2);
+        // checkpointed, a level's resnets and (unprobed) transformers keep their inputs only;
+        // one block's activations at a time are recomputed, within the forward's stage term
+        let per_layer = match (t.checkpointed, s.unet_attention[l]) {
+            (true, attn) if !(attn && p == probed) => if attn { 2 * c } else { c },
+            (_, attn) => 3 * c + if attn { 17 * c } else { 0 },
+        };
+        kept = kept.saturating_add(layers.saturating_mul(per_layer).saturating_mul(p));
         if s.unet_attention[l] && p == probed {
             // the probe keeps these probabilities (f32) for the losses and the backward
             kept = kept.saturating_add(layers * s.unet_heads[l] * p * s.context_len * 4 / s.e.max(1));
@@ -378,10 +387,10 @@ mod tests {
                     assert!(tiled.stages[1].bytes < whole.stages[1].bytes);
                 }
             }
-            let t = training(&s, &Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 0, grad_accum: 1, state_bytes: 8 }).unwrap();
+            let t = training(&s, &Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 0, grad_accum: 1, state_bytes: 8, checkpointed: false }).unwrap();
             println!("{what} training 512px batch 2: {}", human(t.activations()));
             // DreamBooth: every UNet weight (859.52M in SD1.5) trains.
-            let db = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: SD15_UNET_PARAMS, grad_accum: 1, state_bytes: 8 };
+            let db = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: SD15_UNET_PARAMS, grad_accum: 1, state_bytes: 8, checkpointed: false };
             let e = training(&s, &db).unwrap();
             assert_eq!(e.stages[0].bytes - t.stages[0].bytes, 8 * SD15_UNET_PARAMS);
             assert_eq!(e.stages[1].bytes - t.stages[1].bytes, 12 * SD15_UNET_PARAMS);
@@ -395,7 +404,7 @@ mod tests {
             assert_eq!(te.stages[1].bytes - e.stages[1].bytes, 12 * SD15_TEXT_ENCODER_PARAMS);
             println!("{what} DreamBooth --train-text-encoder 512px batch 2: {} beyond the weights", human(te.activations()));
         }
-        let acc = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 10, grad_accum: 4, state_bytes: 8 };
+        let acc = Training { resolution: 512, batch: 2, attn_resolution: 16, trainable_params: 10, grad_accum: 4, state_bytes: 8, checkpointed: false };
         assert_eq!((acc.optimizer_state_bytes(), acc.gradient_bytes()), (80, 80));
         let s = sd15(DType::F32, true);
         let d = |side: u64| s.vae_decode((side / 8) * (side / 8));

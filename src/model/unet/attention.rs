@@ -6,6 +6,7 @@
 
 use super::{CapturedAttention, ForwardOptions};
 use crate::model::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::model::checkpoint::checkpoint;
 use crate::model::{attention_recompute, ops};
 use crate::model::weights::Vb;
 use candle_core::{DType, Module, Result, Tensor};
@@ -79,29 +80,41 @@ impl Attention {
     pub(crate) fn forward(
         &self, x: &Tensor, context: Option<&Tensor>, hw: (usize, usize), residual: &Tensor, cx: &mut RunCtx,
     ) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
         let kv_in = if self.is_cross { context.unwrap_or(x) } else { x };
-        let q = self.to_q.forward(x)?;
+        let (k, v) = self.key_value(kv_in, cx.opts)?;
+        self.attend(x, &k, &v, hw, residual, cx)
+    }
+
+    /// The keys and values [B, M, heads*d] of `kv_in` (the context for cross-attention), with
+    /// the start token's rows detached in cross-attention when the options say so.
+    pub(crate) fn key_value(&self, kv_in: &Tensor, opts: &ForwardOptions) -> Result<(Tensor, Tensor)> {
         let mut k = self.to_k.forward(kv_in)?;
         let mut v = self.to_v.forward(kv_in)?;
-        if self.is_cross && cx.opts.detach_start_token_kv {
+        if self.is_cross && opts.detach_start_token_kv {
             k = detach_first_token(&k)?;
             v = detach_first_token(&v)?;
         }
+        Ok((k, v))
+    }
+
+    /// Attention of `x`'s queries over the keys `k` and values `v`, projected out, plus `residual`.
+    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, hw: (usize, usize), residual: &Tensor, cx: &mut RunCtx) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let q = self.to_q.forward(x)?;
         let captured = self.is_cross && cx.wants(hw.0, hw.1);
-        if ops::attention_kernels_apply(&[&q, &k, &v]) {
+        if ops::attention_kernels_apply(&[&q, k, v]) {
             // heads split, attended and merged inside the kernels (differentiable in training)
             let out = if captured {
-                let probs = ops::attention_probs(&q, &k, self.heads, self.scale)?;
+                let probs = ops::attention_probs(&q, k, self.heads, self.scale)?;
                 cx.captured.push(CapturedAttention { layer: self.name.clone(), height: hw.0, width: hw.1, probs: probs.clone() });
-                ops::attention_apply(&probs, &v, self.heads)?
+                ops::attention_apply(&probs, v, self.heads)?
             } else {
-                ops::attention(&q, &k, &v, self.heads, self.scale)?
+                ops::attention(&q, k, v, self.heads, self.scale)?
                     .ok_or_else(|| candle_core::Error::Msg("attention kernels refused f32 CPU tensors".into()))?
             };
             return self.to_out.forward_residual(&out, residual);
         }
-        let (mut q, mut k, v) = (self.split_heads(&q)?, self.split_heads(&k)?, self.split_heads(&v)?);
+        let (mut q, mut k, v) = (self.split_heads(&q)?, self.split_heads(k)?, self.split_heads(v)?);
         if self.upcast_attention {
             q = q.to_dtype(DType::F32)?;
             k = k.to_dtype(DType::F32)?;
@@ -182,9 +195,11 @@ impl BasicTransformerBlock {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor, hw: (usize, usize), cx: &mut RunCtx) -> Result<Tensor> {
+    /// The block with its cross-attention's keys and values `k`, `v` already computed
+    /// ([`Attention::key_value`] of the context).
+    fn forward_with_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, hw: (usize, usize), cx: &mut RunCtx) -> Result<Tensor> {
         let x = self.attn1.forward(&self.norm1.forward(x)?, None, hw, x, cx)?;
-        let x = self.attn2.forward(&self.norm2.forward(&x)?, Some(context), hw, &x, cx)?;
+        let x = self.attn2.attend(&self.norm2.forward(&x)?, k, v, hw, &x, cx)?;
         self.ff.forward_residual(&self.norm3.forward(&x)?, &x)
     }
 }
@@ -242,6 +257,33 @@ impl Transformer2DModel {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, context: &Tensor, cx: &mut RunCtx) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        // Every block's cross-attention keys and values, computed here, in the graph: they are
+        // what the text side (new embeddings, trainable K/V) contributes to this transformer.
+        let mut kv = Vec::with_capacity(2 * self.transformer_blocks.len());
+        for blk in &self.transformer_blocks {
+            let (k, v) = blk.attn2.key_value(context, cx.opts)?;
+            kv.extend([k, v]);
+        }
+        // A probed transformer keeps its attention maps in the graph, so it is never recomputed.
+        if !(cx.opts.gradient_checkpointing && !cx.wants(h, w) && (x.track_op() || kv.iter().any(|t| t.track_op()))) {
+            return self.forward_with_kv(x, &kv, cx);
+        }
+        let kv = Tensor::cat(&kv, 2)?;
+        let this = self.clone();
+        checkpoint(
+            &[x, &kv],
+            Box::new(move |xs: &[Tensor]| {
+                let inner = this.transformer_blocks[0].attn2.heads * this.transformer_blocks[0].attn2.head_dim;
+                let kv = (0..2 * this.transformer_blocks.len()).map(|i| xs[1].narrow(2, i * inner, inner)?.contiguous()).collect::<Result<Vec<_>>>()?;
+                let opts = ForwardOptions::default();
+                this.forward_with_kv(&xs[0], &kv, &mut RunCtx { opts: &opts, captured: Vec::new() })
+            }),
+        )
+    }
+
+    /// The transformer given its blocks' cross-attention keys and values (k0, v0, k1, v1, ...).
+    fn forward_with_kv(&self, x: &Tensor, kv: &[Tensor], cx: &mut RunCtx) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let to_seq = |t: &Tensor| -> Result<Tensor> {
             let c = t.dim(1)?;
@@ -256,8 +298,8 @@ impl Transformer2DModel {
             Proj::Conv(c) => to_seq(&c.forward(&hn)?)?,
             Proj::Linear(l) => l.forward(&to_seq(&hn)?)?,
         };
-        for blk in &self.transformer_blocks {
-            s = blk.forward(&s, context, (h, w), cx)?;
+        for (i, blk) in self.transformer_blocks.iter().enumerate() {
+            s = blk.forward_with_kv(&s, &kv[2 * i], &kv[2 * i + 1], (h, w), cx)?;
         }
         match &self.proj_out {
             Proj::Conv(c) => c.forward_accumulate(&to_grid(&s)?, None, Some(x)),

@@ -47,7 +47,7 @@ impl DownBlock {
         let mut h = x.clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, temb)?;
+            h = resnet.forward_checkpointed(&h, temb, cx.opts.gradient_checkpointing)?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context, cx)?;
             }
@@ -78,10 +78,10 @@ impl MidBlock {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, cx: &mut RunCtx) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(x, temb)?;
+        let mut h = self.resnets[0].forward_checkpointed(x, temb, cx.opts.gradient_checkpointing)?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             h = attn.forward(&h, context, cx)?;
-            h = resnet.forward(&h, temb)?;
+            h = resnet.forward_checkpointed(&h, temb, cx.opts.gradient_checkpointing)?;
         }
         Ok(h)
     }
@@ -124,7 +124,7 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
-            h = resnet.forward(&Tensor::cat(&[&h, skip], 1)?, temb)?;
+            h = resnet.forward_checkpointed(&Tensor::cat(&[&h, skip], 1)?, temb, cx.opts.gradient_checkpointing)?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context, cx)?;
             }

@@ -36,6 +36,12 @@ pub struct ForwardOptions {
     /// Detach the key and value rows of token 0 in every cross-attention (Custom Diffusion's
     /// mask: the start token gives W_K/W_V no gradient). Forward values are unchanged.
     pub detach_start_token_kv: bool,
+    /// Recompute the resnets' and the unprobed transformers' activations in the backward pass
+    /// instead of keeping them (diffusers' `--gradient_checkpointing`; `model::checkpoint`).
+    /// Every weight inside those blocks must be frozen: the cross-attention keys and values
+    /// are computed outside them, so K/V training and new embeddings work; DreamBooth's
+    /// whole-UNet training is refused. Forward values are unchanged.
+    pub gradient_checkpointing: bool,
 }
 
 /// One captured cross-attention map.

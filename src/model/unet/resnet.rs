@@ -1,6 +1,7 @@
 //! diffusers' `ResnetBlock2D` (time_embedding_norm "default", SiLU), `Downsample2D` and
 //! `Upsample2D` (both with a 3x3 conv), as used by `UNet2DConditionModel`.
 
+use crate::model::checkpoint::checkpoint;
 use crate::model::nn::{Conv2d, GroupNorm, Linear};
 use crate::model::ops;
 use crate::model::weights::Vb;
@@ -58,6 +59,17 @@ impl ResnetBlock2D {
         } else {
             out.affine(1.0 / self.output_scale_factor, 0.0)
         }
+    }
+
+    /// [`Self::forward`], its activations recomputed in the backward pass when `checkpointed`
+    /// and `x` is in an autograd graph (`model::checkpoint`; the block's weights and `temb`
+    /// must then be frozen).
+    pub fn forward_checkpointed(&self, x: &Tensor, temb: &Tensor, checkpointed: bool) -> Result<Tensor> {
+        if !(checkpointed && x.track_op()) {
+            return self.forward(x, temb);
+        }
+        let (this, temb) = (self.clone(), temb.clone());
+        checkpoint(&[x], Box::new(move |xs: &[Tensor]| this.forward(&xs[0], &temb)))
     }
 }
 
