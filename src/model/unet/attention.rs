@@ -2,7 +2,10 @@
 //! self-attention `attn1`, cross-attention `attn2`, GEGLU feed-forward) and `Attention`.
 //!
 //! Cross-attention probabilities can be captured with gradients (the attention probe), and the
-//! key/value rows of the start token can be detached (Custom Diffusion's gradient mask).
+//! key/value rows of the start token can be detached (Custom Diffusion's gradient mask). Each
+//! transformer computes its cross-attention keys and values from the context before its blocks
+//! run, so that under gradient checkpointing (`model::checkpoint`) the trainable K/V weights and
+//! the new embeddings sit outside the recomputed part.
 
 use super::{CapturedAttention, ForwardOptions};
 use crate::model::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
