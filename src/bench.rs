@@ -85,18 +85,7 @@ impl Default for Target {
     }
 }
 
-/// `cpu`, `cuda` or `cuda:N` (the latter need a build with `--features cuda`).
-pub fn parse_device(name: &str) -> Result<Device> {
-    let n = match name {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => n,
-            _ => bail!("unknown device {d:?} (cpu, cuda, cuda:N)"),
-        },
-    };
-    Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot use {name}: {e} (was disendiff built with --features cuda?)"))
-}
+pub use crate::util::parse_device;
 
 /// `f32`, `f16` or `bf16`.
 pub fn parse_dtype(name: &str) -> Result<DType> {

@@ -1,10 +1,29 @@
-//! Small utilities: seeded noise, image files, atomic writes.
+//! Small utilities: the device by name, seeded noise, image files, atomic writes.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use std::path::Path;
+
+/// `cpu`, `cuda` or `cuda:N`; a GPU needs a build with `--features cuda` and, at run time, the
+/// NVIDIA driver's `libcuda.so.1` (tools/cuda/README.md).
+pub fn parse_device(name: &str) -> Result<Device> {
+    let n = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("unknown device {d:?} (cpu, cuda, cuda:N)"),
+        },
+    };
+    let hint = if cfg!(feature = "cuda") {
+        "is an NVIDIA driver for CUDA >= 13.0 installed, and GPU N present?"
+    } else {
+        "this build has no GPU support: build it with --features cuda (tools/cuda/build.sh)"
+    };
+    Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot use {name}: {e} ({hint})"))
+}
 
 /// Standard normal noise from a seeded generator (deterministic on every device).
 pub fn randn(rng: &mut rand::rngs::StdRng, shape: &[usize], device: &Device) -> Result<Tensor> {

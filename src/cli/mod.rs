@@ -18,7 +18,7 @@ mod validate;
 
 use crate::patch::{LoraSpec, PatchedModel, TrainedBase};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -148,18 +148,7 @@ impl ModelArgs {
             Precision::F16 => DType::F16,
             Precision::Bf16 => DType::BF16,
         };
-        let device = match self.device.as_str() {
-            "cpu" => Device::Cpu,
-            d if d.starts_with("cuda") => {
-                let n = match d.strip_prefix("cuda:") {
-                    Some(n) => n.parse::<usize>().map_err(|_| anyhow::anyhow!("--device {d}: expected cuda:N with N a GPU index"))?,
-                    None if d == "cuda" => 0,
-                    None => bail!("unknown --device {d:?} (cpu, cuda, cuda:N)"),
-                };
-                Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot use {d}: {e} (was disendiff built with --features cuda?)"))?
-            }
-            other => bail!("unknown --device {other:?} (cpu, cuda, cuda:N)"),
-        };
+        let device = crate::util::parse_device(&self.device)?;
         if !self.model.is_file() && (self.config.is_some() || self.prediction_type.is_some() || self.ema) {
             bail!("--config, --prediction-type and --ema apply to a single-file --model (FILE.safetensors / FILE.ckpt), not to the folder {}", self.model.display());
         }

@@ -10,6 +10,7 @@
 use super::buffers::{contiguous_f32, output_buffer, with_f32};
 use super::gradients::softmax_grad_rows_dispatch;
 use super::simd::{exp_row_in_place, has_avx2_fma, SendPtr, PARALLEL_MIN};
+use super::small_heads::{self, HeadBlock};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Query rows per work item of [`attention`].
@@ -119,19 +120,56 @@ fn grad_tensor(g: Option<Vec<f32>>, like: &Tensor) -> Result<Option<Tensor>> {
     g.map(|g| Tensor::from_vec(g, like.shape(), like.device())).transpose()
 }
 
-/// [`attention`] on the raw data.
+/// How [`attention_blocks_on`] computes the attention.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum BlockPath {
+    /// Scores and values products through gemm, the exponentials as a pass between them.
+    Gemm,
+    /// [`small_heads`] (d, dv <= 16, AVX-512).
+    SmallHeads,
+}
+
+/// [`attention`] on the raw data: small heads in registers where the CPU has AVX-512, else
+/// through gemm.
 fn attention_blocks(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f32) -> Vec<f32> {
+    let small = a.d <= small_heads::MAX_HEAD && a.dv <= small_heads::MAX_HEAD && small_heads::available();
+    attention_blocks_on(qd, kd, vd, a, scale, if small { BlockPath::SmallHeads } else { BlockPath::Gemm })
+}
+
+/// [`attention_blocks`] by the given path.
+fn attention_blocks_on(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f32, path: BlockPath) -> Vec<f32> {
     let AttnDims { b, heads, n, m, d, dv } = a;
     let (qc, vc) = (heads * d, heads * dv);
     let mut out = output_buffer(b * n * vc);
     let dst = SendPtr(out.as_mut_ptr());
-    let blocks = n.div_ceil(ATTN_BLOCK);
+    let block = if path == BlockPath::SmallHeads { small_heads::BLOCK } else { ATTN_BLOCK };
+    let blocks = n.div_ceil(block);
     let fma = has_avx2_fma();
     let item = move |it: usize| {
         let dst = dst;
-        let (bh, r0) = (it / blocks, (it % blocks) * ATTN_BLOCK);
+        let (bh, r0) = (it / blocks, (it % blocks) * block);
         let (bi, h) = (bh / heads, bh % heads);
-        let rows = ATTN_BLOCK.min(n - r0);
+        let rows = block.min(n - r0);
+        if path == BlockPath::SmallHeads {
+            let blk = HeadBlock {
+                q: qd[(bi * n + r0) * qc + h * d..].as_ptr(),
+                q_rs: qc,
+                k: kd[bi * m * qc + h * d..].as_ptr(),
+                k_rs: qc,
+                v: vd[bi * m * vc + h * dv..].as_ptr(),
+                v_rs: vc,
+                out: unsafe { dst.0.add((bi * n + r0) * vc + h * dv) },
+                out_rs: vc,
+                rows,
+                m,
+                d,
+                dv,
+                scale,
+            };
+            // SAFETY: as below; this path is only chosen where `small_heads::available`.
+            unsafe { small_heads::run(&blk, &mut Vec::new()) };
+            return;
+        }
         let mut probs = output_buffer(rows * m);
         let mut inv_sums = [0f32; ATTN_BLOCK];
         let qp = &qd[(bi * n + r0) * qc + h * d..];
@@ -501,6 +539,43 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err < 2e-6, "{:?}: max error {err}", (b, heads, n, m, d, dv));
+        }
+        Ok(())
+    }
+
+    /// The small-head path (where the CPU has AVX-512) and the gemm path against candle's
+    /// explicit computation, for head dims below, at and between 8 and 16, key counts around
+    /// the 16-lane chunks (1, 9, 16, 17, 33, 77, 256) and query counts across both paths'
+    /// blocks (64 and 256 rows).
+    #[test]
+    fn small_head_path_matches_gemm_path() -> Result<()> {
+        use candle_core::Device;
+        let dev = Device::Cpu;
+        if !small_heads::available() {
+            eprintln!("small_head_path_matches_gemm_path: no AVX-512 on this CPU, so the path is never taken here; checking the gemm path only");
+        }
+        let paths: Vec<BlockPath> = small_heads::available().then_some(BlockPath::SmallHeads).into_iter().collect();
+        for (b, heads, n, m, d, dv) in [
+            (2, 8, 256, 256, 8, 8), (2, 8, 64, 77, 16, 16), (1, 3, 65, 9, 5, 3), (1, 2, 1, 1, 1, 1), (2, 1, 17, 16, 9, 16),
+            (1, 4, 130, 17, 16, 8), (1, 2, 7, 33, 12, 15), (1, 2, 300, 77, 8, 8),
+        ] {
+            let q = Tensor::randn(0f32, 2.0, (b, n, heads * d), &dev)?;
+            let k = Tensor::randn(0f32, 2.0, (b, m, heads * d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, m, heads * dv), &dev)?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let (_, want) = explicit_attention(&q, &k, &v, heads, scale)?;
+            let dims = AttnDims::of(q.shape(), k.shape(), v.shape(), heads)?;
+            let run = |path| -> Result<Tensor> {
+                let out = with_f32(&q, |qd| with_f32(&k, |kd| with_f32(&v, |vd| Ok(attention_blocks_on(qd, kd, vd, dims, scale as f32, path)))))?;
+                Tensor::from_vec(out, want.shape(), &dev)
+            };
+            let tol = 2e-6 * want.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+            let gemm_err = (run(BlockPath::Gemm)? - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(gemm_err < tol, "gemm path {:?}: {gemm_err}", (b, heads, n, m, d, dv));
+            for &path in &paths {
+                let err = (run(path)? - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < tol, "{path:?} {:?}: max error {err} (tolerance {tol})", (b, heads, n, m, d, dv));
+            }
         }
         Ok(())
     }

@@ -16,6 +16,7 @@
 //! - `products`: matrix products as row blocks on candle's pool (linear, its backward), and
 //!   what their outputs start from (bias, residual);
 //! - `attention`: attention fused per query block without materialising the probabilities;
+//!   `small_heads`: its blocks for head dims of at most 16, in vector registers (AVX-512);
 //! - `conv`: convolution as im2col + one product per image;
 //! - `switch`: `DISENDIFF_KERNELS=off` turns all of them off ([`enabled`]).
 //!
@@ -39,4 +40,5 @@ mod gradients;
 mod layer_norm;
 mod products;
 mod simd;
+mod small_heads;
 mod switch;
