@@ -165,7 +165,7 @@ mod tests {
     fn linear_and_matmul_match_candle() -> Result<()> {
         use candle_core::Device;
         let dev = Device::Cpu;
-        for (n, k, o) in [(3, 5, 7), (2048, 64, 320), (77, 128, 16), (1, 1, 1)] {
+        for (n, k, o) in [(3, 5, 7), (2048, 64, 320), (77, 128, 16), (1, 1, 1), (16, 300, 1000)] {
             let x = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (o, k), &dev)?;
             let b = Tensor::randn(0f32, 1.0, o, &dev)?;
