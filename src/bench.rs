@@ -85,8 +85,6 @@ impl Default for Target {
     }
 }
 
-pub use crate::util::parse_device;
-
 /// `f32`, `f16` or `bf16`.
 pub fn parse_dtype(name: &str) -> Result<DType> {
     Ok(match name {

@@ -49,7 +49,7 @@ pub fn run(a: Args) -> Result<()> {
     let dtype = bench::parse_dtype(&a.dtype)?;
     if a.child {
         let [name] = a.cases.as_slice() else { bail!("--child takes exactly one --case") };
-        let target = bench::Target { device: bench::parse_device(&a.device)?, dtype, gradient_checkpointing: a.gradient_checkpointing };
+        let target = bench::Target { device: crate::util::parse_device(&a.device)?, dtype, gradient_checkpointing: a.gradient_checkpointing };
         let m = bench::measure_on(name, &target, a.warmup, a.runs)?;
         println!(
             "{}",

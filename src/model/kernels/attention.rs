@@ -150,31 +150,22 @@ fn attention_blocks_on(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f
         let (bh, r0) = (it / blocks, (it % blocks) * block);
         let (bi, h) = (bh / heads, bh % heads);
         let rows = block.min(n - r0);
+        let qp = &qd[(bi * n + r0) * qc + h * d..];
+        let kp = &kd[bi * m * qc + h * d..];
+        let vp = &vd[bi * m * vc + h * dv..];
+        // SAFETY: item `it` owns this rows x dv block of the output
+        let o = unsafe { dst.0.add((bi * n + r0) * vc + h * dv) };
         if path == BlockPath::SmallHeads {
             let blk = HeadBlock {
-                q: qd[(bi * n + r0) * qc + h * d..].as_ptr(),
-                q_rs: qc,
-                k: kd[bi * m * qc + h * d..].as_ptr(),
-                k_rs: qc,
-                v: vd[bi * m * vc + h * dv..].as_ptr(),
-                v_rs: vc,
-                out: unsafe { dst.0.add((bi * n + r0) * vc + h * dv) },
-                out_rs: vc,
-                rows,
-                m,
-                d,
-                dv,
-                scale,
+                q: qp.as_ptr(), q_rs: qc, k: kp.as_ptr(), k_rs: qc, v: vp.as_ptr(), v_rs: vc,
+                out: o, out_rs: vc, rows, m, d, dv, scale,
             };
             // SAFETY: as below; this path is only chosen where `small_heads::available`.
-            unsafe { small_heads::run(&blk, &mut Vec::new()) };
+            unsafe { small_heads::run(&blk) };
             return;
         }
         let mut probs = output_buffer(rows * m);
         let mut inv_sums = [0f32; ATTN_BLOCK];
-        let qp = &qd[(bi * n + r0) * qc + h * d..];
-        let kp = &kd[bi * m * qc + h * d..];
-        let vp = &vd[bi * m * vc + h * dv..];
         // SAFETY: the pointers cover the stated matrices (head h's columns of image bi, rows
         // `qc`/`vc` apart); each item writes its own rows x dv block of the output; the AVX2
         // kernel only runs on AVX2+FMA.
@@ -183,7 +174,6 @@ fn attention_blocks_on(qd: &[f32], kd: &[f32], vd: &[f32], a: AttnDims, scale: f
             head_gemm(rows, m, d, probs.as_mut_ptr(), m, false, qp.as_ptr(), 1, qc, kp.as_ptr(), qc, 1);
             exp_rows(&mut probs, m, scale, &mut inv_sums, fma);
             // out [rows, dv] = exp [rows, m] . v [m, dv], then each row / its sum
-            let o = dst.0.add((bi * n + r0) * vc + h * dv);
             head_gemm(rows, dv, m, o, vc, false, probs.as_ptr(), 1, m, vp.as_ptr(), 1, vc);
             for (r, inv) in inv_sums[..rows].iter().enumerate() {
                 for x in std::slice::from_raw_parts_mut(o.add(r * vc), dv) {

@@ -15,26 +15,29 @@ pub(super) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// ln 2 split in two for an exact range reduction x - n ln 2 (Cephes): the high part has few
+/// mantissa bits, so n * EXP_LN2_HI is exact for the n that occur.
+pub(super) const EXP_LN2_HI: f32 = 0.693_359_4;
+pub(super) const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' polynomial for (exp(r) - 1 - r) / r^2 on |r| <= ln 2 / 2, highest power first.
+pub(super) const EXP_POLY: [f32; 6] = [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+
 /// `exp(x)` for f32 without branches (vectorisable). Inputs are clamped to [-87.3, 88.3]:
 /// results below 1.2e-38 come out as that value instead of a denormal or 0, which changes
 /// sums of at least one (softmax) or products with a bounded factor (SiLU) by < 1e-37.
 #[inline(always)]
 pub(super) fn exp<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4; // ln 2, split in two for exact range reduction (Cephes)
-    const C2: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to the nearest integer
     let x = x.clamp(-87.3, 88.3);
     let t = madd::<FMA>(x, LOG2E, MAGIC);
     let n = t - MAGIC;
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-    let r = madd::<FMA>(n, -C2, madd::<FMA>(n, -C1, x));
-    let mut p = 1.987_569_2e-4;
-    p = madd::<FMA>(p, r, 1.398_199_9e-3);
-    p = madd::<FMA>(p, r, 8.333_452e-3);
-    p = madd::<FMA>(p, r, 4.166_579_6e-2);
-    p = madd::<FMA>(p, r, 1.666_666_5e-1);
-    p = madd::<FMA>(p, r, 5.000_000_1e-1);
+    let r = madd::<FMA>(n, -EXP_LN2_LO, madd::<FMA>(n, -EXP_LN2_HI, x));
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = madd::<FMA>(p, r, c);
+    }
     let e = madd::<FMA>(p, r * r, r) + 1.0;
     e * f32::from_bits(((ni + 127) << 23) as u32)
 }

@@ -54,18 +54,18 @@ pub(super) fn available() -> bool {
     }
 }
 
-/// Computes `blk` (d and dv at most [`MAX_HEAD`], m > 0). `scratch` is reused across calls.
+/// Computes `blk` (d and dv at most [`MAX_HEAD`], m > 0).
 ///
 /// # Safety
 /// The pointers of `blk` must cover the matrices it describes, and [`available`] must hold.
-pub(super) unsafe fn run(blk: &HeadBlock, scratch: &mut Vec<f32>) {
+pub(super) unsafe fn run(blk: &HeadBlock) {
     assert!(blk.d <= MAX_HEAD && blk.dv <= MAX_HEAD && blk.m > 0, "small-head attention: d {} dv {} m {}", blk.d, blk.dv, blk.m);
     #[cfg(target_arch = "x86_64")]
     match (blk.d <= 8, blk.dv <= 8) {
-        (true, true) => avx512::rows::<8, 8>(blk, scratch),
-        (true, false) => avx512::rows::<8, 16>(blk, scratch),
-        (false, true) => avx512::rows::<16, 8>(blk, scratch),
-        (false, false) => avx512::rows::<16, 16>(blk, scratch),
+        (true, true) => avx512::rows::<8, 8>(blk),
+        (true, false) => avx512::rows::<8, 16>(blk),
+        (false, true) => avx512::rows::<16, 8>(blk),
+        (false, false) => avx512::rows::<16, 16>(blk),
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("small-head attention needs AVX-512 (available() is false here)")
@@ -73,6 +73,7 @@ pub(super) unsafe fn run(blk: &HeadBlock, scratch: &mut Vec<f32>) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::simd::{EXP_LN2_HI, EXP_LN2_LO, EXP_POLY};
     use super::HeadBlock;
     use std::arch::x86_64::*;
 
@@ -81,12 +82,12 @@ mod avx512 {
 
     /// [`super::run`] with the key and value head dims padded to `D` and `DV`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rows<const D: usize, const DV: usize>(blk: &HeadBlock, scratch: &mut Vec<f32>) {
+    pub(super) unsafe fn rows<const D: usize, const DV: usize>(blk: &HeadBlock) {
         let HeadBlock { q, q_rs, k, k_rs, v, v_rs, out, out_rs, rows, m, d, dv, scale } = *blk;
         let chunks = m.div_ceil(LANES);
         let mp = chunks * LANES;
-        scratch.clear();
-        scratch.resize((D + DV + 1) * mp, 0.0);
+        // k^T, v^T and one row of scores; one allocation per block of up to BLOCK queries
+        let mut scratch = vec![0f32; (D + DV + 1) * mp];
         let base = scratch.as_mut_ptr();
         let (kt, vt, sc) = (base, base.add(D * mp), base.add((D + DV) * mp));
         // k^T and v^T, zero past d / dv and past m
@@ -146,16 +147,16 @@ mod avx512 {
     }
 
     /// `exp(x)` on 16 lanes for x <= 0 (scores minus their maximum): the range reduction and
-    /// polynomial of [`super::super::simd::exp`] (Cephes), with the power of two applied by
+    /// polynomial of [`super::super::simd::exp`] (Cephes, the same constants), with the power of two applied by
     /// `vscalefps`, which needs no clamping (below -103 it gives 0). A lane of -inf gives NaN;
     /// the caller masks those lanes (keys past M).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn exp(x: __m512) -> __m512 {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
-        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_359_4), x));
-        let mut p = _mm512_set1_ps(1.987_569_2e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-EXP_LN2_LO), _mm512_fmadd_ps(n, _mm512_set1_ps(-EXP_LN2_HI), x));
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         let e = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
